@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+#
+# chat-gateway image.
+#   docker build -t chat-gateway .
+#   docker run -p 8080:8080 -e REDIS_URL=redis://redis:6379 chat-gateway
+#
+# Build stage: dependencies are compiled in their own layer against stub
+# sources, so editing gateway code does not rebuild the dependency tree; the
+# layer is rebuilt only when Cargo.toml, Cargo.lock or a member manifest
+# changes.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+WORKDIR /src
+
+# 1. Dependency layer. The workspace has two members (gateway and loadtest,
+#    package chat-loadgen); both manifests must be present for cargo to load
+#    the workspace and honour --locked, but only gateway's dependencies are
+#    built. Afterwards the gateway stubs are removed (its manifest stays);
+#    the loadtest stubs remain, its real sources are not needed here.
+COPY deploy/docker/stub-workspace.sh /usr/local/bin/stub-workspace
+COPY Cargo.toml Cargo.lock ./
+COPY gateway/Cargo.toml gateway/Cargo.toml
+COPY loadtest/Cargo.toml loadtest/Cargo.toml
+RUN stub-workspace gateway loadtest \
+    && cargo fetch --locked \
+    && cargo build --release --locked -p gateway \
+    && find gateway -mindepth 1 -maxdepth 1 ! -name Cargo.toml -exec rm -rf {} +
+
+# 2. Real sources. COPY keeps the files' original mtimes, which can be older
+#    than the stub build: touch them so cargo rebuilds the gateway crate.
+COPY gateway gateway
+RUN find gateway -type f -exec touch {} + \
+    && cargo build --release --locked -p gateway \
+    && install -D -m 0755 target/release/chat-gateway /out/chat-gateway
+
+# Runtime: glibc-based slim image (the binary links against glibc; it needs
+# no OpenSSL since Redis is spoken over plain TCP).
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+
+RUN groupadd --system --gid 10001 chat \
+    && useradd --system --uid 10001 --gid chat --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin chat
+
+COPY --from=build /out/chat-gateway /usr/local/bin/chat-gateway
+COPY deploy/docker/entrypoint.sh /usr/local/bin/docker-entrypoint
+COPY deploy/docker/healthcheck.sh /usr/local/bin/healthcheck
+
+ENV GATEWAY_LISTEN=0.0.0.0:8080 \
+    RUST_LOG=info
+
+USER chat:chat
+EXPOSE 8080
+
+# The gateway drains on SIGTERM: stops accepting, closes clients with 1001
+# and exits 0 within --shutdown-grace (5s, below Docker's 10s stop timeout).
+STOPSIGNAL SIGTERM
+
+# GET /healthz through bash's /dev/tcp (bash is part of the base image), so
+# no curl/wget is installed just for the probe.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/healthcheck"]
+
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint"]
+CMD []
