@@ -1,14 +1,15 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! A horizontally scalable chat gateway: stateless nodes hold WebSocket connections and share
+//! chat rooms through a broker (in-process for one node, Redis pub/sub for a cluster).
+//!
+//! Layers, each apart from the others: [`protocol`] (frames), [`session`] (one WebSocket),
+//! [`fanout`] (local rooms), [`broker`] (in-process or Redis), joined by [`hub`] and served by
+//! [`server`].
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod broker;
+pub mod config;
+pub mod fanout;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;

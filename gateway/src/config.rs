@@ -1,0 +1,195 @@
+//! Node configuration: every flag, with its environment variable and default.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::broker::RedisSettings;
+use crate::session::SessionLimits;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// A chat gateway node: WebSocket clients in, rooms shared through Redis pub/sub.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chat-gateway", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on for WebSocket, HTTP and metrics.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://host:port). Without it the node runs alone with an in-process broker.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's id in logs, metrics and welcome frames [default: random]
+    #[arg(long, env = "GATEWAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Largest WebSocket frame or message a client may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(128..=16 * 1024 * 1024))]
+    pub max_frame_bytes: u32,
+
+    /// Longest chat message text, in bytes; longer gets a `message_too_large` error.
+    #[arg(long, env = "GATEWAY_MAX_CHAT_BYTES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
+    pub max_chat_bytes: u32,
+
+    /// Most rooms one connection may be in at once.
+    #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_CONNECTION", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_rooms_per_connection: u32,
+
+    /// Frames queued for one connection before it is closed as a slow consumer (4000).
+    #[arg(long, env = "GATEWAY_OUTBOX_CAPACITY", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub outbox_capacity: u32,
+
+    /// Interval between server pings.
+    #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// Close a connection (4001) after this long without a pong or any frame.
+    #[arg(long, env = "GATEWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// At shutdown, how long to wait for connections to flush and close.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Initial read buffer per connection, in bytes (grows for larger frames, up to the frame limit).
+    #[arg(long, env = "GATEWAY_READ_BUFFER_BYTES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
+    pub read_buffer_bytes: u32,
+
+    /// Bytes buffered per connection before a socket write; queued frames are batched up to this.
+    #[arg(long, env = "GATEWAY_WRITE_BUFFER_BYTES", default_value_t = 8 * 1024,
+          value_parser = clap::value_parser!(u32).range(0..=1024 * 1024))]
+    pub write_buffer_bytes: u32,
+
+    /// Pub/sub messages the Redis subscriber may hold before it counts as lagging.
+    #[arg(long, env = "GATEWAY_REDIS_SUBSCRIBER_CAPACITY", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(32..=10_000_000))]
+    pub redis_subscriber_capacity: u32,
+
+    /// How long a Redis command may take before it counts as failed.
+    #[arg(long, env = "GATEWAY_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+}
+
+/// A configuration that parses but cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The idle timeout would close healthy connections between pings.
+    #[error("--idle-timeout ({idle:?}) must be longer than --ping-interval ({ping:?})")]
+    IdleShorterThanPing {
+        /// The idle timeout.
+        idle: Duration,
+        /// The ping interval.
+        ping: Duration,
+    },
+    /// A duration of zero makes no sense here.
+    #[error("--{0} must be greater than zero")]
+    ZeroDuration(&'static str),
+}
+
+impl Config {
+    /// Checks relations between settings that clap cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("ping-interval", self.ping_interval),
+            ("idle-timeout", self.idle_timeout),
+            ("redis-timeout", self.redis_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::IdleShorterThanPing {
+                idle: self.idle_timeout,
+                ping: self.ping_interval,
+            });
+        }
+        Ok(())
+    }
+
+    /// The node id, or a random one.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let random = uuid::Uuid::new_v4().simple().to_string();
+            format!("node-{}", &random[..6])
+        })
+    }
+
+    /// Limits and timings for each connection.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_chat_bytes: self.max_chat_bytes as usize,
+            max_rooms: self.max_rooms_per_connection as usize,
+            outbox_capacity: self.outbox_capacity as usize,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            flush_deadline: self.shutdown_grace,
+        }
+    }
+
+    /// Redis settings, when a Redis URL is configured.
+    pub fn redis(&self) -> Option<RedisSettings> {
+        self.redis_url.as_ref().map(|url| RedisSettings {
+            url: url.clone(),
+            subscriber_capacity: self.redis_subscriber_capacity as usize,
+            command_timeout: self.redis_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::try_parse_from(["chat-gateway"]).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.max_frame_bytes, 65536);
+        assert_eq!(config.ping_interval, Duration::from_secs(20));
+        assert!(config.redis_url.is_none() || std::env::var_os("REDIS_URL").is_some());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_idle_timeout_shorter_than_the_ping_interval_is_refused() {
+        let config = Config::try_parse_from([
+            "chat-gateway",
+            "--ping-interval",
+            "30s",
+            "--idle-timeout",
+            "10s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::IdleShorterThanPing { .. })
+        ));
+    }
+
+    #[test]
+    fn nonsense_values_are_rejected_by_the_parser() {
+        assert!(Config::try_parse_from(["chat-gateway", "--max-frame-bytes", "0"]).is_err());
+        assert!(Config::try_parse_from(["chat-gateway", "--ping-interval", "soon"]).is_err());
+        assert!(Config::try_parse_from(["chat-gateway", "--listen", "nowhere"]).is_err());
+    }
+}

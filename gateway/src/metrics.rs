@@ -1,0 +1,136 @@
+//! Prometheus metrics: every name the gateway exports, in one place, behind small functions so
+//! call sites cannot misspell a name or a label.
+//!
+//! The recorder is installed once by the binary; without it (unit tests) every call is a no-op.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+const CONNECTIONS_OPEN: &str = "chat_connections_open";
+const CONNECTIONS_ACCEPTED: &str = "chat_connections_accepted_total";
+const MESSAGES_RECEIVED: &str = "chat_messages_received_total";
+const MESSAGES_PUBLISHED: &str = "chat_messages_published_total";
+const MESSAGES_DELIVERED: &str = "chat_messages_delivered_total";
+const BROKER_PUBLISH_SECONDS: &str = "chat_broker_publish_seconds";
+const FANOUT_LATENCY_SECONDS: &str = "chat_fanout_latency_seconds";
+const SLOW_CONSUMER_DISCONNECTS: &str = "chat_slow_consumer_disconnects_total";
+const ROOMS_LOCAL: &str = "chat_rooms_local";
+const REDIS_CONNECTED: &str = "chat_redis_connected";
+const BROKER_LAG_EVENTS: &str = "chat_broker_lag_events_total";
+const BROKER_LAGGED_MESSAGES: &str = "chat_broker_lagged_messages_total";
+const CLIENT_ERRORS: &str = "chat_client_errors_total";
+
+/// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Installs the global Prometheus recorder; every series carries `node="<node_id>"`.
+pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .add_global_label("node", node_id)
+        .set_buckets_for_metric(
+            Matcher::Full(BROKER_PUBLISH_SECONDS.into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(FANOUT_LATENCY_SECONDS.into()),
+            LATENCY_BUCKETS,
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS_OPEN, "WebSocket connections open on this node");
+    describe_counter!(CONNECTIONS_ACCEPTED, "WebSocket connections accepted");
+    describe_counter!(MESSAGES_RECEIVED, "Chat messages received from clients");
+    describe_counter!(MESSAGES_PUBLISHED, "Chat messages the broker accepted");
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Frames queued to local clients by fan-out"
+    );
+    describe_histogram!(
+        BROKER_PUBLISH_SECONDS,
+        metrics::Unit::Seconds,
+        "Time for the broker to accept a publish"
+    );
+    describe_histogram!(
+        FANOUT_LATENCY_SECONDS,
+        metrics::Unit::Seconds,
+        "From publish on any node to queued for local sockets on this node"
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Connections closed because their outgoing queue was full"
+    );
+    describe_gauge!(ROOMS_LOCAL, "Rooms with at least one member on this node");
+    describe_gauge!(REDIS_CONNECTED, "1 while both Redis connections are up");
+    describe_counter!(
+        BROKER_LAG_EVENTS,
+        "Times the Redis subscriber fell behind and skipped messages"
+    );
+    describe_counter!(
+        BROKER_LAGGED_MESSAGES,
+        "Messages skipped by a lagging Redis subscriber"
+    );
+    describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
+}
+
+/// A connection was accepted and is now open.
+pub fn connection_opened() {
+    counter!(CONNECTIONS_ACCEPTED).increment(1);
+    gauge!(CONNECTIONS_OPEN).increment(1.0);
+}
+
+/// A connection closed.
+pub fn connection_closed() {
+    gauge!(CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// A client sent a chat message.
+pub fn message_received() {
+    counter!(MESSAGES_RECEIVED).increment(1);
+}
+
+/// The broker accepted a message after `elapsed`.
+pub fn message_published(elapsed: Duration) {
+    counter!(MESSAGES_PUBLISHED).increment(1);
+    histogram!(BROKER_PUBLISH_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Fan-out queued one message for `recipients` local clients, `latency` after it was published.
+pub fn fanned_out(recipients: usize, latency: Duration) {
+    counter!(MESSAGES_DELIVERED).increment(recipients as u64);
+    histogram!(FANOUT_LATENCY_SECONDS).record(latency.as_secs_f64());
+}
+
+/// A connection was closed because its outgoing queue was full.
+pub fn slow_consumer_disconnect() {
+    counter!(SLOW_CONSUMER_DISCONNECTS).increment(1);
+}
+
+/// The number of rooms with a local member changed.
+pub fn set_local_rooms(count: usize) {
+    gauge!(ROOMS_LOCAL).set(count as f64);
+}
+
+/// Whether both Redis connections are up.
+pub fn set_redis_connected(connected: bool) {
+    gauge!(REDIS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+}
+
+/// The Redis subscriber fell behind and skipped `skipped` messages.
+pub fn broker_lagged(skipped: u64) {
+    counter!(BROKER_LAG_EVENTS).increment(1);
+    counter!(BROKER_LAGGED_MESSAGES).increment(skipped);
+}
+
+/// An error frame with `code` was sent to a client.
+pub fn client_error(code: &'static str) {
+    counter!(CLIENT_ERRORS, "code" => code).increment(1);
+}

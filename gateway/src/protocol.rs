@@ -1,0 +1,569 @@
+//! The wire protocol: what clients may send, what the server sends back, and the close and
+//! error codes. Pure data and validation: nothing here knows about sockets or brokers.
+//!
+//! `docs/protocol.md` is the user-facing description of everything in this module.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Protocol version announced in the `userId` frame.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_NAME_BYTES: usize = 64;
+
+/// Longest display name, in characters.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+/// WebSocket close codes the gateway uses (see `docs/protocol.md`).
+pub mod close_code {
+    /// The node is shutting down; reconnect through the load balancer.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame or message exceeded the configured size limit.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// An unexpected server-side failure.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// The connection's outgoing queue was full.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// Nothing was heard from the client within the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4001;
+}
+
+/// Machine-readable error codes carried in `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The text frame is not a JSON object.
+    InvalidJson,
+    /// A field is missing or has the wrong type.
+    InvalidFrame,
+    /// `type` names no client frame.
+    UnknownType,
+    /// A binary frame was sent.
+    BinaryUnsupported,
+    /// The room name is empty, too long or has forbidden characters.
+    InvalidRoom,
+    /// Joining would exceed the per-connection room limit.
+    TooManyRooms,
+    /// The connection is not a member of the room it named.
+    NotInRoom,
+    /// The chat message is empty.
+    EmptyMessage,
+    /// The chat message is longer than the configured limit.
+    MessageTooLarge,
+    /// The broker did not accept the message; it was not sent.
+    PublishFailed,
+    /// An unexpected server-side failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BinaryUnsupported => "binary_unsupported",
+            ErrorCode::InvalidRoom => "invalid_room",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::EmptyMessage => "empty_message",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::PublishFailed => "publish_failed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A refusal to send back to the client as an `error` frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code:?}: {reason}")]
+pub struct Refusal {
+    /// What kind of problem it is.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub reason: String,
+    /// The client's `ref`, echoed back.
+    pub reference: Option<Value>,
+}
+
+impl Refusal {
+    /// A refusal with no `ref` attached yet.
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            reason: reason.into(),
+            reference: None,
+        }
+    }
+
+    /// Attaches the client's `ref` so the error frame can echo it.
+    pub fn with_ref(mut self, reference: Option<Value>) -> Self {
+        self.reference = reference;
+        self
+    }
+}
+
+/// A validated room name: 1 to 64 bytes of `A-Z a-z 0-9 _ - . :`.
+///
+/// Cheap to clone, because every member, message and subscription names its room.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+impl RoomName {
+    /// Validates `name` as a room name.
+    pub fn parse(name: &str) -> Result<Self, Refusal> {
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+        if name.is_empty() || name.len() > MAX_ROOM_NAME_BYTES || !name.bytes().all(allowed) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidRoom,
+                format!(
+                    "room name must be 1-{MAX_ROOM_NAME_BYTES} characters of A-Z a-z 0-9 _ - . :"
+                ),
+            ));
+        }
+        Ok(RoomName(Arc::from(name)))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for RoomName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoomName({:?})", &*self.0)
+    }
+}
+
+impl Serialize for RoomName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// Validates a display name: 1 to 64 characters, no control characters.
+pub fn validate_display_name(name: &str) -> Result<(), Refusal> {
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_DISPLAY_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            format!(
+                "name must be 1-{MAX_DISPLAY_NAME_CHARS} characters without control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A frame a client sent, parsed and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// `{"message": "..."}` with no `type`: a chat message to the default room, not acknowledged.
+    Seed {
+        /// The chat text.
+        message: String,
+    },
+    /// `{"type":"join","room":R}`.
+    Join {
+        /// The room to join.
+        room: RoomName,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"leave","room":R}`.
+    Leave {
+        /// The room to leave.
+        room: RoomName,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"message","room":R,"message":"..."}`; `room` absent means the default room.
+    Message {
+        /// The target room, if named.
+        room: Option<RoomName>,
+        /// The chat text.
+        message: String,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"ping"}`: an application-level ping.
+    Ping {
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+}
+
+/// Parses one text frame from a client. `max_chat_bytes` bounds the chat text.
+///
+/// Never panics, whatever the input: every problem becomes a [`Refusal`] that echoes the
+/// frame's `ref` when the frame got far enough to have one.
+pub fn parse_client_frame(text: &str, max_chat_bytes: usize) -> Result<ClientFrame, Refusal> {
+    let mut object = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(object)) => object,
+        Ok(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidJson,
+                "frame must be a JSON object",
+            ));
+        }
+        Err(error) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidJson,
+                format!("frame is not valid JSON: {error}"),
+            ));
+        }
+    };
+    let reference = object.remove("ref");
+    parse_object(&mut object, &reference, max_chat_bytes)
+        .map_err(|refusal| refusal.with_ref(reference))
+}
+
+fn parse_object(
+    object: &mut Map<String, Value>,
+    reference: &Option<Value>,
+    max_chat_bytes: usize,
+) -> Result<ClientFrame, Refusal> {
+    let reference = reference.clone();
+    let kind = match object.get("type") {
+        None => {
+            return Ok(ClientFrame::Seed {
+                message: chat_text(object, max_chat_bytes)?,
+            });
+        }
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidFrame,
+                "field `type` must be a string",
+            ));
+        }
+    };
+    match kind {
+        "join" => Ok(ClientFrame::Join {
+            room: room_field(object)?,
+            reference,
+        }),
+        "leave" => Ok(ClientFrame::Leave {
+            room: room_field(object)?,
+            reference,
+        }),
+        "message" => {
+            let room = match object.get("room") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(room_field(object)?),
+            };
+            Ok(ClientFrame::Message {
+                room,
+                message: chat_text(object, max_chat_bytes)?,
+                reference,
+            })
+        }
+        "ping" => Ok(ClientFrame::Ping { reference }),
+        other => Err(Refusal::new(
+            ErrorCode::UnknownType,
+            format!("unknown frame type `{}`", truncate_for_reason(other)),
+        )),
+    }
+}
+
+fn room_field(object: &Map<String, Value>) -> Result<RoomName, Refusal> {
+    match object.get("room") {
+        Some(Value::String(room)) => RoomName::parse(room),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            "field `room` must be a string",
+        )),
+        None => Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            "field `room` is missing",
+        )),
+    }
+}
+
+fn chat_text(object: &mut Map<String, Value>, max_chat_bytes: usize) -> Result<String, Refusal> {
+    match object.remove("message") {
+        Some(Value::String(text)) if text.is_empty() => Err(Refusal::new(
+            ErrorCode::EmptyMessage,
+            "field `message` is empty",
+        )),
+        Some(Value::String(text)) if text.len() > max_chat_bytes => Err(Refusal::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "message is {} bytes; the limit is {max_chat_bytes}",
+                text.len()
+            ),
+        )),
+        Some(Value::String(text)) => Ok(text),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            "field `message` must be a string",
+        )),
+        None => Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            "field `message` is missing",
+        )),
+    }
+}
+
+/// Keeps client-chosen text in a reason short, on a character boundary.
+fn truncate_for_reason(text: &str) -> &str {
+    const MAX: usize = 32;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+/// A chat message as every member of its room receives it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename = "message")]
+pub struct ChatMessage<'a> {
+    /// The room it was sent to.
+    pub room: &'a RoomName,
+    /// UUIDv7: unique across the cluster, sortable by time.
+    pub id: uuid::Uuid,
+    /// The sender's user id.
+    #[serde(rename = "userId")]
+    pub user_id: &'a str,
+    /// The sender's display name, if it set one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    /// The chat text.
+    pub message: &'a str,
+    /// The sending node's clock, Unix milliseconds.
+    pub ts: u64,
+}
+
+/// Every frame the server sends, other than chat messages.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum ServerFrame<'a> {
+    /// The first frame of every connection.
+    #[serde(rename = "userId")]
+    Welcome {
+        /// The user id this connection sends as.
+        #[serde(rename = "userId")]
+        user_id: &'a str,
+        /// The node holding the connection.
+        node: &'a str,
+        /// The connection's default room.
+        room: &'a RoomName,
+        /// [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// Reply to `join`.
+    #[serde(rename = "joined")]
+    Joined {
+        /// The room joined.
+        room: &'a RoomName,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// Reply to `leave`.
+    #[serde(rename = "left")]
+    Left {
+        /// The room left.
+        room: &'a RoomName,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// Reply to `message` once the broker took it.
+    #[serde(rename = "ack")]
+    Ack {
+        /// The room it was sent to.
+        room: &'a RoomName,
+        /// The message id.
+        id: uuid::Uuid,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// Reply to `ping`.
+    #[serde(rename = "pong")]
+    Pong {
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// A refusal.
+    #[serde(rename = "error")]
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        reason: &'a str,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+}
+
+impl<'a> From<&'a Refusal> for ServerFrame<'a> {
+    fn from(refusal: &'a Refusal) -> Self {
+        ServerFrame::Error {
+            code: refusal.code,
+            reason: &refusal.reason,
+            reference: refusal.reference.as_ref(),
+        }
+    }
+}
+
+/// Serializes a frame to JSON text. Serializing these types cannot fail: they hold only
+/// strings, numbers and JSON values.
+pub fn to_json<T: Serialize>(frame: &T) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|error| {
+        tracing::error!(%error, "server frame failed to serialize");
+        r#"{"type":"error","code":"internal","reason":"serialization failed"}"#.to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(text: &str) -> Result<ClientFrame, Refusal> {
+        parse_client_frame(text, 16)
+    }
+
+    #[test]
+    fn seed_frames_parse_with_or_without_user_id() {
+        assert_eq!(
+            parse(r#"{"message":"hi"}"#),
+            Ok(ClientFrame::Seed {
+                message: "hi".into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"userId":"u-1","message":"hi"}"#),
+            Ok(ClientFrame::Seed {
+                message: "hi".into()
+            })
+        );
+    }
+
+    #[test]
+    fn typed_frames_carry_their_ref() {
+        let frame = parse(r#"{"type":"join","room":"news","ref":7}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Join {
+                room: RoomName::parse("news").unwrap(),
+                reference: Some(json!(7))
+            }
+        );
+        let frame = parse(r#"{"type":"message","message":"x","ref":"a"}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Message {
+                room: None,
+                message: "x".into(),
+                reference: Some(json!("a"))
+            }
+        );
+    }
+
+    #[test]
+    fn every_bad_input_is_refused_with_its_code_and_ref() {
+        let cases = [
+            ("not json", ErrorCode::InvalidJson),
+            ("[1,2]", ErrorCode::InvalidJson),
+            (r#"{"type":"dance","ref":1}"#, ErrorCode::UnknownType),
+            (r#"{"type":5,"ref":1}"#, ErrorCode::InvalidFrame),
+            (r#"{"type":"join","ref":1}"#, ErrorCode::InvalidFrame),
+            (
+                r#"{"type":"join","room":"a b","ref":1}"#,
+                ErrorCode::InvalidRoom,
+            ),
+            (
+                r#"{"type":"join","room":"","ref":1}"#,
+                ErrorCode::InvalidRoom,
+            ),
+            (
+                r#"{"type":"message","room":"a","ref":1}"#,
+                ErrorCode::InvalidFrame,
+            ),
+            (
+                r#"{"type":"message","message":"","ref":1}"#,
+                ErrorCode::EmptyMessage,
+            ),
+            (
+                r#"{"type":"message","message":"seventeen bytes!!","ref":1}"#,
+                ErrorCode::MessageTooLarge,
+            ),
+            (r#"{"message":42}"#, ErrorCode::InvalidFrame),
+            (r#"{"hello":"world"}"#, ErrorCode::InvalidFrame),
+        ];
+        for (input, code) in cases {
+            let refusal = parse(input).expect_err(input);
+            assert_eq!(refusal.code, code, "{input}");
+            if input.contains("\"ref\"") {
+                assert_eq!(refusal.reference, Some(json!(1)), "{input}");
+            }
+        }
+    }
+
+    #[test]
+    fn room_names_are_bounded_and_restricted() {
+        assert!(RoomName::parse(&"a".repeat(64)).is_ok());
+        assert!(RoomName::parse(&"a".repeat(65)).is_err());
+        assert!(RoomName::parse("team:eng-1.ops_2").is_ok());
+        for bad in ["", "a/b", "방", "a\nb", "a*"] {
+            assert!(RoomName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chat_messages_serialize_as_the_seed_client_expects() {
+        let room = RoomName::parse("lobby").unwrap();
+        let id = uuid::Uuid::nil();
+        let text = to_json(&ChatMessage {
+            room: &room,
+            id,
+            user_id: "u-1",
+            name: None,
+            message: "hi",
+            ts: 5,
+        });
+        assert_eq!(
+            text,
+            r#"{"type":"message","room":"lobby","id":"00000000-0000-0000-0000-000000000000","userId":"u-1","message":"hi","ts":5}"#
+        );
+    }
+
+    #[test]
+    fn error_frames_echo_ref_and_omit_it_when_absent() {
+        let refusal =
+            Refusal::new(ErrorCode::NotInRoom, "not a member").with_ref(Some(json!({"k":1})));
+        assert_eq!(
+            to_json(&ServerFrame::from(&refusal)),
+            r#"{"type":"error","code":"not_in_room","reason":"not a member","ref":{"k":1}}"#
+        );
+        let refusal = Refusal::new(ErrorCode::InvalidJson, "bad");
+        assert_eq!(
+            to_json(&ServerFrame::from(&refusal)),
+            r#"{"type":"error","code":"invalid_json","reason":"bad"}"#
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! HTTP surface of a node: the WebSocket endpoint, the demo page, health, readiness and
+//! metrics, and the node's lifecycle from bind to graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::BrokerError;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::protocol::{RoomName, validate_display_name};
+use crate::session::{self, Identity, SessionContext};
+
+/// The demo chat page, embedded in the binary.
+const DEMO_PAGE: &str = include_str!("../static/index.html");
+
+/// The subprotocol a client may ask for; echoed when offered.
+const SUBPROTOCOL: &str = "chat.v1";
+
+/// The room a connection joins when it names none.
+const DEFAULT_ROOM: &str = "lobby";
+
+/// Socket-level WebSocket settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketSettings {
+    /// Largest frame or message accepted from a client.
+    pub max_frame_bytes: usize,
+    /// Initial read buffer.
+    pub read_buffer_bytes: usize,
+    /// Write buffer before a socket write.
+    pub write_buffer_bytes: usize,
+}
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    /// What every session needs.
+    pub session: SessionContext,
+    /// Socket-level settings.
+    pub socket: SocketSettings,
+    /// Every running session, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// Renders `/metrics`; absent when no recorder is installed.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The broker could not be set up (for example an invalid Redis URL).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The HTTP server failed.
+    #[error("http server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The router of a node.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", any(index))
+        .route("/ws", any(websocket))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+/// Query parameters of the WebSocket handshake.
+#[derive(Debug, Deserialize)]
+pub struct ConnectParams {
+    room: Option<String>,
+    name: Option<String>,
+}
+
+async fn index(
+    state: State<Arc<AppState>>,
+    method: Method,
+    params: Query<ConnectParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => accept(&state, params.0, upgrade),
+        Err(_) if method == Method::GET || method == Method::HEAD => {
+            Html(DEMO_PAGE).into_response()
+        }
+        Err(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+async fn websocket(
+    state: State<Arc<AppState>>,
+    params: Query<ConnectParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(upgrade) => accept(&state, params.0, upgrade),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
+/// Validates the handshake and hands the upgraded socket to a new session.
+fn accept(state: &Arc<AppState>, params: ConnectParams, upgrade: WebSocketUpgrade) -> Response {
+    if state.session.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "node is shutting down",
+        )
+            .into_response();
+    }
+    let identity = match identity(params) {
+        Ok(identity) => identity,
+        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    let socket = state.socket;
+    let context = state.session.clone();
+    let sessions = state.sessions.clone();
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .read_buffer_size(socket.read_buffer_bytes)
+        .write_buffer_size(socket.write_buffer_bytes)
+        .max_write_buffer_size(socket.write_buffer_bytes.max(socket.max_frame_bytes) * 4)
+        .max_message_size(socket.max_frame_bytes)
+        .max_frame_size(socket.max_frame_bytes)
+        .on_upgrade(move |socket| {
+            sessions.track_future(session::serve(socket, identity, context).in_current_span())
+        })
+}
+
+fn identity(params: ConnectParams) -> Result<Identity, String> {
+    let default_room = RoomName::parse(params.room.as_deref().unwrap_or(DEFAULT_ROOM))
+        .map_err(|refusal| format!("invalid room: {}", refusal.reason))?;
+    if let Some(name) = &params.name {
+        validate_display_name(name)
+            .map_err(|refusal| format!("invalid name: {}", refusal.reason))?;
+    }
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    Ok(Identity {
+        user_id: format!("u-{}", &random[..12]),
+        name: params.name,
+        default_room,
+    })
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.session.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if state.session.hub.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable").into_response()
+    }
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Refreshes the Redis gauge at scrape time.
+    state.session.hub.is_ready();
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT, then shuts it down gracefully.
+pub async fn run(
+    config: Config,
+    node_id: String,
+    metrics: Option<PrometheusHandle>,
+) -> Result<(), ServerError> {
+    let hub = Arc::new(match config.redis() {
+        Some(settings) => Hub::redis(&settings)?,
+        None => Hub::in_process(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(AppState {
+        session: SessionContext {
+            hub: hub.clone(),
+            node_id: node_id.into(),
+            limits: config.session_limits(),
+            shutdown: shutdown.clone(),
+        },
+        socket: SocketSettings {
+            max_frame_bytes: config.max_frame_bytes as usize,
+            read_buffer_bytes: config.read_buffer_bytes as usize,
+            write_buffer_bytes: config.write_buffer_bytes as usize,
+        },
+        sessions: TaskTracker::new(),
+        metrics: metrics.clone(),
+    });
+    if let Some(handle) = metrics {
+        tokio::spawn(upkeep(handle, shutdown.clone()));
+    }
+    tracing::info!(listen = %config.listen, broker = hub.broker_kind(), "chat gateway listening");
+
+    let server = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let server = tokio::spawn(server.in_current_span());
+
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "shutting down: closing connections");
+    shutdown.cancel();
+    state.sessions.close();
+    let grace = config.shutdown_grace + Duration::from_secs(1);
+    if tokio::time::timeout(grace, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = state.sessions.len(),
+            "connections still open after the shutdown grace period"
+        );
+    }
+    hub.close().await;
+    match tokio::time::timeout(Duration::from_secs(1), server).await {
+        Ok(Ok(Err(error))) => Err(ServerError::Serve(error)),
+        _ => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Keeps histogram buckets from growing without bound, as the exporter requires.
+async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, with the signal's name.
+async fn wait_for_signal() -> &'static str {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => "SIGTERM",
+        result = tokio::signal::ctrl_c() => {
+            if let Err(error) = result {
+                tracing::error!(%error, "cannot listen for SIGINT");
+            }
+            "SIGINT"
+        }
+    }
+}
