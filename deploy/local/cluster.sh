@@ -1,0 +1,643 @@
+#!/usr/bin/env bash
+# Native chat cluster without containers: redis-server, N chat-gateway nodes,
+# nginx in front of them and Prometheus scraping them, all on 127.0.0.1 and
+# all from Debian packages plus the gateway's release binary.
+#
+# Run `deploy/local/cluster.sh help` for commands and settings.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
+# shellcheck source=deploy/local/render.sh
+. "$SCRIPT_DIR/render.sh"
+
+NGINX_TEMPLATE="$REPO_ROOT/deploy/nginx/nginx.conf"
+PROMETHEUS_TEMPLATE="$REPO_ROOT/deploy/prometheus/prometheus.yml"
+HOST=127.0.0.1
+
+usage() {
+    cat <<EOF
+usage: ${0##*/} COMMAND [ARGS]
+
+commands:
+  up [--nodes N] [--no-prometheus]
+                  start redis, N gateway nodes (default 3), nginx and
+                  Prometheus in the background; wait until each answers
+  down            stop everything this cluster started (also after a failed up)
+  status          show what runs (exit 0: all running, 3: not all running)
+  env             print the cluster's addresses as shell assignments
+                  (eval "\$(${0##*/} env)")
+  kill-node I     SIGKILL node I (1-based), as in a crash
+  stop-node I     SIGTERM node I (graceful: clients get close code 1001)
+  start-node I    start node I again and wait until it is ready
+  stop-redis      stop the cluster's redis-server (broker outage)
+  start-redis     start it again
+  install-deps    apt-get install the Debian packages the cluster needs
+
+settings (environment; \`up\` records them, later commands reuse them):
+  CLUSTER_DIR              state dir: pids, logs, rendered configs, data
+                           (default: <repo>/.cluster)
+  GATEWAY_BIN              gateway binary (default: <repo>/target/release/chat-gateway)
+  CLUSTER_NODES            number of gateway nodes (default 3; --nodes wins)
+  CLUSTER_HTTP_PORT        nginx, the cluster's entry point (default 8080)
+  CLUSTER_NODE_BASE_PORT   node i listens on BASE+i-1 (default 8081)
+  CLUSTER_NODE_PORTS       explicit node ports, e.g. "18081 18082 18083"
+                           (overrides the base port; sets the node count)
+  CLUSTER_REDIS_PORT       redis-server (default 6390)
+  CLUSTER_PROMETHEUS_PORT  Prometheus (default 9090)
+  CLUSTER_PROMETHEUS       1 to run Prometheus, 0 to skip it (default 1)
+  CLUSTER_TIMEOUT          seconds to wait for each component (default 30)
+  GATEWAY_*, RUST_LOG      passed on to every node (e.g. GATEWAY_OUTBOX_CAPACITY);
+                           the script itself sets --listen, --node-id, --redis-url
+Everything listens on 127.0.0.1 only.
+EOF
+}
+
+die() {
+    echo "cluster: $*" >&2
+    exit 1
+}
+
+log() {
+    echo "cluster: $*" >&2
+}
+
+need() {
+    local tool=$1 pkg=$2
+    command -v "$tool" >/dev/null 2>&1 ||
+        die "'$tool' not found; install it with: apt-get install -y $pkg (or: ${0##*/} install-deps)"
+}
+
+is_uint() {
+    [[ $1 =~ ^[0-9]+$ ]]
+}
+
+is_port() {
+    [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))
+}
+
+is_positive() {
+    [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= 1))
+}
+
+# ---------------------------------------------------------------------------
+# configuration
+
+STATE_FILE=""
+
+load_config() {
+    CLUSTER_DIR=${CLUSTER_DIR:-$REPO_ROOT/.cluster}
+    case $CLUSTER_DIR in
+        /*) ;;
+        *) CLUSTER_DIR="$PWD/$CLUSTER_DIR" ;;
+    esac
+    STATE_FILE="$CLUSTER_DIR/cluster.env"
+    RUN_DIR="$CLUSTER_DIR/run"
+    LOG_DIR="$CLUSTER_DIR/logs"
+    CONF_DIR="$CLUSTER_DIR/conf"
+}
+
+# Settings for `up` from the environment and flags.
+config_from_env() {
+    local nodes_flag=$1 prom_flag=$2
+    GATEWAY_BIN=${GATEWAY_BIN:-$REPO_ROOT/target/release/chat-gateway}
+    case $GATEWAY_BIN in
+        /*) ;;
+        *) GATEWAY_BIN="$PWD/$GATEWAY_BIN" ;;
+    esac
+    CLUSTER_HTTP_PORT=${CLUSTER_HTTP_PORT:-8080}
+    CLUSTER_REDIS_PORT=${CLUSTER_REDIS_PORT:-6390}
+    CLUSTER_PROMETHEUS_PORT=${CLUSTER_PROMETHEUS_PORT:-9090}
+    CLUSTER_PROMETHEUS=${prom_flag:-${CLUSTER_PROMETHEUS:-1}}
+    CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-30}
+    local base=${CLUSTER_NODE_BASE_PORT:-8081}
+    local nodes=${nodes_flag:-${CLUSTER_NODES:-}}
+
+    NODE_PORTS=()
+    if [ -n "${CLUSTER_NODE_PORTS:-}" ]; then
+        read -r -a NODE_PORTS <<<"${CLUSTER_NODE_PORTS//,/ }"
+        if [ -n "$nodes" ] && [ "$nodes" != "${#NODE_PORTS[@]}" ]; then
+            die "--nodes/CLUSTER_NODES=$nodes but CLUSTER_NODE_PORTS lists ${#NODE_PORTS[@]} ports"
+        fi
+    else
+        nodes=${nodes:-3}
+        is_positive "$nodes" || die "node count must be a positive integer, got '$nodes'"
+        is_uint "$base" || die "CLUSTER_NODE_BASE_PORT must be a port number, got '$base'"
+        local i
+        for ((i = 0; i < nodes; i++)); do
+            NODE_PORTS+=($((base + i)))
+        done
+    fi
+    CLUSTER_NODES=${#NODE_PORTS[@]}
+    [ "$CLUSTER_NODES" -ge 1 ] || die "no gateway nodes configured"
+
+    local p
+    for p in "$CLUSTER_HTTP_PORT" "$CLUSTER_REDIS_PORT" "$CLUSTER_PROMETHEUS_PORT" "${NODE_PORTS[@]}"; do
+        is_port "$p" || die "invalid port '$p'"
+    done
+    is_uint "$CLUSTER_TIMEOUT" || die "CLUSTER_TIMEOUT must be whole seconds, got '$CLUSTER_TIMEOUT'"
+    case $CLUSTER_PROMETHEUS in
+        0 | 1) ;;
+        *) die "CLUSTER_PROMETHEUS must be 0 or 1, got '$CLUSTER_PROMETHEUS'" ;;
+    esac
+}
+
+# Writes the settings of a cluster being started, including the GATEWAY_* and
+# RUST_* variables the nodes inherit, so that start-node and friends restart
+# components exactly as `up` did.
+save_config() {
+    local name
+    {
+        echo "# written by deploy/local/cluster.sh up; do not edit while the cluster runs"
+        for name in GATEWAY_BIN CLUSTER_HTTP_PORT CLUSTER_REDIS_PORT CLUSTER_PROMETHEUS_PORT \
+            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES; do
+            printf '%s=%q\n' "$name" "${!name}"
+        done
+        printf 'NODE_PORTS=(%s)\n' "${NODE_PORTS[*]}"
+        while IFS= read -r name; do
+            case $name in
+                GATEWAY_BIN | GATEWAY_LISTEN | GATEWAY_NODE_ID) continue ;;
+                GATEWAY_* | RUST_LOG | RUST_BACKTRACE) printf 'export %s=%q\n' "$name" "${!name}" ;;
+            esac
+        done < <(compgen -e)
+    } >"$STATE_FILE"
+}
+
+# Settings of an existing cluster (recorded by `up`).
+config_from_state() {
+    [ -f "$STATE_FILE" ] || die "no cluster in $CLUSTER_DIR (run: ${0##*/} up)"
+    # shellcheck source=/dev/null
+    . "$STATE_FILE"
+}
+
+node_port() {
+    local i=$1
+    if ! is_positive "$i" || ((10#$i > CLUSTER_NODES)); then
+        die "node index must be 1..$CLUSTER_NODES, got '$i'"
+    fi
+    echo "${NODE_PORTS[$((i - 1))]}"
+}
+
+# ---------------------------------------------------------------------------
+# processes
+#
+# Each component has a pid file run/NAME.pid with three lines: pid, the
+# program's executable and a token that must appear as a whole argument in its
+# command line (its listen address or a path inside this cluster's directory).
+# A pid counts as ours only if all three still match, so a recycled pid is
+# never signalled.
+
+pid_file() {
+    echo "$RUN_DIR/$1.pid"
+}
+
+# Prints the pid of component NAME if it is running, else fails.
+running_pid() {
+    local file pid exe token actual cmdline
+    file=$(pid_file "$1")
+    [ -f "$file" ] || return 1
+    { IFS= read -r pid && IFS= read -r exe && IFS= read -r token; } <"$file" || return 1
+    is_uint "$pid" || return 1
+    actual=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+    actual=${actual% (deleted)} # binary replaced by a rebuild while running
+    [ "$actual" = "$exe" ] || return 1
+    # Arguments are NUL-terminated: as spaces, every argument ends with one.
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    [[ " $cmdline" == *" $token "* ]] || return 1
+    echo "$pid"
+}
+
+port_in_use() {
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+# spawn NAME TOKEN LOGFILE CMD... : start CMD detached (own session, stdio to
+# LOGFILE), record its pid file.
+spawn() {
+    local name=$1 token=$2 logfile=$3
+    shift 3
+    local exe pid deadline actual
+    exe=$(readlink -f -- "$(command -v -- "$1")")
+    {
+        echo "=== $(date '+%Y-%m-%d %H:%M:%S') starting $name: $*"
+    } >>"$logfile"
+    setsid "$@" </dev/null >>"$logfile" 2>&1 &
+    pid=$!
+    # Wait for the exec to happen so the pid file check can match it.
+    deadline=$((SECONDS + 5))
+    while :; do
+        actual=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
+        [ "$actual" = "$exe" ] && break
+        if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+            break
+        fi
+        sleep 0.05
+    done
+    printf '%s\n%s\n%s\n' "$pid" "$exe" "$token" >"$(pid_file "$name")"
+    STARTED+=("$name")
+}
+
+# stop NAME SIGNAL GRACE: signal the component, wait up to GRACE seconds,
+# then SIGKILL. Removes its pid file.
+stop() {
+    local name=$1 sig=$2 grace=$3 pid deadline file
+    file=$(pid_file "$name")
+    if ! pid=$(running_pid "$name"); then
+        if [ -f "$file" ]; then
+            rm -f "$file"
+            echo "$name: not running (stale pid file removed)"
+        fi
+        return 0
+    fi
+    kill "-$sig" "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + grace))
+    while running_pid "$name" >/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+        sleep 0.1
+    done
+    if running_pid "$name" >/dev/null; then
+        log "$name (pid $pid) still running after ${grace}s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 5))
+        while running_pid "$name" >/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.1
+        done
+    fi
+    # Reap it if it is our own child (failed `up`), so no zombie lingers.
+    wait "$pid" 2>/dev/null || true
+    rm -f "$file"
+    echo "$name: stopped (pid $pid, SIG$sig)"
+}
+
+# wait_ready NAME LOGFILE DESCRIPTION CHECK... : poll CHECK until it succeeds,
+# the component dies, or CLUSTER_TIMEOUT passes.
+wait_ready() {
+    local name=$1 logfile=$2 what=$3
+    shift 3
+    local deadline=$((SECONDS + CLUSTER_TIMEOUT))
+    while :; do
+        if ! running_pid "$name" >/dev/null; then
+            fail_component "$name" "$logfile" "exited before $what"
+            return 1
+        fi
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            fail_component "$name" "$logfile" "did not pass '$what' within ${CLUSTER_TIMEOUT}s"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+fail_component() {
+    local name=$1 logfile=$2 why=$3
+    log "$name $why; last lines of $logfile:"
+    tail -n 20 "$logfile" 2>/dev/null | sed 's/^/    /' >&2 || true
+}
+
+http_ok() {
+    curl -fs --max-time 2 -o /dev/null "$1"
+}
+
+redis_ping() {
+    [ "$(redis-cli -h "$HOST" -p "$CLUSTER_REDIS_PORT" ping 2>/dev/null)" = "PONG" ]
+}
+
+# ---------------------------------------------------------------------------
+# components
+
+start_redis() {
+    local logfile="$LOG_DIR/redis.log"
+    port_in_use "$CLUSTER_REDIS_PORT" &&
+        die "port $CLUSTER_REDIS_PORT (redis) is already in use; set CLUSTER_REDIS_PORT"
+    mkdir -p "$CLUSTER_DIR/redis"
+    # Pub/sub only: no RDB/AOF persistence; its own working dir. The process
+    # title is left alone so the pid file check can find --dir in it.
+    spawn redis "$CLUSTER_DIR/redis" "$logfile" \
+        redis-server --bind "$HOST" --port "$CLUSTER_REDIS_PORT" \
+        --save "" --appendonly no --dir "$CLUSTER_DIR/redis" \
+        --daemonize no --logfile "" --protected-mode yes --set-proc-title no
+    wait_ready redis "$logfile" "redis PING" redis_ping
+}
+
+start_node() {
+    local i=$1 port logfile
+    port=$(node_port "$i")
+    logfile="$LOG_DIR/node-$i.log"
+    if running_pid "node-$i" >/dev/null; then
+        die "node-$i is already running"
+    fi
+    port_in_use "$port" && die "port $port (node-$i) is already in use; set CLUSTER_NODE_BASE_PORT or CLUSTER_NODE_PORTS"
+    # Plain log files: no ANSI colours from the gateway's text logger.
+    export NO_COLOR=${NO_COLOR:-1}
+    spawn "node-$i" "$HOST:$port" "$logfile" \
+        "$GATEWAY_BIN" --listen "$HOST:$port" --node-id "node-$i" \
+        --redis-url "redis://$HOST:$CLUSTER_REDIS_PORT"
+    wait_ready "node-$i" "$logfile" "GET /readyz" http_ok "http://$HOST:$port/readyz"
+}
+
+nginx_args() {
+    # -p: prefix for relative paths; -e/-g: logs and pid file under the state
+    # dir, foreground so the recorded pid is the master process.
+    printf '%s\n' -p "$CLUSTER_DIR/nginx/" -c "$CONF_DIR/nginx.conf" -e stderr \
+        -g "daemon off; pid $CLUSTER_DIR/nginx/nginx.pid;"
+}
+
+start_nginx() {
+    local logfile="$LOG_DIR/nginx.log" addrs=() port args=()
+    port_in_use "$CLUSTER_HTTP_PORT" &&
+        die "port $CLUSTER_HTTP_PORT (nginx) is already in use; set CLUSTER_HTTP_PORT"
+    for port in "${NODE_PORTS[@]}"; do
+        addrs+=("$HOST:$port")
+    done
+    mkdir -p "$CLUSTER_DIR/nginx/temp"
+    render_nginx "$NGINX_TEMPLATE" "$CONF_DIR/nginx.conf" "$HOST:$CLUSTER_HTTP_PORT" \
+        "$CLUSTER_DIR/nginx/temp" "${addrs[@]}" || die "could not render $NGINX_TEMPLATE"
+    mapfile -t args < <(nginx_args)
+    if ! nginx -t -q "${args[@]}" >>"$logfile" 2>&1; then
+        fail_component nginx "$logfile" "rejected its config $CONF_DIR/nginx.conf"
+        return 1
+    fi
+    spawn nginx "$CONF_DIR/nginx.conf" "$logfile" nginx "${args[@]}"
+    wait_ready nginx "$logfile" "GET /healthz through nginx" http_ok "http://$HOST:$CLUSTER_HTTP_PORT/healthz"
+}
+
+start_prometheus() {
+    local logfile="$LOG_DIR/prometheus.log" targets=() port
+    port_in_use "$CLUSTER_PROMETHEUS_PORT" &&
+        die "port $CLUSTER_PROMETHEUS_PORT (prometheus) is already in use; set CLUSTER_PROMETHEUS_PORT or CLUSTER_PROMETHEUS=0"
+    for port in "${NODE_PORTS[@]}"; do
+        targets+=("$HOST:$port")
+    done
+    mkdir -p "$CLUSTER_DIR/prometheus/data"
+    render_prometheus "$PROMETHEUS_TEMPLATE" "$CONF_DIR/prometheus.yml" \
+        "$HOST:$CLUSTER_PROMETHEUS_PORT" "${targets[@]}" || die "could not render $PROMETHEUS_TEMPLATE"
+    spawn prometheus "--storage.tsdb.path=$CLUSTER_DIR/prometheus/data" "$logfile" \
+        prometheus --config.file="$CONF_DIR/prometheus.yml" \
+        --storage.tsdb.path="$CLUSTER_DIR/prometheus/data" \
+        --storage.tsdb.retention.time=2d \
+        --web.listen-address="$HOST:$CLUSTER_PROMETHEUS_PORT"
+    wait_ready prometheus "$logfile" "GET /-/ready" http_ok "http://$HOST:$CLUSTER_PROMETHEUS_PORT/-/ready"
+}
+
+# Components in start order (stop order is the reverse).
+components() {
+    local i
+    echo redis
+    for ((i = 1; i <= CLUSTER_NODES; i++)); do
+        echo "node-$i"
+    done
+    echo nginx
+    [ "$CLUSTER_PROMETHEUS" = 1 ] && echo prometheus
+    return 0
+}
+
+stop_grace() {
+    case $1 in
+        node-*) echo 15 ;; # the gateway drains within --shutdown-grace (5s default)
+        *) echo 10 ;;
+    esac
+}
+
+# ---------------------------------------------------------------------------
+# commands
+
+STARTED=()
+
+abort_up() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    if [ "${#STARTED[@]}" -gt 0 ]; then
+        log "start-up failed; stopping what was started"
+        for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+            stop "${STARTED[$i]}" TERM "$(stop_grace "${STARTED[$i]}")" >&2 || true
+        done
+    fi
+    exit $((rc == 0 ? 1 : rc))
+}
+
+cmd_up() {
+    local nodes_flag="" prom_flag=""
+    while [ "$#" -gt 0 ]; do
+        case $1 in
+            --nodes) [ "$#" -ge 2 ] || die "--nodes needs a value"; nodes_flag=$2; shift 2 ;;
+            --nodes=*) nodes_flag=${1#--nodes=}; shift ;;
+            --no-prometheus) prom_flag=0; shift ;;
+            -h | --help) usage; exit 0 ;;
+            *) die "up: unknown argument '$1'" ;;
+        esac
+    done
+    config_from_env "$nodes_flag" "$prom_flag"
+
+    if [ ! -x "$GATEWAY_BIN" ]; then
+        die "gateway binary not found at $GATEWAY_BIN
+build it with:  cargo build --release -p gateway   (from $REPO_ROOT)
+or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-gateway"
+    fi
+    need redis-server redis-server
+    need redis-cli redis-tools
+    need nginx nginx-light
+    need curl curl
+    need setsid util-linux
+    if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
+        need prometheus prometheus
+    fi
+
+    # Refuse to start over a running cluster in the same state dir.
+    if [ -d "$RUN_DIR" ]; then
+        local f name
+        for f in "$RUN_DIR"/*.pid; do
+            [ -e "$f" ] || continue
+            name=$(basename "$f" .pid)
+            if running_pid "$name" >/dev/null; then
+                die "a cluster is already running in $CLUSTER_DIR ($name); run: ${0##*/} down"
+            fi
+            rm -f "$f"
+        done
+    fi
+
+    mkdir -p "$RUN_DIR" "$LOG_DIR" "$CONF_DIR"
+    local l
+    for l in "$LOG_DIR"/*.log; do
+        [ -e "$l" ] && : >"$l"
+    done
+    save_config
+
+    trap abort_up EXIT INT TERM
+    start_redis
+    local i
+    for ((i = 1; i <= CLUSTER_NODES; i++)); do
+        start_node "$i"
+    done
+    start_nginx
+    if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
+        start_prometheus
+    fi
+    trap - EXIT INT TERM
+
+    echo "chat cluster is up ($CLUSTER_NODES nodes, state in $CLUSTER_DIR)"
+    echo "  entry (nginx)  http://$HOST:$CLUSTER_HTTP_PORT/   ws://$HOST:$CLUSTER_HTTP_PORT/ws?room=lobby"
+    echo "                 log: $LOG_DIR/nginx.log"
+    for ((i = 1; i <= CLUSTER_NODES; i++)); do
+        printf '  %-14s http://%s:%s/   log: %s\n' "node-$i" "$HOST" "${NODE_PORTS[$((i - 1))]}" "$LOG_DIR/node-$i.log"
+    done
+    echo "  redis          redis://$HOST:$CLUSTER_REDIS_PORT   log: $LOG_DIR/redis.log"
+    if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
+        echo "  prometheus     http://$HOST:$CLUSTER_PROMETHEUS_PORT/   log: $LOG_DIR/prometheus.log"
+    fi
+    echo "stop with: $0 down"
+}
+
+cmd_down() {
+    if [ ! -d "$RUN_DIR" ]; then
+        echo "no cluster state in $CLUSTER_DIR; nothing to stop"
+        return 0
+    fi
+    # Stop whatever has a pid file (even if cluster.env is gone), entry point
+    # first, broker last.
+    local names=() f name
+    for name in nginx prometheus; do
+        [ -f "$(pid_file "$name")" ] && names+=("$name")
+    done
+    for f in "$RUN_DIR"/node-*.pid; do
+        [ -e "$f" ] && names+=("$(basename "$f" .pid)")
+    done
+    [ -f "$(pid_file redis)" ] && names+=(redis)
+    if [ "${#names[@]}" -eq 0 ]; then
+        echo "nothing running in $CLUSTER_DIR"
+        return 0
+    fi
+    for name in "${names[@]}"; do
+        stop "$name" TERM "$(stop_grace "$name")"
+    done
+}
+
+cmd_status() {
+    if [ ! -f "$STATE_FILE" ]; then
+        echo "no cluster in $CLUSTER_DIR"
+        return 3
+    fi
+    config_from_state
+    local name pid addr health all=0 i
+    echo "cluster in $CLUSTER_DIR"
+    while IFS= read -r name; do
+        case $name in
+            redis) addr="redis://$HOST:$CLUSTER_REDIS_PORT" ;;
+            nginx) addr="http://$HOST:$CLUSTER_HTTP_PORT" ;;
+            prometheus) addr="http://$HOST:$CLUSTER_PROMETHEUS_PORT" ;;
+            node-*) i=${name#node-}; addr="http://$HOST:${NODE_PORTS[$((i - 1))]}" ;;
+        esac
+        if pid=$(running_pid "$name"); then
+            health=""
+            case $name in
+                redis) redis_ping || health="no PONG" ;;
+                nginx) http_ok "$addr/healthz" || health="/healthz failing" ;;
+                prometheus) http_ok "$addr/-/ready" || health="not ready" ;;
+                node-*) http_ok "$addr/readyz" || health="not ready" ;;
+            esac
+            health=${health:-ok}
+            printf '  %-11s running  pid %-7s %-28s %s\n' "$name" "$pid" "$addr" "$health"
+        else
+            printf '  %-11s stopped  %-11s %s\n' "$name" "" "$addr"
+            all=3
+        fi
+    done < <(components)
+    return "$all"
+}
+
+cmd_env() {
+    config_from_state
+    local urls=() i
+    for ((i = 1; i <= CLUSTER_NODES; i++)); do
+        urls+=("http://$HOST:${NODE_PORTS[$((i - 1))]}")
+        printf 'CLUSTER_NODE_%d_URL=%q\n' "$i" "${urls[-1]}"
+    done
+    printf 'CLUSTER_DIR=%q\n' "$CLUSTER_DIR"
+    printf 'CLUSTER_NODES=%q\n' "$CLUSTER_NODES"
+    printf 'CLUSTER_NODE_URLS=%q\n' "${urls[*]}"
+    printf 'CLUSTER_HTTP_URL=%q\n' "http://$HOST:$CLUSTER_HTTP_PORT"
+    printf 'CLUSTER_WS_URL=%q\n' "ws://$HOST:$CLUSTER_HTTP_PORT/ws"
+    printf 'CLUSTER_REDIS_URL=%q\n' "redis://$HOST:$CLUSTER_REDIS_PORT"
+    if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
+        printf 'CLUSTER_PROMETHEUS_URL=%q\n' "http://$HOST:$CLUSTER_PROMETHEUS_PORT"
+    fi
+    printf 'CLUSTER_LOG_DIR=%q\n' "$LOG_DIR"
+}
+
+cmd_kill_node() {
+    [ "$#" -eq 1 ] || die "usage: ${0##*/} kill-node I"
+    config_from_state
+    node_port "$1" >/dev/null
+    running_pid "node-$1" >/dev/null || die "node-$1 is not running"
+    stop "node-$1" KILL 5
+}
+
+cmd_stop_node() {
+    [ "$#" -eq 1 ] || die "usage: ${0##*/} stop-node I"
+    config_from_state
+    node_port "$1" >/dev/null
+    running_pid "node-$1" >/dev/null || die "node-$1 is not running"
+    stop "node-$1" TERM "$(stop_grace "node-$1")"
+}
+
+cmd_start_node() {
+    [ "$#" -eq 1 ] || die "usage: ${0##*/} start-node I"
+    config_from_state
+    node_port "$1" >/dev/null
+    [ -x "$GATEWAY_BIN" ] || die "gateway binary not found at $GATEWAY_BIN"
+    mkdir -p "$RUN_DIR" "$LOG_DIR"
+    # A node that fails to come up is stopped again rather than left half-up.
+    trap abort_up EXIT INT TERM
+    start_node "$1"
+    trap - EXIT INT TERM
+    echo "node-$1: ready at http://$HOST:$(node_port "$1")/ (log: $LOG_DIR/node-$1.log)"
+}
+
+cmd_stop_redis() {
+    config_from_state
+    running_pid redis >/dev/null || die "redis is not running"
+    stop redis TERM 10
+}
+
+cmd_start_redis() {
+    config_from_state
+    running_pid redis >/dev/null && die "redis is already running"
+    mkdir -p "$RUN_DIR" "$LOG_DIR"
+    trap abort_up EXIT INT TERM
+    start_redis
+    trap - EXIT INT TERM
+    echo "redis: ready at redis://$HOST:$CLUSTER_REDIS_PORT"
+}
+
+cmd_install_deps() {
+    local pkgs=(redis-server redis-tools nginx-light prometheus curl util-linux)
+    if [ "$(id -u)" -ne 0 ]; then
+        die "run as root (or: sudo apt-get install -y ${pkgs[*]})"
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" ||
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}"; }
+}
+
+main() {
+    [ "$#" -ge 1 ] || { usage >&2; exit 2; }
+    local cmd=$1
+    shift
+    load_config
+    case $cmd in
+        up) cmd_up "$@" ;;
+        down) cmd_down "$@" ;;
+        status) cmd_status "$@" ;;
+        env) cmd_env "$@" ;;
+        kill-node) cmd_kill_node "$@" ;;
+        stop-node) cmd_stop_node "$@" ;;
+        start-node) cmd_start_node "$@" ;;
+        stop-redis) cmd_stop_redis "$@" ;;
+        start-redis) cmd_start_redis "$@" ;;
+        install-deps) cmd_install_deps "$@" ;;
+        help | -h | --help) usage ;;
+        *) usage >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
