@@ -6,7 +6,7 @@
 # same name `docker ps` / `docker logs` show.
 set -eu
 if [ -z "${GATEWAY_NODE_ID:-}" ]; then
-    GATEWAY_NODE_ID=${HOSTNAME:-$(cat /proc/sys/kernel/hostname)}
+    GATEWAY_NODE_ID=$(cat /proc/sys/kernel/hostname)
     export GATEWAY_NODE_ID
 fi
 exec /usr/local/bin/chat-gateway "$@"
