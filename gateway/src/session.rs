@@ -94,6 +94,9 @@ const PEER_CLOSED: CloseReason = CloseReason {
     reason: "",
 };
 
+/// How long a slow consumer's close frame may wait behind its stalled socket.
+const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Most queued frames written before one flush: batching turns a burst into one syscall.
 const MAX_BATCH: usize = 64;
 
@@ -105,14 +108,8 @@ pub async fn serve(socket: WebSocket, identity: Identity, context: SessionContex
     let liveness = Arc::new(Liveness::new());
     let close = receiver.close_watch();
 
-    let writer = tokio::spawn(write_loop(
-        sink,
-        receiver,
-        liveness.clone(),
-        context.limits.clone(),
-        context.shutdown.clone(),
-    ));
-
+    let limits = context.limits.clone();
+    let shutdown = context.shutdown.clone();
     let mut session = Session {
         conn: next_conn_id(),
         identity,
@@ -120,7 +117,16 @@ pub async fn serve(socket: WebSocket, identity: Identity, context: SessionContex
         outbox,
         context,
     };
+    // The writer starts only once the default room is joined, so the welcome frame (queued
+    // first) tells the client it will now receive the room's messages.
     session.start().await;
+    let writer = tokio::spawn(write_loop(
+        sink,
+        receiver,
+        liveness.clone(),
+        limits,
+        shutdown,
+    ));
     session.read_loop(stream, &liveness, &close).await;
     session.leave_all().await;
     if let Err(error) = writer.await {
@@ -164,7 +170,7 @@ struct Session {
 }
 
 impl Session {
-    /// Sends the welcome frame, then joins the default room.
+    /// Queues the welcome frame, then joins the default room.
     async fn start(&mut self) {
         let welcome = ServerFrame::Welcome {
             user_id: &self.identity.user_id,
@@ -201,6 +207,7 @@ impl Session {
             let next = tokio::select! {
                 next = stream.next() => next,
                 _ = close.requested() => return,
+                _ = self.context.shutdown.cancelled() => return,
             };
             let message = match next {
                 Some(Ok(message)) => message,
@@ -404,8 +411,9 @@ async fn write_loop(
                 let Some(frame) = frame else { break INTERNAL };
                 let written = tokio::select! {
                     written = write_batch(&mut sink, frame, &mut outbox) => written,
-                    // A stalled socket must not keep a slow consumer's close waiting.
-                    reason = close.requested() => { if reason == CloseReason::SLOW_CONSUMER { return; } break reason }
+                    // A stalled socket must not hold up the close; the close frame below gets
+                    // a bounded chance to go out after what is already buffered.
+                    reason = close.requested() => break reason,
                 };
                 if written.is_err() {
                     return;
@@ -429,11 +437,12 @@ async fn write_loop(
         code: reason.code,
         reason: Utf8Bytes::from_static(reason.reason),
     };
-    let _ = tokio::time::timeout(
-        limits.flush_deadline,
-        sink.send(Message::Close(Some(frame))),
-    )
-    .await;
+    let deadline = if reason == CloseReason::SLOW_CONSUMER {
+        SLOW_CLOSE_DEADLINE
+    } else {
+        limits.flush_deadline
+    };
+    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame)))).await;
 }
 
 /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.

@@ -1,0 +1,195 @@
+//! Several nodes sharing rooms through a real `redis-server`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Node, Redis, wait_until};
+use serde_json::json;
+
+fn three_nodes(redis: &Redis) -> [Node; 3] {
+    ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, redis, &[]))
+}
+
+#[tokio::test]
+async fn a_message_sent_on_one_node_reaches_members_on_every_node_exactly_once() {
+    let redis = Redis::start();
+    let nodes = three_nodes(&redis);
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let client = Client::connect(&node.ws_url("/ws?room=general")).await;
+        assert_eq!(client.node, node.id, "the welcome frame names the node");
+        clients.push(client);
+    }
+    let id = clients[0].say("general", "hello cluster").await;
+    clients[0].say("general", "sentinel").await;
+    for client in &mut clients {
+        let first = client.recv_type("message").await;
+        assert_eq!(
+            (first["id"].as_str(), first["message"].as_str()),
+            (Some(id.as_str()), Some("hello cluster"))
+        );
+        // The very next message is the sentinel: the first one came exactly once.
+        assert_eq!(client.recv_type("message").await["message"], "sentinel");
+        assert_eq!(client.recv_within(Duration::from_millis(200)).await, None);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_senders_on_different_nodes_see_one_order_everywhere() {
+    let redis = Redis::start();
+    let nodes = three_nodes(&redis);
+    const PER_SENDER: usize = 40;
+    // Every member is in the room (its welcome frame says so) before anyone sends.
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(Client::connect(&node.ws_url("/ws?room=race")).await);
+    }
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_SENDER {
+                client
+                    .send(json!({"type":"message","message":format!("{}-{i}", client.node)}))
+                    .await;
+            }
+            let mut order = Vec::new();
+            while order.len() < PER_SENDER * 3 {
+                let frame = client.recv().await;
+                if frame["type"] == "message" {
+                    order.push(frame["id"].as_str().unwrap().to_owned());
+                }
+            }
+            order
+        }));
+    }
+    let mut orders = Vec::new();
+    for task in tasks {
+        orders.push(task.await.expect("client task"));
+    }
+    assert_eq!(orders[0].len(), PER_SENDER * 3);
+    assert_eq!(
+        orders[0], orders[1],
+        "node-a and node-b members saw different orders"
+    );
+    assert_eq!(
+        orders[0], orders[2],
+        "node-a and node-c members saw different orders"
+    );
+}
+
+#[tokio::test]
+async fn rooms_are_isolated_across_nodes() {
+    let redis = Redis::start();
+    let [a, b, _c] = three_nodes(&redis);
+    let mut red = Client::connect(&a.ws_url("/ws?room=red")).await;
+    let mut blue = Client::connect(&b.ws_url("/ws?room=blue")).await;
+    let mut red_too = Client::connect(&b.ws_url("/ws?room=red")).await;
+    red.say("red", "for red").await;
+    assert_eq!(red_too.recv_type("message").await["message"], "for red");
+    assert_eq!(blue.recv_within(Duration::from_millis(300)).await, None);
+}
+
+#[tokio::test]
+async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_leaves() {
+    let redis = Redis::start();
+    let [a, b, _c] = three_nodes(&redis);
+    let channel = "chat:room:topic";
+    let redis = &redis;
+    let subscribers = |count: u64| move || redis.subscribers(channel) == count;
+
+    let mut first = Client::connect(&a.ws_url("/ws?room=lobby")).await;
+    first.join("topic").await;
+    assert_eq!(
+        redis.subscribers(channel),
+        1,
+        "subscribed by the time join is acknowledged"
+    );
+    let mut second = Client::connect(&a.ws_url("/ws?room=lobby")).await;
+    second.join("topic").await;
+    assert_eq!(
+        redis.subscribers(channel),
+        1,
+        "one subscription per node, not per member"
+    );
+    let mut remote = Client::connect(&b.ws_url("/ws?room=topic")).await;
+    wait_until("node b to subscribe", subscribers(2));
+
+    first
+        .send(json!({"type":"leave","room":"topic","ref":1}))
+        .await;
+    first.recv_type("left").await;
+    assert_eq!(redis.subscribers(channel), 2, "node a still has a member");
+    second.close().await;
+    wait_until("node a to unsubscribe", subscribers(1));
+    remote.say("topic", "still flowing").await;
+    drop(remote);
+    wait_until("the channel to disappear", || {
+        !redis.room_channels().contains(&channel.to_owned())
+    });
+    assert!(
+        redis
+            .room_channels()
+            .contains(&"chat:room:lobby".to_owned()),
+        "lobby still has a member"
+    );
+    drop(first);
+}
+
+#[tokio::test]
+async fn readiness_follows_redis_and_failed_publishes_are_reported() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
+    let mut client = Client::connect(&node.ws_url("/ws?room=ops")).await;
+    client.say("ops", "before").await;
+
+    redis.kill();
+    wait_until("the node to report not ready", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 503)
+    });
+    assert_eq!(node.metric("chat_redis_connected"), 0.0);
+    client
+        .send(json!({"type":"message","message":"during","ref":"lost?"}))
+        .await;
+    let refused = client.recv_type("error").await;
+    assert_eq!(refused["code"], "publish_failed");
+    assert_eq!(
+        refused["ref"], "lost?",
+        "the sender learns which message failed"
+    );
+
+    let _redis = Redis::start_on(port);
+    wait_until("the node to be ready again", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    // The subscription came back with the connection: a message goes round again.
+    let mut delivered = false;
+    for attempt in 0..50 {
+        client
+            .send(json!({"type":"message","message":format!("after-{attempt}"),"ref":attempt}))
+            .await;
+        let reply = client.recv().await;
+        if reply["type"] == "ack" {
+            let echoed = client.recv_within(Duration::from_millis(200)).await;
+            if echoed.is_some_and(|frame| frame["type"] == "message") {
+                delivered = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "messages flow again after Redis returns");
+}
+
+#[tokio::test]
+async fn a_node_without_redis_starts_but_is_not_ready() {
+    let closed_port = common::free_port();
+    let node = Node::spawn(
+        "node-x",
+        Some(&format!("redis://127.0.0.1:{closed_port}")),
+        &[],
+    );
+    assert_eq!(node.get("/healthz").map(|(status, _)| status), Some(200));
+    assert_eq!(node.get("/readyz").map(|(status, _)| status), Some(503));
+}

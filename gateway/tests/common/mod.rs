@@ -1,0 +1,479 @@
+//! Test harness: real `redis-server` and `chat-gateway` processes on free loopback ports, and a
+//! small WebSocket client. Every process is killed when its handle drops, so a failing test
+//! leaves nothing behind.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream as AsyncTcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `condition` until it holds or [`PATIENCE`] runs out.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    fn spawn(name: &str, command: &mut Command) -> Process {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        Process {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a program can be found on PATH.
+fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is not installed: run ./scripts/test.sh, which installs it"
+    );
+}
+
+/// A private `redis-server` on a free loopback port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    process: Process,
+    dir: tempdir::TempDir,
+}
+
+impl Redis {
+    /// Starts a Redis server and waits until it answers PING.
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    /// Starts a Redis server on `port` (used to restart one where it was).
+    pub fn start_on(port: u16) -> Redis {
+        require("redis-server");
+        let dir = tempdir::TempDir::new("redis");
+        let process = Process::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null()),
+        );
+        let redis = Redis { port, process, dir };
+        wait_until("redis to answer PING", || {
+            redis.command(&["PING"]).is_ok_and(|reply| reply == "PONG")
+        });
+        redis
+    }
+
+    /// The URL a gateway node uses.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a command with `redis-cli` and returns its raw output, one reply item per line.
+    pub fn command(&self, args: &[&str]) -> Result<String, String> {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .map_err(|error| error.to_string())?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// The room channels Redis has subscribers for.
+    pub fn room_channels(&self) -> Vec<String> {
+        let reply = self
+            .command(&["PUBSUB", "CHANNELS", "chat:room:*"])
+            .unwrap_or_default();
+        let mut channels: Vec<String> = reply
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect();
+        channels.sort();
+        channels
+    }
+
+    /// How many subscribers a channel has.
+    pub fn subscribers(&self, channel: &str) -> u64 {
+        let reply = self
+            .command(&["PUBSUB", "NUMSUB", channel])
+            .unwrap_or_default();
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Kills the server at once.
+    pub fn kill(self) {
+        self.process.signal("KILL");
+    }
+}
+
+/// A `chat-gateway` process.
+pub struct Node {
+    pub port: u16,
+    pub id: String,
+    pub process: Process,
+}
+
+impl Node {
+    /// Starts a node with the in-process broker.
+    pub fn single(extra: &[&str]) -> Node {
+        Self::start("solo", None, extra)
+    }
+
+    /// Starts a node on `redis`, waiting until it is ready.
+    pub fn clustered(id: &str, redis: &Redis, extra: &[&str]) -> Node {
+        Self::start(id, Some(&redis.url()), extra)
+    }
+
+    /// Starts a node and waits until `/readyz` answers 200.
+    pub fn start(id: &str, redis_url: Option<&str>, extra: &[&str]) -> Node {
+        let node = Self::spawn(id, redis_url, extra);
+        wait_until("the node to be ready", || {
+            node.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+        node
+    }
+
+    /// Starts a node without waiting for readiness (it may never be ready).
+    pub fn spawn(id: &str, redis_url: Option<&str>, extra: &[&str]) -> Node {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chat-gateway"));
+        command
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--node-id", id])
+            .args(extra)
+            .env_remove("REDIS_URL")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
+            );
+        if let Some(url) = redis_url {
+            command.args(["--redis-url", url]);
+        }
+        let process = Process::spawn("chat-gateway", &mut command);
+        let node = Node {
+            port,
+            id: id.to_owned(),
+            process,
+        };
+        wait_until("the node to listen", || node.get("/healthz").is_some());
+        node
+    }
+
+    /// The WebSocket URL for `path_and_query` (e.g. "/ws?room=a").
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{path_and_query}", self.port)
+    }
+
+    /// A plain HTTP GET; returns status and body, or `None` if nothing answered.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port, path, &[])
+    }
+
+    /// The value of a metric (summed over label sets) from `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").expect("metrics answer");
+        body.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback, so tests need no HTTP client crate.
+pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A WebSocket test client.
+pub struct Client {
+    socket: WebSocketStream<MaybeTlsStream<AsyncTcpStream>>,
+    /// Frames read while waiting for something else (an ack), handed out first by `recv`.
+    pending: std::collections::VecDeque<Value>,
+    /// The id from the `userId` frame.
+    pub user_id: String,
+    /// The node from the `userId` frame.
+    pub node: String,
+}
+
+/// How a connection ended, as the client saw it.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    /// A close frame with this code.
+    Closed(u16),
+    /// The TCP connection ended without a close frame.
+    Dropped,
+}
+
+impl Client {
+    /// Connects and reads the `userId` welcome frame.
+    pub async fn connect(url: &str) -> Client {
+        let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
+        let mut client = Client {
+            socket,
+            pending: Default::default(),
+            user_id: String::new(),
+            node: String::new(),
+        };
+        let welcome = client.recv().await;
+        assert_eq!(
+            welcome["type"], "userId",
+            "first frame is userId: {welcome}"
+        );
+        client.user_id = welcome["userId"]
+            .as_str()
+            .expect("userId is a string")
+            .to_owned();
+        client.node = welcome["node"].as_str().unwrap_or_default().to_owned();
+        client
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) {
+        self.socket.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a JSON value.
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// Sends a raw message (binary, oversize, ...).
+    pub async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.expect("send");
+    }
+
+    /// The next text frame as JSON, failing the test after [`PATIENCE`].
+    pub async fn recv(&mut self) -> Value {
+        self.recv_within(PATIENCE)
+            .await
+            .expect("a frame arrived in time")
+    }
+
+    /// The next text frame as JSON, or `None` if none came within `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Some(frame);
+        }
+        self.read_within(wait).await
+    }
+
+    async fn read_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .ok()?;
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(serde_json::from_str(&text).expect("server frames are JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => panic!("unexpected close: {frame:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => panic!("read failed: {error}"),
+                None => panic!("connection ended"),
+            }
+        }
+    }
+
+    /// The next frame of type `kind`, skipping others.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads until the connection ends, returning how it ended; text frames in between are
+    /// returned too.
+    pub async fn recv_until_end(&mut self) -> (Vec<Value>, Ended) {
+        let mut frames: Vec<Value> = self.pending.drain(..).collect();
+        loop {
+            let next = tokio::time::timeout(PATIENCE, self.socket.next())
+                .await
+                .expect("connection ended in time");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(serde_json::from_str(&text).expect("JSON"))
+                }
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => {
+                    return (frames, Ended::Closed(code.into()));
+                }
+                Some(Ok(Message::Close(None))) => return (frames, Ended::Closed(1005)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return (frames, Ended::Dropped),
+            }
+        }
+    }
+
+    /// Joins a room and waits for the acknowledgement.
+    pub async fn join(&mut self, room: &str) {
+        self.send(serde_json::json!({"type": "join", "room": room, "ref": room}))
+            .await;
+        let reply = self.recv_type("joined").await;
+        assert_eq!(reply["room"], room);
+    }
+
+    /// Sends a chat message to a room and waits for its ack; returns the message id. Frames
+    /// that arrive meanwhile stay queued for `recv`.
+    pub async fn say(&mut self, room: &str, text: &str) -> String {
+        self.send(
+            serde_json::json!({"type": "message", "room": room, "message": text, "ref": text}),
+        )
+        .await;
+        loop {
+            let frame = self
+                .read_within(PATIENCE)
+                .await
+                .expect("an ack arrived in time");
+            if frame["type"] == "ack" && frame["ref"] == text {
+                return frame["id"].as_str().expect("ack carries the id").to_owned();
+            }
+            assert_ne!(frame["type"], "error", "message refused: {frame}");
+            self.pending.push_back(frame);
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// Temporary directories removed on drop.
+pub mod tempdir {
+    use super::*;
+
+    /// A directory under the system temp dir, removed on drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        /// Creates a fresh directory whose name starts with `prefix`.
+        pub fn new(prefix: &str) -> TempDir {
+            let path = std::env::temp_dir().join(format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                super::free_port()
+            ));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            TempDir(path)
+        }
+
+        /// The path.
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

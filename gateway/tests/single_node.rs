@@ -1,0 +1,335 @@
+//! One node with the in-process broker: the protocol as a client sees it, bad input, liveness
+//! and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Ended, Node, http_get};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn the_seed_client_works_unchanged() {
+    let node = Node::single(&[]);
+    // Exactly what the seed React client does: connect to the bare URL, wait for userId, send
+    // {userId, message}, and show `data.message` of every other frame.
+    let mut seed = Client::connect(&node.ws_url("")).await;
+    let mut other = Client::connect(&node.ws_url("/")).await;
+    assert!(seed.user_id.starts_with("u-"));
+    assert_ne!(
+        seed.user_id, other.user_id,
+        "each connection gets its own id"
+    );
+
+    let sender = seed.user_id.clone();
+    seed.send_text(&format!(
+        r#"{{"userId":"{sender}","message":"안녕하세요"}}"#
+    ))
+    .await;
+    for client in [&mut seed, &mut other] {
+        let frame = client.recv().await;
+        assert_eq!(frame["type"], "message");
+        assert_eq!(frame["message"], "안녕하세요");
+        assert_eq!(frame["room"], "lobby");
+        assert_eq!(frame["userId"], sender.as_str());
+        assert!(
+            frame["ts"]
+                .as_u64()
+                .is_some_and(|ts| ts > 1_600_000_000_000),
+            "ts is unix ms: {frame}"
+        );
+        let id = uuid::Uuid::parse_str(frame["id"].as_str().unwrap()).expect("id is a uuid");
+        assert_eq!(id.get_version_num(), 7, "ids are UUIDv7");
+        let keys: Vec<&str> = frame
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys.len(),
+            6,
+            "nothing beyond the documented fields: {keys:?}"
+        );
+    }
+    // A plain {"message": ...} works too, and the seed client gets no ack it would display.
+    seed.send_text(r#"{"message":"plain"}"#).await;
+    assert_eq!(seed.recv().await["message"], "plain");
+    assert_eq!(
+        seed.recv_within(Duration::from_millis(300)).await,
+        None,
+        "no extra frames for a seed client"
+    );
+}
+
+#[tokio::test]
+async fn the_welcome_frame_names_user_node_room_and_protocol() {
+    let node = Node::single(&[]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(node.ws_url("/ws?room=news&name=alice"))
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let Some(Ok(Message::Text(text))) = socket.next().await else {
+        panic!("no welcome")
+    };
+    let welcome: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(welcome["type"], "userId");
+    assert_eq!(welcome["node"], "solo");
+    assert_eq!(welcome["room"], "news");
+    assert_eq!(welcome["protocol"], 1);
+}
+
+#[tokio::test]
+async fn typed_clients_join_several_rooms_and_get_acks_echoing_ref() {
+    let node = Node::single(&[]);
+    let mut alice = Client::connect(&node.ws_url("/ws?room=a&name=alice")).await;
+    let mut bob = Client::connect(&node.ws_url("/ws?room=b")).await;
+
+    bob.send(json!({"type":"join","room":"a","ref":{"n":1}}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type":"joined","room":"a","ref":{"n":1}})
+    );
+
+    let id = alice.say("a", "hello a").await;
+    let got = bob.recv_type("message").await;
+    assert_eq!(got["id"], id.as_str());
+    assert_eq!(got["name"], "alice");
+    assert_eq!(got["room"], "a");
+
+    // Rooms are isolated: a message to b reaches bob but never alice.
+    bob.say("b", "only b").await;
+    let echo = bob.recv_type("message").await;
+    assert_eq!(echo["message"], "only b");
+    assert_eq!(alice.recv_type("message").await["message"], "hello a");
+    assert_eq!(alice.recv_within(Duration::from_millis(300)).await, None);
+
+    bob.send(json!({"type":"leave","room":"a","ref":2})).await;
+    assert_eq!(bob.recv().await, json!({"type":"left","room":"a","ref":2}));
+    alice.say("a", "after leave").await;
+    assert_eq!(
+        bob.recv_within(Duration::from_millis(300)).await,
+        None,
+        "no delivery after leave"
+    );
+
+    bob.send(json!({"type":"ping","ref":"p"})).await;
+    assert_eq!(bob.recv().await, json!({"type":"pong","ref":"p"}));
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_input_gets_a_clear_error_and_the_connection_survives() {
+    let node = Node::single(&["--max-chat-bytes", "10", "--max-rooms-per-connection", "2"]);
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    let cases = [
+        ("{not json", "invalid_json"),
+        ("[1,2,3]", "invalid_json"),
+        (r#"{"type":"teleport","ref":1}"#, "unknown_type"),
+        (r#"{"type":"join","ref":1}"#, "invalid_frame"),
+        (r#"{"type":"message","ref":1}"#, "invalid_frame"),
+        (
+            r#"{"type":"join","room":"no spaces","ref":1}"#,
+            "invalid_room",
+        ),
+        (r#"{"type":"join","room":"x/y","ref":1}"#, "invalid_room"),
+        (
+            &format!(r#"{{"type":"join","room":"{}","ref":1}}"#, "r".repeat(65)),
+            "invalid_room",
+        ),
+        (
+            r#"{"type":"message","message":"eleven bytes","ref":1}"#,
+            "message_too_large",
+        ),
+        (
+            r#"{"type":"message","message":"","ref":1}"#,
+            "empty_message",
+        ),
+        (
+            r#"{"type":"message","room":"elsewhere","message":"hi","ref":1}"#,
+            "not_in_room",
+        ),
+        (
+            r#"{"type":"leave","room":"elsewhere","ref":1}"#,
+            "not_in_room",
+        ),
+    ];
+    for (input, code) in cases {
+        client.send_text(input).await;
+        let reply = client.recv().await;
+        assert_eq!(reply["type"], "error", "{input}");
+        assert_eq!(reply["code"], code, "{input}: {reply}");
+        assert!(
+            reply["reason"]
+                .as_str()
+                .is_some_and(|reason| !reason.is_empty()),
+            "{input}"
+        );
+        if input.contains("\"ref\"") {
+            assert_eq!(reply["ref"], 1, "{input}");
+        }
+    }
+
+    client.send_raw(Message::binary(vec![1, 2, 3])).await;
+    assert_eq!(client.recv().await["code"], "binary_unsupported");
+
+    // The room limit counts the default room: one more is fine, the next is refused.
+    client.join("second").await;
+    client
+        .send(json!({"type":"join","room":"third","ref":9}))
+        .await;
+    let refused = client.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_i64()),
+        (Some("too_many_rooms"), Some(9))
+    );
+
+    // After all that, the connection still works.
+    client.say("lobby", "still ok").await;
+    assert!(node.metric("chat_client_errors_total") >= 14.0);
+}
+
+#[tokio::test]
+async fn an_oversize_frame_closes_with_1009() {
+    let node = Node::single(&["--max-frame-bytes", "1024"]);
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    client
+        .send_text(&format!(r#"{{"message":"{}"}}"#, "x".repeat(2000)))
+        .await;
+    let (_, ended) = client.recv_until_end().await;
+    assert_eq!(ended, Ended::Closed(1009));
+}
+
+#[tokio::test]
+async fn handshakes_with_a_bad_room_or_name_are_refused_before_upgrading() {
+    let node = Node::single(&[]);
+    for query in [
+        "room=has%20space",
+        "room=",
+        "name=",
+        &format!("name={}", "n".repeat(65)),
+    ] {
+        let path = format!("/ws?{query}");
+        let upgrade = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        let (status, body) = http_get(node.port, &path, &upgrade).expect("answer");
+        assert_eq!(status, 400, "{query}: {body}");
+    }
+    // Without an upgrade, / serves the demo page and /ws says an upgrade is needed.
+    let (status, page) = node.get("/").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<html") || page.contains("<!doctype html"),
+        "demo page served"
+    );
+    assert_ne!(node.get("/ws").unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
+    let node = Node::single(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    let mut silent = Client::connect(&node.ws_url("/ws")).await;
+    // While we do not read, our client library cannot answer the server's pings.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, ended) = silent.recv_until_end().await;
+    assert_eq!(ended, Ended::Closed(4001));
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let node = Node::single(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    let mut lively = Client::connect(&node.ws_url("/ws")).await;
+    // Reading answers pings; stay well past the idle timeout.
+    assert_eq!(lively.recv_within(Duration::from_millis(1500)).await, None);
+    lively.say("lobby", "still here").await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_client_with_1001_and_exits_zero() {
+    let mut node = Node::single(&[]);
+    let mut a = Client::connect(&node.ws_url("/ws")).await;
+    let mut b = Client::connect(&node.ws_url("/ws?room=other")).await;
+    node.process.signal("TERM");
+    for client in [&mut a, &mut b] {
+        let (_, ended) = client.recv_until_end().await;
+        assert_eq!(ended, Ended::Closed(1001));
+    }
+    assert_eq!(node.process.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let node = Node::single(&[]);
+    assert_eq!(node.get("/healthz").unwrap(), (200, "ok".to_owned()));
+    assert_eq!(node.get("/readyz").unwrap().0, 200);
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    client.say("lobby", "count me").await;
+    client.recv_type("message").await;
+    assert_eq!(node.metric("chat_connections_open"), 1.0);
+    assert_eq!(node.metric("chat_connections_accepted_total"), 1.0);
+    assert_eq!(node.metric("chat_messages_received_total"), 1.0);
+    assert_eq!(node.metric("chat_messages_delivered_total"), 1.0);
+    assert_eq!(node.metric("chat_rooms_local"), 1.0);
+    let (_, body) = node.get("/metrics").unwrap();
+    assert!(
+        body.contains(r#"node="solo""#),
+        "series carry the node label"
+    );
+    assert!(
+        body.contains("chat_fanout_latency_seconds_bucket"),
+        "fan-out latency is a histogram"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
+    const MESSAGES: usize = 1000;
+    let node = Node::single(&["--outbox-capacity", "64", "--max-chat-bytes", "16384"]);
+    // Connected and then never read from, until the end.
+    let mut slow = Client::connect(&node.ws_url("/ws?room=busy")).await;
+    let mut fast = Client::connect(&node.ws_url("/ws?room=busy")).await;
+    let mut sender = Client::connect(&node.ws_url("/ws?room=busy")).await;
+    // 16 MB in all: more than the slow client's socket buffers can absorb.
+    let body = "x".repeat(16_000);
+    let fast_reader = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let frame = fast.recv_type("message").await;
+            let text = frame["message"].as_str().unwrap();
+            assert!(
+                text.starts_with(&format!("{i}:")),
+                "fast member got every message in order"
+            );
+        }
+        fast
+    });
+    // Each send waits for its ack: a steady sender, not a burst that would overrun anyone.
+    for i in 0..MESSAGES {
+        sender.say("busy", &format!("{i}:{body}")).await;
+        sender.recv_type("message").await;
+    }
+    let _fast = fast_reader.await.expect("the fast member kept up");
+
+    common::wait_until("the slow consumer to be counted", || {
+        node.metric("chat_slow_consumer_disconnects_total") == 1.0
+    });
+    let (frames, ended) = slow.recv_until_end().await;
+
+    assert!(
+        frames.len() < MESSAGES,
+        "the slow consumer was cut off, not fed everything"
+    );
+    assert!(
+        matches!(ended, Ended::Closed(4000) | Ended::Dropped),
+        "slow consumer ended with {ended:?}"
+    );
+    assert_eq!(
+        node.metric("chat_connections_open"),
+        2.0,
+        "only the slow consumer was disconnected"
+    );
+}
