@@ -216,18 +216,29 @@ port_in_use() {
 spawn() {
     local name=$1 token=$2 logfile=$3
     shift 3
-    local exe pid deadline actual
+    local exe pid deadline actual again cmdline setsid_exe
     exe=$(readlink -f -- "$(command -v -- "$1")")
+    setsid_exe=$(readlink -f -- "$(command -v setsid)")
     {
         echo "=== $(date '+%Y-%m-%d %H:%M:%S') starting $name: $*"
     } >>"$logfile"
     setsid "$@" </dev/null >>"$logfile" 2>&1 &
     pid=$!
-    # Wait for the exec to happen so the pid file check can match it.
+    # Wait for the program's exec (fork -> setsid -> program), then record
+    # the executable the kernel reports: for a script that is its
+    # interpreter, so wrappers work as GATEWAY_BIN too. The executable is
+    # read before and after the command line so that an exec in between
+    # cannot pair one program's executable with the next one's arguments.
     deadline=$((SECONDS + 5))
     while :; do
         actual=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-        [ "$actual" = "$exe" ] && break
+        cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+        again=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
+        if [ -n "$actual" ] && [ "$actual" = "$again" ] && [ "$actual" != "$setsid_exe" ] &&
+            [[ " $cmdline" == *" $token "* ]]; then
+            exe=${actual% (deleted)}
+            break
+        fi
         if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
             break
         fi
@@ -235,6 +246,13 @@ spawn() {
     done
     printf '%s\n%s\n%s\n' "$pid" "$exe" "$token" >"$(pid_file "$name")"
     STARTED+=("$name")
+}
+
+# signal_group SIG PID: signal the process group PID leads (every component
+# runs in its own session, so that is the component and its children, e.g.
+# nginx workers); falls back to the single process.
+signal_group() {
+    kill "-$1" -- "-$2" 2>/dev/null || kill "-$1" "$2" 2>/dev/null || true
 }
 
 # stop NAME SIGNAL GRACE: signal the component, wait up to GRACE seconds,
@@ -249,14 +267,14 @@ stop() {
         fi
         return 0
     fi
-    kill "-$sig" "$pid" 2>/dev/null || true
+    signal_group "$sig" "$pid"
     deadline=$((SECONDS + grace))
     while running_pid "$name" >/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
         sleep 0.1
     done
     if running_pid "$name" >/dev/null; then
         log "$name (pid $pid) still running after ${grace}s, sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
+        signal_group KILL "$pid"
         deadline=$((SECONDS + 5))
         while running_pid "$name" >/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
             sleep 0.1
@@ -264,6 +282,12 @@ stop() {
     fi
     # Reap it if it is our own child (failed `up`), so no zombie lingers.
     wait "$pid" 2>/dev/null || true
+    # Leftovers of its group (children that outlived it): the group id cannot
+    # be reused while any member lives, so this only hits our processes.
+    if kill -0 -- "-$pid" 2>/dev/null; then
+        sleep 0.5
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
     rm -f "$file"
     echo "$name: stopped (pid $pid, SIG$sig)"
 }
@@ -273,7 +297,7 @@ stop() {
 wait_ready() {
     local name=$1 logfile=$2 what=$3
     shift 3
-    local deadline=$((SECONDS + CLUSTER_TIMEOUT))
+    local deadline=$((SECONDS + CLUSTER_TIMEOUT + 1)) # SECONDS ticks whole seconds
     while :; do
         if ! running_pid "$name" >/dev/null; then
             fail_component "$name" "$logfile" "exited before $what"
