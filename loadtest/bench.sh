@@ -20,7 +20,7 @@
 #   GATEWAY_BIN   gateway binary (default: target/release/chat-gateway)
 #   LOADGEN_BIN   load generator (default: $CARGO_TARGET_DIR or target, release/chat-loadgen;
 #                 built with `cargo build --release -p chat-loadgen` when missing)
-#   REDIS_PORT    port of the benchmark's own redis-server (default 6390)
+#   REDIS_PORT    port of the benchmark's own redis-server (default 6395)
 #   NODE_PORTS    the two node ports (default 18081,18082)
 #   GATEWAY_RUST_LOG  RUST_LOG for the gateway nodes (default warn)
 #   STEP_DURATION sending time per fan-out step (default 10s)
@@ -46,7 +46,7 @@ done
 
 GATEWAY_BIN="${GATEWAY_BIN:-$REPO/target/release/chat-gateway}"
 LOADGEN_BIN="${LOADGEN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/chat-loadgen}"
-REDIS_PORT="${REDIS_PORT:-6390}"
+REDIS_PORT="${REDIS_PORT:-6395}"
 NODE_PORTS="${NODE_PORTS:-18081,18082}"
 PORT_A="${NODE_PORTS%%,*}"
 PORT_B="${NODE_PORTS##*,}"
