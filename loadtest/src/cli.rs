@@ -168,6 +168,18 @@ pub struct IdleArgs {
     /// How long to hold the connections open (after settling).
     #[arg(long, env = "LOADGEN_HOLD", default_value = "30s", value_parser = parse_duration)]
     pub hold: Duration,
+
+    /// Processes holding the connections (0: as many as the open-file limit requires).
+    #[arg(long, env = "LOADGEN_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Run as one worker of a multi-process idle run (started by the coordinating process).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+
+    /// First client index of this worker.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub index_offset: usize,
 }
 
 #[derive(Debug, Args)]

@@ -19,9 +19,10 @@ use cli::{Cli, Scenario};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Idle runs split themselves over worker processes when they do not fit.
     let wanted = match &cli.scenario {
         Scenario::Fanout(a) => a.clients,
-        Scenario::Idle(a) => a.connections,
+        Scenario::Idle(_) => 0,
         Scenario::Storm(a) => a.connections,
     } as u64;
     match sys::raise_nofile_limit() {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::progress::fmt_us;
 use crate::protocol::Protocol;
@@ -12,7 +12,7 @@ use crate::stats::{LatencySummary, LossSummary};
 use crate::sys::ProcUsage;
 
 /// How connecting went.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectReport {
     pub attempted: u64,
     pub connected: u64,
@@ -45,6 +45,8 @@ pub struct FanoutStep {
     pub payload_bytes: usize,
     pub duration_s: f64,
     pub drain_s: f64,
+    /// Messages the connected senders were to send (rate × duration each).
+    pub planned: u64,
     pub sent: u64,
     pub send_failures: u64,
     #[serde(flatten)]
@@ -201,8 +203,9 @@ impl FanoutStep {
         );
         let _ = writeln!(
             s,
-            "sent      {} (failed {}), expected {}, delivered {} ({:.4}), lost {}, duplicates {}",
+            "sent      {}/{} (failed {}), expected {}, delivered {} ({:.4}), lost {}, duplicates {}",
             self.sent,
+            self.planned,
             self.send_failures,
             self.loss.expected,
             self.loss.delivered,

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Highest sequence number a receiver tracks per sender and step (bounds memory on bad input).
 const MAX_TRACKED_SEQ: u64 = 1 << 26;
@@ -105,7 +105,8 @@ pub struct LatencyRecorder {
 /// Highest latency a histogram records exactly (larger values are clamped): 10 minutes.
 const MAX_LATENCY_US: u64 = 600_000_000;
 
-fn new_histogram() -> Histogram<u64> {
+/// An empty latency histogram (1 µs to 10 minutes, 3 significant digits).
+pub fn new_histogram() -> Histogram<u64> {
     // Bounds and precision are constants that hdrhistogram accepts.
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
 }
@@ -138,7 +139,7 @@ impl LatencyRecorder {
 }
 
 /// Percentiles of a latency histogram, in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct LatencySummary {
     pub count: u64,
     pub mean_us: f64,

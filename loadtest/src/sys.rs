@@ -52,6 +52,19 @@ pub fn raise_nofile_limit() -> Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The soft `RLIMIT_NOFILE` in force.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 /// CPU seconds (user + system) this process has used so far.
 pub fn self_cpu_seconds() -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();

@@ -115,7 +115,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let target = target_from(&args.target).await?;
     let url_strings: Vec<String> = target.urls.iter().map(|u| u.to_string()).collect();
     let specs = layout(
-        args.clients,
+        0..args.clients,
         args.rooms,
         target.urls.len(),
         &args.target.room_prefix,
@@ -129,7 +129,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             Some(p.line("fanout connect", t))
         })
     };
-    let (sessions, connect_report) = connect_all(
+    let (sessions, connect_report, _) = connect_all(
         target.clone(),
         specs,
         args.target.connect_concurrency,
@@ -221,7 +221,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             count,
         });
 
-        let guard = step_progress(&args, &shared, k, rate, members.iter().sum());
+        let guard = step_progress(&args, &shared, k, rate);
         tokio::time::sleep(args.duration + Duration::from_millis(20)).await;
         tokio::time::sleep(args.drain).await;
         drop(guard);
@@ -253,6 +253,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             payload_bytes: args.size,
             duration_s: args.duration.as_secs_f64(),
             drain_s: args.drain.as_secs_f64(),
+            planned: count * senders_connected as u64,
             sent: Counters::get(&c.sent),
             send_failures: Counters::get(&c.send_failures),
             loss,
@@ -303,7 +304,6 @@ fn step_progress(
     shared: &Arc<Shared>,
     k: usize,
     rate: f64,
-    members: u64,
 ) -> progress::ProgressGuard {
     let shared = shared.clone();
     let steps = args.rates.len();
@@ -324,7 +324,11 @@ fn step_progress(
             steps,
             rate,
             t.as_secs_f64(),
-            members - shared.disconnects.total().min(members),
+            shared
+                .alive_per_room
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum::<u64>(),
             Counters::get(&c.sent),
             per_s,
             Counters::get(&c.duplicates),

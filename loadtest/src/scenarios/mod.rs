@@ -7,11 +7,13 @@ pub mod idle;
 pub mod storm;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
+use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
@@ -42,12 +44,18 @@ pub async fn target_from(args: &TargetArgs) -> Result<Arc<Target>> {
     ))
 }
 
-/// Client `i` of `n` joins room `i mod rooms`; within a room, members alternate over the URLs,
-/// so with two nodes every room has members on both.
-pub fn layout(n: usize, rooms: usize, urls: usize, room_prefix: &str) -> Vec<ClientSpec> {
+/// Client `i` joins room `i mod rooms`; within a room, members alternate over the URLs, so
+/// with two nodes every room has members on both. `clients` is the range of client indexes to
+/// lay out (a worker process takes a slice of the whole).
+pub fn layout(
+    clients: Range<usize>,
+    rooms: usize,
+    urls: usize,
+    room_prefix: &str,
+) -> Vec<ClientSpec> {
     let rooms = rooms.max(1);
     let urls = urls.max(1);
-    (0..n)
+    clients
         .map(|i| ClientSpec {
             index: i,
             url_index: (i / rooms) % urls,
@@ -76,14 +84,14 @@ impl ConnectProgress {
 
 /// Open every client in `specs`, at most `concurrency` handshakes at once and, when `rate` is
 /// positive, no more than `rate` new attempts per second. Returns the open sessions (in spec
-/// order) and a report of the phase.
+/// order), a report of the phase and the setup latency histogram behind it.
 pub async fn connect_all(
     target: Arc<Target>,
     specs: Vec<ClientSpec>,
     concurrency: usize,
     rate: f64,
     progress: Arc<ConnectProgress>,
-) -> (Vec<(ClientSpec, Session)>, ConnectReport) {
+) -> (Vec<(ClientSpec, Session)>, ConnectReport, Histogram<u64>) {
     let attempted = specs.len() as u64;
     let semaphore = Arc::new(Semaphore::new(concurrency.max(1)));
     let failures = Arc::new(Tally::default());
@@ -140,6 +148,7 @@ pub async fn connect_all(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let connected = sessions.len() as u64;
+    let setup = setup.merged();
     let report = ConnectReport {
         attempted,
         connected,
@@ -151,10 +160,10 @@ pub async fn connect_all(
         } else {
             0.0
         },
-        setup_latency_us: LatencySummary::of(&setup.merged()),
+        setup_latency_us: LatencySummary::of(&setup),
         nodes,
     };
-    (sessions, report)
+    (sessions, report, setup)
 }
 
 /// Keep sessions open, answering protocol heartbeats, until `stop` changes; then close them.
@@ -226,7 +235,7 @@ mod tests {
 
     #[test]
     fn every_room_is_split_over_both_urls() {
-        let specs = layout(1000, 10, 2, "lt");
+        let specs = layout(0..1000, 10, 2, "lt");
         for room in 0..10 {
             let name = format!("lt-{room}");
             let members: Vec<_> = specs.iter().filter(|s| s.room == name).collect();
@@ -240,7 +249,7 @@ mod tests {
 
     #[test]
     fn single_room_alternates_nodes() {
-        let specs = layout(4, 1, 2, "big");
+        let specs = layout(0..4, 1, 2, "big");
         let urls: Vec<_> = specs.iter().map(|s| s.url_index).collect();
         assert_eq!(urls, vec![0, 1, 0, 1]);
         assert!(specs.iter().all(|s| s.room == "big-0"));

@@ -21,7 +21,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
     }
     let target = target_from(&args.target).await?;
     let specs = layout(
-        args.connections,
+        0..args.connections,
         args.rooms,
         target.urls.len(),
         &args.target.room_prefix,
@@ -32,7 +32,7 @@ pub async fn run(args: StormArgs) -> Result<()> {
         let p = connect_progress.clone();
         progress::spawn(args.output.quiet, move |t| Some(p.line("storm", t)))
     };
-    let (sessions, connect) = connect_all(
+    let (sessions, connect, _) = connect_all(
         target.clone(),
         specs,
         args.target.connect_concurrency,
