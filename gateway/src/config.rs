@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::broker::RedisSettings;
+use crate::broker::{HistorySettings, RedisSettings};
+use crate::hub::HubSettings;
 use crate::session::SessionLimits;
 
 /// How log lines are written.
@@ -87,6 +88,24 @@ pub struct Config {
     /// How long a Redis command may take before it counts as failed.
     #[arg(long, env = "GATEWAY_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
+
+    /// Messages of history kept per room (approximately), for resume and `last`.
+    #[arg(long, env = "GATEWAY_HISTORY_MAX_LEN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub history_max_len: u32,
+
+    /// How long a room's messages are kept for resume.
+    #[arg(long, env = "GATEWAY_HISTORY_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub history_max_age: Duration,
+
+    /// How long a presence entry outlives its node's last heartbeat (heartbeats come every third
+    /// of it): a crashed node's users are gone from presence within this time.
+    #[arg(long, env = "GATEWAY_PRESENCE_TTL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub presence_ttl: Duration,
+
+    /// Authentication, allowed origins and abuse limits (see docs/security.md).
+    #[command(flatten)]
+    pub security: crate::gate::SecurityArgs,
 }
 
 /// A configuration that parses but cannot work.
@@ -112,6 +131,8 @@ impl Config {
             ("ping-interval", self.ping_interval),
             ("idle-timeout", self.idle_timeout),
             ("redis-timeout", self.redis_timeout),
+            ("history-max-age", self.history_max_age),
+            ("presence-ttl", self.presence_ttl),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -146,10 +167,28 @@ impl Config {
         }
     }
 
-    /// Redis settings, when a Redis URL is configured.
-    pub fn redis(&self) -> Option<RedisSettings> {
+    /// History and presence settings of the hub.
+    pub fn hub_settings(&self) -> HubSettings {
+        HubSettings {
+            history: self.history(),
+            presence_ttl: self.presence_ttl,
+        }
+    }
+
+    fn history(&self) -> HistorySettings {
+        HistorySettings {
+            max_len: self.history_max_len as usize,
+            max_age: self.history_max_age,
+        }
+    }
+
+    /// Redis settings for node `node_id`, when a Redis URL is configured.
+    pub fn redis(&self, node_id: &str) -> Option<RedisSettings> {
         self.redis_url.as_ref().map(|url| RedisSettings {
             url: url.clone(),
+            node_id: node_id.to_owned(),
+            history: self.history(),
+            presence_ttl: self.presence_ttl,
             subscriber_capacity: self.redis_subscriber_capacity as usize,
             command_timeout: self.redis_timeout,
         })

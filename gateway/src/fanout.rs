@@ -13,8 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
 
+use crate::broker::{Delivery, DeliveryKind, now_micros};
+use crate::lock;
 use crate::metrics;
-use crate::protocol::{RoomName, close_code};
+use crate::protocol::{Offset, RoomName, close_code};
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
@@ -90,13 +92,20 @@ impl Outbox {
         match self.frames.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close_with(CloseReason::SLOW_CONSUMER) {
-                    metrics::slow_consumer_disconnect();
-                }
+                self.close_slow();
                 Err(QueueError::Full)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueError::Closed),
         }
+    }
+
+    /// Closes the connection as a slow consumer; returns whether this was the first close request.
+    pub fn close_slow(&self) -> bool {
+        let first = self.close_with(CloseReason::SLOW_CONSUMER);
+        if first {
+            metrics::slow_consumer_disconnect();
+        }
+        first
     }
 
     /// Asks the connection to close. Only the first request counts; returns whether it was this one.
@@ -155,53 +164,180 @@ impl OutboxReceiver {
     }
 }
 
+/// One connection's membership in a room.
+#[derive(Debug)]
+struct Member {
+    outbox: Outbox,
+    /// Receives `presence_event` frames.
+    presence: bool,
+    /// While its replay is read from history, live traffic waits here.
+    held: Option<Vec<Delivery>>,
+    /// Chat messages at or below this offset were already sent to it by a replay.
+    floor: Option<Offset>,
+}
+
+/// Most deliveries held for one member while its replay is read; past this it is a slow consumer.
+const MAX_HELD: usize = 10_000;
+
+/// A room's members on this node and what has been delivered to them.
+#[derive(Debug, Default)]
+struct RoomState {
+    members: HashMap<ConnId, Member>,
+    /// The newest chat offset delivered here; anything at or below it is a duplicate.
+    last_offset: Option<Offset>,
+    /// While the room repairs a gap from history, live traffic waits here.
+    repair_hold: Option<Vec<Delivery>>,
+}
+
+impl RoomState {
+    /// Hands one delivery to every member that wants it; returns how many took it.
+    fn deliver_now(&mut self, delivery: &Delivery) -> usize {
+        if let DeliveryKind::Chat(offset) = delivery.kind {
+            if self.last_offset.is_some_and(|last| last >= offset) {
+                return 0;
+            }
+            self.last_offset = Some(offset);
+        }
+        let mut delivered = 0;
+        self.members.retain(|_, member| {
+            if delivery.kind == DeliveryKind::Presence && !member.presence {
+                return true;
+            }
+            if let Some(held) = &mut member.held {
+                held.push(delivery.clone());
+                if held.len() > MAX_HELD {
+                    member.outbox.close_slow();
+                    return false;
+                }
+                return true;
+            }
+            if let (DeliveryKind::Chat(offset), Some(floor)) = (delivery.kind, member.floor) {
+                if offset <= floor {
+                    return true;
+                }
+            }
+            let queued = member.outbox.push(delivery.frame.clone()).is_ok();
+            delivered += usize::from(queued);
+            queued
+        });
+        delivered
+    }
+}
+
 /// The members of one room on this node.
 #[derive(Debug, Default)]
 pub struct Members {
-    by_conn: Mutex<HashMap<ConnId, Outbox>>,
+    state: Mutex<RoomState>,
 }
 
 impl Members {
-    /// Adds a member; a connection already present is replaced.
-    pub fn insert(&self, conn: ConnId, outbox: Outbox) {
-        lock(&self.by_conn).insert(conn, outbox);
+    /// Adds a member. With `hold`, its live traffic waits until [`Members::release`].
+    pub fn insert(&self, conn: ConnId, outbox: Outbox, presence: bool, hold: bool) {
+        let member = Member {
+            outbox,
+            presence,
+            held: hold.then(Vec::new),
+            floor: None,
+        };
+        lock(&self.state).members.insert(conn, member);
+    }
+
+    /// Sends a member its replay, then what was held for it meanwhile, without a gap or a
+    /// duplicate at the seam; from then on it gets live traffic directly.
+    pub fn release(&self, conn: ConnId, replay: Vec<(Offset, Utf8Bytes)>) {
+        let mut state = lock(&self.state);
+        let Some(member) = state.members.get_mut(&conn) else {
+            return;
+        };
+        let held = member.held.take().unwrap_or_default();
+        let mut floor = member.floor;
+        let replayed = replay
+            .into_iter()
+            .map(|(offset, frame)| (DeliveryKind::Chat(offset), frame));
+        let live = held
+            .into_iter()
+            .map(|delivery| (delivery.kind, delivery.frame));
+        for (kind, frame) in replayed.chain(live) {
+            if let DeliveryKind::Chat(offset) = kind {
+                if floor.is_some_and(|floor| offset <= floor) {
+                    continue;
+                }
+                floor = Some(offset);
+            }
+            if member.outbox.push(frame).is_err() {
+                state.members.remove(&conn);
+                return;
+            }
+        }
+        member.floor = floor;
     }
 
     /// Removes a member and says whether the room is now empty on this node.
     pub fn remove(&self, conn: ConnId) -> bool {
-        let mut members = lock(&self.by_conn);
-        members.remove(&conn);
-        members.is_empty()
+        let mut state = lock(&self.state);
+        state.members.remove(&conn);
+        state.members.is_empty()
     }
 
     /// Whether nobody on this node is in the room.
     pub fn is_empty(&self) -> bool {
-        lock(&self.by_conn).is_empty()
+        lock(&self.state).members.is_empty()
     }
 
     /// How many connections on this node are in the room.
     pub fn len(&self) -> usize {
-        lock(&self.by_conn).len()
+        lock(&self.state).members.len()
     }
 
-    /// Queues `frame` for every member and returns how many took it. Members that are gone
+    /// Queues a delivery for every member and returns how many took it. Members that are gone
     /// or too slow are dropped from the room.
     ///
     /// The lock is held for the whole pass on purpose: deliveries to one room never interleave,
     /// so every member sees the room's frames in the same order.
-    pub fn deliver(&self, frame: &Utf8Bytes) -> usize {
-        let mut members = lock(&self.by_conn);
-        members.retain(|_, outbox| outbox.push(frame.clone()).is_ok());
-        members.len()
+    pub fn deliver(&self, delivery: &Delivery) -> usize {
+        let mut state = lock(&self.state);
+        match &mut state.repair_hold {
+            Some(held) => {
+                held.push(delivery.clone());
+                0
+            }
+            None => state.deliver_now(delivery),
+        }
     }
-}
 
-/// Locks a mutex, recovering the data if a previous holder panicked: the maps guarded here
-/// stay consistent after any single insert or remove, so poisoning carries no information.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Starts repairing a gap: holds live traffic and returns the offset to repair from, or
+    /// `None` when there is nothing to repair from (or a repair is already running).
+    pub fn begin_repair(&self) -> Option<Offset> {
+        let mut state = lock(&self.state);
+        if state.repair_hold.is_some() {
+            return None;
+        }
+        let since = state.last_offset?;
+        state.repair_hold = Some(Vec::new());
+        Some(since)
+    }
+
+    /// Delivers what the repair found in history, then the held live traffic, skipping
+    /// anything already delivered. Returns how many messages the repair recovered.
+    pub fn finish_repair(&self, found: Vec<(Offset, Utf8Bytes)>) -> usize {
+        let mut state = lock(&self.state);
+        let held = state.repair_hold.take().unwrap_or_default();
+        let mut recovered = 0;
+        for (offset, frame) in found {
+            let delivery = Delivery {
+                kind: DeliveryKind::Chat(offset),
+                frame,
+                published_at_micros: now_micros(),
+            };
+            if state.deliver_now(&delivery) > 0 {
+                recovered += 1;
+            }
+        }
+        for delivery in held {
+            state.deliver_now(&delivery);
+        }
+        recovered
+    }
 }
 
 /// A room with at least one member on this node.
@@ -267,10 +403,10 @@ impl Registry {
         metrics::set_local_rooms(rooms.len());
     }
 
-    /// Queues `frame` for every local member of `room`; returns how many took it.
-    pub fn deliver(&self, room: &str, frame: &Utf8Bytes) -> usize {
+    /// Queues a delivery for every local member of `room`; returns how many took it.
+    pub fn deliver(&self, room: &str, delivery: &Delivery) -> usize {
         match self.get(room) {
-            Some(entry) => entry.members.deliver(frame),
+            Some(entry) => entry.members.deliver(delivery),
             None => 0,
         }
     }
@@ -290,8 +426,26 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn frame(text: &str) -> Utf8Bytes {
-        Utf8Bytes::from(text)
+    fn frame(text: &str) -> Delivery {
+        Delivery {
+            kind: DeliveryKind::Presence,
+            frame: Utf8Bytes::from(text),
+            published_at_micros: 0,
+        }
+    }
+
+    fn chat(ms: u64) -> Delivery {
+        Delivery {
+            kind: DeliveryKind::Chat(Offset { ms, seq: 0 }),
+            frame: Utf8Bytes::from(ms.to_string()),
+            published_at_micros: 0,
+        }
+    }
+
+    fn drain(receiver: &mut OutboxReceiver) -> Vec<String> {
+        std::iter::from_fn(|| receiver.try_recv())
+            .map(|frame| frame.to_string())
+            .collect()
     }
 
     #[tokio::test]
@@ -302,7 +456,7 @@ mod tests {
         let mut receivers = Vec::new();
         for conn in 0..3 {
             let (outbox, receiver) = Outbox::channel(4);
-            entry.members.insert(conn, outbox);
+            entry.members.insert(conn, outbox, true, false);
             receivers.push(receiver);
         }
         assert_eq!(registry.deliver("lobby", &frame("one")), 3);
@@ -319,7 +473,7 @@ mod tests {
         registry
             .entry(&RoomName::parse("a").unwrap())
             .members
-            .insert(1, outbox);
+            .insert(1, outbox, true, false);
         registry.entry(&RoomName::parse("b").unwrap());
         assert_eq!(registry.deliver("b", &frame("for b")), 0);
         assert_eq!(registry.deliver("nobody", &frame("x")), 0);
@@ -331,8 +485,8 @@ mod tests {
         let members = Members::default();
         let (slow, slow_receiver) = Outbox::channel(2);
         let (fast, mut fast_receiver) = Outbox::channel(16);
-        members.insert(1, slow);
-        members.insert(2, fast);
+        members.insert(1, slow, true, false);
+        members.insert(2, fast, true, false);
         for i in 0..5 {
             members.deliver(&frame(&i.to_string()));
             assert!(
@@ -351,10 +505,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn duplicates_are_dropped_and_a_repair_fills_the_gap_in_order() {
+        let members = Members::default();
+        let (outbox, mut receiver) = Outbox::channel(16);
+        members.insert(1, outbox, false, false);
+        members.deliver(&chat(1));
+        members.deliver(&chat(1));
+        assert_eq!(
+            drain(&mut receiver),
+            ["1"],
+            "a redelivered offset is not sent twice"
+        );
+        // Messages 2 and 3 were missed; 4 arrives live while the repair reads history.
+        assert_eq!(members.begin_repair(), Some(Offset { ms: 1, seq: 0 }));
+        members.deliver(&chat(4));
+        assert!(
+            drain(&mut receiver).is_empty(),
+            "live traffic waits during a repair"
+        );
+        let found = [2, 3, 4].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
+        assert_eq!(members.finish_repair(found.to_vec()), 3);
+        assert_eq!(drain(&mut receiver), ["2", "3", "4"]);
+    }
+
+    #[tokio::test]
+    async fn a_held_member_gets_its_replay_then_live_traffic_without_duplicates() {
+        let members = Members::default();
+        let (outbox, mut receiver) = Outbox::channel(16);
+        members.insert(1, outbox, false, true);
+        members.deliver(&chat(5));
+        members.deliver(&chat(6));
+        assert!(drain(&mut receiver).is_empty());
+        // The replay read history up to 5; 5 arrived live too and must not repeat.
+        let replay = [4, 5].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
+        members.release(1, replay.to_vec());
+        assert_eq!(drain(&mut receiver), ["4", "5", "6"]);
+        members.deliver(&chat(7));
+        assert_eq!(drain(&mut receiver), ["7"]);
+    }
+
+    #[tokio::test]
+    async fn presence_events_reach_only_members_who_asked_for_them() {
+        let members = Members::default();
+        let (watcher, mut watcher_rx) = Outbox::channel(4);
+        let (plain, mut plain_rx) = Outbox::channel(4);
+        members.insert(1, watcher, true, false);
+        members.insert(2, plain, false, false);
+        assert_eq!(members.deliver(&frame("presence")), 1);
+        assert_eq!(drain(&mut watcher_rx), ["presence"]);
+        assert!(drain(&mut plain_rx).is_empty());
+    }
+
+    #[tokio::test]
     async fn a_closed_connection_is_dropped_from_its_rooms() {
         let members = Members::default();
         let (outbox, receiver) = Outbox::channel(2);
-        members.insert(1, outbox);
+        members.insert(1, outbox, true, false);
         drop(receiver);
         assert_eq!(members.deliver(&frame("x")), 0);
         assert!(members.is_empty());

@@ -1,68 +1,121 @@
 //! The hub ties local fan-out to the broker: it keeps this node subscribed to exactly the rooms
-//! that have a local member, and routes what the broker delivers to those members.
+//! that have a local member, routes what the broker delivers to those members, replays history
+//! to members that resume, repairs gaps after the broker missed messages, and keeps this node's
+//! presence entries alive.
 //!
 //! Subscriptions are reference-counted by room membership: the first local member subscribes
 //! the node to the room's channel, the last one to leave unsubscribes it. Changes for one room
 //! are serialized by that room's subscription lock, so a leave racing a join can never leave
 //! the node unsubscribed from a room that has members.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
 
 use crate::broker::{
-    Broker, BrokerError, InProcessBroker, Inbox, RedisBroker, RedisSettings, now_micros,
+    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Published,
+    RedisBroker, RedisSettings, now_micros,
 };
 use crate::fanout::{ConnId, Outbox, Registry};
+use crate::lock;
 use crate::metrics;
-use crate::protocol::RoomName;
+use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
-struct FanoutInbox(Arc<Registry>);
+struct FanoutInbox {
+    registry: Arc<Registry>,
+    gaps: Arc<Notify>,
+}
 
 impl Inbox for FanoutInbox {
-    fn deliver(&self, room: &str, frame: Utf8Bytes, published_at_micros: u64) {
-        let recipients = self.0.deliver(room, &frame);
-        let latency = Duration::from_micros(now_micros().saturating_sub(published_at_micros));
+    fn deliver(&self, room: &str, delivery: Delivery) {
+        let recipients = self.registry.deliver(room, &delivery);
+        let latency =
+            Duration::from_micros(now_micros().saturating_sub(delivery.published_at_micros));
         metrics::fanned_out(recipients, latency);
     }
+
+    fn gap(&self) {
+        self.gaps.notify_one();
+    }
+}
+
+/// Who is joining a room.
+pub struct Joiner<'a> {
+    /// The connection.
+    pub conn: ConnId,
+    /// Where its frames go.
+    pub outbox: Outbox,
+    /// The user it sends as.
+    pub user_id: &'a str,
+    /// The user's display name.
+    pub name: Option<&'a str>,
+}
+
+/// What a join found: for a join with replay, the history to release to the member.
+#[derive(Debug, Default)]
+pub struct Joined {
+    /// History read for the replay, if one was asked for.
+    pub history: Option<History>,
 }
 
 /// The node's rooms and broker, shared by every session.
 pub struct Hub {
     registry: Arc<Registry>,
     broker: Broker,
+    /// Local connections per (room, user): presence is per user, not per connection.
+    presence: Mutex<HashMap<(RoomName, String), (usize, Option<String>)>>,
+}
+
+/// Settings the hub needs besides the broker's.
+#[derive(Debug, Clone, Copy)]
+pub struct HubSettings {
+    /// Bounds of each room's history.
+    pub history: HistorySettings,
+    /// How long a presence entry lives without a heartbeat; heartbeats come every third of it.
+    pub presence_ttl: Duration,
 }
 
 impl Hub {
-    /// A hub with the in-process broker (single node).
-    pub fn in_process() -> Self {
+    /// Starts a hub: with the in-process broker when `redis` is `None`, else on Redis (returning
+    /// at once; see [`RedisBroker::start`]). Spawns the gap-repair and presence-heartbeat tasks.
+    pub fn start(
+        settings: HubSettings,
+        redis: Option<&RedisSettings>,
+    ) -> Result<Arc<Hub>, BrokerError> {
         let registry = Arc::new(Registry::default());
-        let broker = Broker::InProcess(InProcessBroker::new(Arc::new(FanoutInbox(
-            registry.clone(),
-        ))));
-        Hub { registry, broker }
+        let gaps = Arc::new(Notify::new());
+        let inbox = Arc::new(FanoutInbox {
+            registry: registry.clone(),
+            gaps: gaps.clone(),
+        });
+        let broker = match redis {
+            Some(redis) => Broker::Redis(RedisBroker::start(redis, inbox)?),
+            None => Broker::InProcess(InProcessBroker::new(inbox, settings.history)),
+        };
+        let hub = Arc::new(Hub {
+            registry,
+            broker,
+            presence: Mutex::default(),
+        });
+        tokio::spawn(repair_gaps(Arc::downgrade(&hub), gaps));
+        tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
+        Ok(hub)
     }
 
-    /// A hub sharing rooms through Redis. Returns at once; see [`RedisBroker::start`].
-    pub fn redis(settings: &RedisSettings) -> Result<Self, BrokerError> {
-        let registry = Arc::new(Registry::default());
-        let broker = Broker::Redis(RedisBroker::start(
-            settings,
-            Arc::new(FanoutInbox(registry.clone())),
-        )?);
-        Ok(Hub { registry, broker })
-    }
-
-    /// Adds a connection to a room, subscribing this node to it first if needed. When this
-    /// returns `Ok`, the connection receives every message published to the room from now on.
+    /// Adds a connection to a room, subscribing this node to it first if needed, and marks the
+    /// user present. When this returns `Ok`, the connection receives every message published to
+    /// the room from now on; with a replay, those wait until [`Hub::release`] sends the history
+    /// first.
     pub async fn join(
         &self,
         room: &RoomName,
-        conn: ConnId,
-        outbox: Outbox,
-    ) -> Result<(), BrokerError> {
+        joiner: Joiner<'_>,
+        options: &JoinOptions,
+    ) -> Result<Joined, BrokerError> {
+        let replay = options.replay != Replay::None;
         loop {
             let entry = self.registry.entry(room);
             let mut subscription = entry.subscription.lock().await;
@@ -80,13 +133,36 @@ impl Hub {
                 }
                 subscription.subscribed = true;
             }
-            entry.members.insert(conn, outbox);
-            return Ok(());
+            entry
+                .members
+                .insert(joiner.conn, joiner.outbox, options.presence, replay);
+            break;
+        }
+        self.mark_present(room, joiner.user_id, joiner.name).await;
+        if !replay {
+            return Ok(Joined::default());
+        }
+        match self.broker.history(room, &options.replay).await {
+            Ok(history) => Ok(Joined {
+                history: Some(history),
+            }),
+            Err(error) => {
+                self.leave(room, joiner.conn, joiner.user_id).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Sends a joined member its replay, then the live messages held meanwhile.
+    pub fn release(&self, room: &RoomName, conn: ConnId, history: History) {
+        if let Some(entry) = self.registry.get(room.as_str()) {
+            entry.members.release(conn, history.entries);
         }
     }
 
     /// Removes a connection from a room, unsubscribing this node when it was the last local member.
-    pub async fn leave(&self, room: &RoomName, conn: ConnId) {
+    pub async fn leave(&self, room: &RoomName, conn: ConnId, user_id: &str) {
+        self.mark_absent(room, user_id).await;
         let Some(entry) = self.registry.get(room.as_str()) else {
             return;
         };
@@ -106,9 +182,14 @@ impl Hub {
         self.registry.remove(room, &entry);
     }
 
-    /// Publishes a chat message frame to the room on every node.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<(), BrokerError> {
+    /// Stores and publishes a chat message frame to the room on every node.
+    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
         self.broker.publish(room, frame).await
+    }
+
+    /// Everyone online in the room across the cluster.
+    pub async fn presence(&self, room: &RoomName) -> Result<Vec<PresentUser>, BrokerError> {
+        self.broker.presence_list(room).await
     }
 
     /// Whether the broker is usable (the node is ready for traffic).
@@ -125,36 +206,308 @@ impl Hub {
     pub async fn close(&self) {
         self.broker.close().await;
     }
+
+    async fn mark_present(&self, room: &RoomName, user_id: &str, name: Option<&str>) {
+        let first = {
+            let mut presence = lock(&self.presence);
+            let (count, _) = presence
+                .entry((room.clone(), user_id.to_owned()))
+                .or_insert((0, name.map(str::to_owned)));
+            *count += 1;
+            *count == 1
+        };
+        if first {
+            let user = PresentUser {
+                user_id: user_id.to_owned(),
+                name: name.map(str::to_owned),
+            };
+            if let Err(error) = self.broker.presence_upsert(room, &[user]).await {
+                // The heartbeat adds the entry once the broker is back.
+                tracing::warn!(%room, %error, "presence update failed");
+            }
+        }
+    }
+
+    async fn mark_absent(&self, room: &RoomName, user_id: &str) {
+        let last = {
+            let mut presence = lock(&self.presence);
+            let key = (room.clone(), user_id.to_owned());
+            match presence.get_mut(&key) {
+                Some((count, _)) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => {
+                    presence.remove(&key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            if let Err(error) = self.broker.presence_remove(room, &[user_id]).await {
+                // The entry expires on its own after the presence TTL.
+                tracing::warn!(%room, %error, "presence removal failed");
+            }
+        }
+    }
+
+    /// This node's present users, grouped by room.
+    fn present_by_room(&self) -> HashMap<RoomName, Vec<PresentUser>> {
+        let mut by_room: HashMap<RoomName, Vec<PresentUser>> = HashMap::new();
+        for ((room, user_id), (_, name)) in lock(&self.presence).iter() {
+            by_room.entry(room.clone()).or_default().push(PresentUser {
+                user_id: user_id.clone(),
+                name: name.clone(),
+            });
+        }
+        by_room
+    }
+
+    /// Repairs every local room from history after the broker may have missed messages.
+    async fn repair(&self) {
+        for room in self.registry.room_names() {
+            let Some(entry) = self.registry.get(room.as_str()) else {
+                continue;
+            };
+            let Some(since) = entry.members.begin_repair() else {
+                continue;
+            };
+            let replay = Replay::Since {
+                offset: since,
+                epoch: None,
+            };
+            let found = match self.broker.history(&room, &replay).await {
+                Ok(history) => history.entries,
+                Err(error) => {
+                    tracing::warn!(%room, %error, "could not read history to repair a gap");
+                    Vec::new()
+                }
+            };
+            let recovered = entry.members.finish_repair(found);
+            if recovered > 0 {
+                tracing::info!(%room, recovered, "repaired missed messages from history");
+            }
+        }
+    }
+}
+
+/// Waits for gap notices and repairs, for as long as the hub lives.
+async fn repair_gaps(hub: Weak<Hub>, gaps: Arc<Notify>) {
+    loop {
+        gaps.notified().await;
+        let Some(hub) = hub.upgrade() else { return };
+        hub.repair().await;
+    }
+}
+
+/// Refreshes this node's presence entries and drops those of dead nodes, for as long as the
+/// hub lives.
+async fn heartbeat(hub: Weak<Hub>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        if !hub.is_ready() {
+            continue;
+        }
+        for (room, users) in hub.present_by_room() {
+            let refreshed = hub.broker.presence_upsert(&room, &users).await;
+            let reaped = hub.broker.presence_reap(&room).await;
+            if let Err(error) = refreshed.and(reaped) {
+                tracing::warn!(%room, %error, "presence heartbeat failed");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Offset;
+
+    fn hub() -> Arc<Hub> {
+        let history = HistorySettings {
+            max_len: 3,
+            max_age: Duration::from_secs(60),
+        };
+        Hub::start(
+            HubSettings {
+                history,
+                presence_ttl: Duration::from_secs(30),
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    fn joiner(conn: ConnId, outbox: &Outbox) -> Joiner<'static> {
+        Joiner {
+            conn,
+            outbox: outbox.clone(),
+            user_id: "u-1",
+            name: None,
+        }
+    }
+
+    fn message(text: &str) -> String {
+        format!(r#"{{"type":"message","message":"{text}"}}"#)
+    }
+
+    fn text_of(frame: &str) -> String {
+        let value: serde_json::Value = serde_json::from_str(frame).unwrap();
+        value["message"].as_str().unwrap_or_default().to_owned()
+    }
 
     #[tokio::test]
     async fn in_process_publish_reaches_every_member_including_the_sender() {
-        let hub = Hub::in_process();
+        let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
         let (a, mut a_rx) = Outbox::channel(8);
         let (b, mut b_rx) = Outbox::channel(8);
-        hub.join(&room, 1, a).await.unwrap();
-        hub.join(&room, 2, b).await.unwrap();
-        hub.publish(&room, r#"{"type":"message"}"#.into())
+        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
             .await
             .unwrap();
-        assert_eq!(a_rx.try_recv().as_deref(), Some(r#"{"type":"message"}"#));
-        assert_eq!(b_rx.try_recv().as_deref(), Some(r#"{"type":"message"}"#));
+        hub.join(&room, joiner(2, &b), &JoinOptions::PLAIN)
+            .await
+            .unwrap();
+        hub.publish(&room, message("hi")).await.unwrap();
+        assert_eq!(text_of(&a_rx.try_recv().unwrap()), "hi");
+        assert_eq!(text_of(&b_rx.try_recv().unwrap()), "hi");
     }
 
     #[tokio::test]
     async fn leaving_stops_delivery_and_forgets_empty_rooms() {
-        let hub = Hub::in_process();
+        let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
         let (a, mut a_rx) = Outbox::channel(8);
-        hub.join(&room, 1, a).await.unwrap();
-        hub.leave(&room, 1).await;
+        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
+            .await
+            .unwrap();
+        hub.leave(&room, 1, "u-1").await;
         assert!(hub.registry.get("lobby").is_none());
-        hub.publish(&room, "{}".into()).await.unwrap();
+        hub.publish(&room, message("x")).await.unwrap();
         assert_eq!(a_rx.try_recv(), None);
+    }
+
+    #[tokio::test]
+    async fn a_resume_gets_what_it_missed_then_live_without_gap_or_duplicate() {
+        let hub = hub();
+        let room = RoomName::parse("lobby").unwrap();
+        let first = hub.publish(&room, message("one")).await.unwrap().offset;
+        hub.publish(&room, message("two")).await.unwrap();
+        let (a, mut a_rx) = Outbox::channel(8);
+        let since = JoinOptions {
+            replay: Replay::Since {
+                offset: first,
+                epoch: None,
+            },
+            presence: false,
+        };
+        let joined = hub.join(&room, joiner(1, &a), &since).await.unwrap();
+        // Published while the replay is pending: held, then sent after the history.
+        hub.publish(&room, message("three")).await.unwrap();
+        assert_eq!(a_rx.try_recv(), None, "live traffic waits for the replay");
+        let history = joined.history.unwrap();
+        assert!(history.complete);
+        hub.release(&room, 1, history);
+        let texts: Vec<String> = std::iter::from_fn(|| a_rx.try_recv())
+            .map(|frame| text_of(&frame))
+            .collect();
+        assert_eq!(texts, ["two", "three"]);
+    }
+
+    #[tokio::test]
+    async fn a_resume_from_before_the_retained_history_is_not_recovered() {
+        let hub = hub();
+        let room = RoomName::parse("lobby").unwrap();
+        let first = hub.publish(&room, message("0")).await.unwrap().offset;
+        for i in 1..6 {
+            hub.publish(&room, message(&i.to_string())).await.unwrap();
+        }
+        let (a, _a_rx) = Outbox::channel(8);
+        let since = JoinOptions {
+            replay: Replay::Since {
+                offset: first,
+                epoch: None,
+            },
+            presence: false,
+        };
+        let history = hub
+            .join(&room, joiner(1, &a), &since)
+            .await
+            .unwrap()
+            .history
+            .unwrap();
+        assert!(
+            !history.complete,
+            "messages 1 and 2 were trimmed (max_len 3)"
+        );
+        assert_eq!(history.entries.len(), 3);
+        let wrong_epoch = Replay::Since {
+            offset: Offset::ZERO,
+            epoch: Some("other".into()),
+        };
+        let (b, _b_rx) = Outbox::channel(8);
+        let options = JoinOptions {
+            replay: wrong_epoch,
+            presence: false,
+        };
+        let history = hub
+            .join(&room, joiner(2, &b), &options)
+            .await
+            .unwrap()
+            .history
+            .unwrap();
+        assert!(
+            !history.complete,
+            "another epoch's offsets cannot be replayed"
+        );
+    }
+
+    #[tokio::test]
+    async fn presence_counts_users_not_connections() {
+        let hub = hub();
+        let room = RoomName::parse("lobby").unwrap();
+        let (watcher, mut events) = Outbox::channel(8);
+        let options = JoinOptions {
+            replay: Replay::None,
+            presence: true,
+        };
+        let watch = Joiner {
+            conn: 9,
+            outbox: watcher,
+            user_id: "u-w",
+            name: None,
+        };
+        hub.join(&room, watch, &options).await.unwrap();
+        events.try_recv();
+        let (tab, _rx) = Outbox::channel(8);
+        for conn in [1, 2] {
+            let tab = Joiner {
+                conn,
+                outbox: tab.clone(),
+                user_id: "u-2",
+                name: Some("bo"),
+            };
+            hub.join(&room, tab, &JoinOptions::PLAIN).await.unwrap();
+        }
+        let joined: serde_json::Value = serde_json::from_str(&events.try_recv().unwrap()).unwrap();
+        assert_eq!(
+            (joined["event"].as_str(), joined["userId"].as_str()),
+            (Some("join"), Some("u-2"))
+        );
+        assert_eq!(events.try_recv(), None, "a second tab is not a second join");
+        assert_eq!(hub.presence(&room).await.unwrap().len(), 2);
+        hub.leave(&room, 1, "u-2").await;
+        assert_eq!(
+            events.try_recv(),
+            None,
+            "one tab left, the user is still here"
+        );
+        hub.leave(&room, 2, "u-2").await;
+        let left: serde_json::Value = serde_json::from_str(&events.try_recv().unwrap()).unwrap();
+        assert_eq!(left["event"], "leave");
     }
 }

@@ -5,11 +5,24 @@
 //! [`fanout`] (local rooms), [`broker`] (in-process or Redis), joined by [`hub`] and served by
 //! [`server`].
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod fanout;
+pub mod gate;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
+pub mod origin;
 pub mod protocol;
 pub mod server;
 pub mod session;
+
+/// Locks a mutex, recovering the data if a previous holder panicked: every map guarded this way
+/// stays consistent after any single insert or remove, so poisoning carries no information.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

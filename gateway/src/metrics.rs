@@ -21,6 +21,9 @@ const REDIS_CONNECTED: &str = "chat_redis_connected";
 const BROKER_LAG_EVENTS: &str = "chat_broker_lag_events_total";
 const BROKER_LAGGED_MESSAGES: &str = "chat_broker_lagged_messages_total";
 const CLIENT_ERRORS: &str = "chat_client_errors_total";
+const HANDSHAKES_REFUSED: &str = "chat_handshakes_refused_total";
+const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
+const POLICY_CLOSES: &str = "chat_policy_closes_total";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -79,6 +82,18 @@ fn describe() {
         "Messages skipped by a lagging Redis subscriber"
     );
     describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
+    describe_counter!(
+        HANDSHAKES_REFUSED,
+        "WebSocket handshakes refused by the security gate, by reason"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Client messages dropped by a rate limit, by scope (connection or user)"
+    );
+    describe_counter!(
+        POLICY_CLOSES,
+        "Connections closed by a security policy, by reason (rate_limit, token_expired)"
+    );
 }
 
 /// A connection was accepted and is now open.
@@ -133,4 +148,19 @@ pub fn broker_lagged(skipped: u64) {
 /// An error frame with `code` was sent to a client.
 pub fn client_error(code: &'static str) {
     counter!(CLIENT_ERRORS, "code" => code).increment(1);
+}
+
+/// The security gate refused a handshake for `reason`.
+pub fn handshake_refused(reason: &'static str) {
+    counter!(HANDSHAKES_REFUSED, "reason" => reason).increment(1);
+}
+
+/// A client message was dropped by the `scope` rate limit.
+pub fn rate_limited(scope: &'static str) {
+    counter!(RATE_LIMITED, "scope" => scope).increment(1);
+}
+
+/// A connection was closed by a security policy.
+pub fn policy_close(reason: &'static str) {
+    counter!(POLICY_CLOSES, "reason" => reason).increment(1);
 }

@@ -25,12 +25,18 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame or message exceeded the configured size limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The node is restarting (SIGTERM); reconnect and resume on another node.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// An unexpected server-side failure.
     pub const INTERNAL_ERROR: u16 = 1011;
     /// The connection's outgoing queue was full.
     pub const SLOW_CONSUMER: u16 = 4000;
     /// Nothing was heard from the client within the idle timeout.
     pub const IDLE_TIMEOUT: u16 = 4001;
+    /// Sustained sending over the rate limits.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// The connection's token expired and was not refreshed in time.
+    pub const TOKEN_EXPIRED: u16 = 4003;
 }
 
 /// Machine-readable error codes carried in `error` frames.
@@ -57,8 +63,16 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The broker did not accept the message; it was not sent.
     PublishFailed,
+    /// The broker is unavailable for a join or a presence query; try again.
+    Unavailable,
     /// An unexpected server-side failure.
     Internal,
+    /// The token does not allow this room or sending messages.
+    Forbidden,
+    /// Over the message rate limit; the frame was dropped.
+    RateLimited,
+    /// An `auth` frame with a token that was refused (or authentication is off).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -75,7 +89,11 @@ impl ErrorCode {
             ErrorCode::EmptyMessage => "empty_message",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::PublishFailed => "publish_failed",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -186,6 +204,15 @@ pub enum ClientFrame {
     Join {
         /// The room to join.
         room: RoomName,
+        /// History to replay and presence events wanted.
+        options: JoinOptions,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"presence","room":R}`: who is online in a room, across the cluster.
+    Presence {
+        /// The room asked about.
+        room: RoomName,
         /// Echoed in the reply.
         reference: Option<Value>,
     },
@@ -202,6 +229,13 @@ pub enum ClientFrame {
         room: Option<RoomName>,
         /// The chat text.
         message: String,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"auth","token":T}`: replaces the connection's token before it expires.
+    Auth {
+        /// The new token.
+        token: String,
         /// Echoed in the reply.
         reference: Option<Value>,
     },
@@ -260,6 +294,11 @@ fn parse_object(
     match kind {
         "join" => Ok(ClientFrame::Join {
             room: room_field(object)?,
+            options: join_options(object)?,
+            reference,
+        }),
+        "presence" => Ok(ClientFrame::Presence {
+            room: room_field(object)?,
             reference,
         }),
         "leave" => Ok(ClientFrame::Leave {
@@ -278,11 +317,63 @@ fn parse_object(
             })
         }
         "ping" => Ok(ClientFrame::Ping { reference }),
+        "auth" => match object.remove("token") {
+            Some(Value::String(token)) if !token.is_empty() => {
+                Ok(ClientFrame::Auth { token, reference })
+            }
+            _ => Err(Refusal::new(
+                ErrorCode::InvalidFrame,
+                "field `token` must be a non-empty string",
+            )),
+        },
         other => Err(Refusal::new(
             ErrorCode::UnknownType,
             format!("unknown frame type `{}`", truncate_for_reason(other)),
         )),
     }
+}
+
+fn join_options(object: &Map<String, Value>) -> Result<JoinOptions, Refusal> {
+    let invalid = |reason: &str| Refusal::new(ErrorCode::InvalidFrame, reason);
+    let epoch = match object.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(epoch)) => Some(epoch.clone()),
+        Some(_) => return Err(invalid("field `epoch` must be a string")),
+    };
+    let replay = match (object.get("since"), object.get("last")) {
+        (Some(_), Some(_)) => return Err(invalid("`since` and `last` cannot be combined")),
+        (Some(since), None) => Replay::Since {
+            offset: parse_since(since)?,
+            epoch,
+        },
+        (None, Some(last)) => match last.as_u64() {
+            Some(count) if (1..=MAX_REPLAY_LAST as u64).contains(&count) => {
+                Replay::Last(count as usize)
+            }
+            _ => {
+                return Err(invalid(&format!(
+                    "field `last` must be an integer from 1 to {MAX_REPLAY_LAST}"
+                )));
+            }
+        },
+        (None, None) => Replay::None,
+    };
+    let presence = match object.get("presence") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(presence)) => *presence,
+        Some(_) => return Err(invalid("field `presence` must be a boolean")),
+    };
+    Ok(JoinOptions { replay, presence })
+}
+
+/// Parses a `since` value: an offset string such as `"1732532000123-0"`.
+pub fn parse_since(since: &Value) -> Result<Offset, Refusal> {
+    since.as_str().and_then(Offset::parse).ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::InvalidFrame,
+            "field `since` must be an offset such as \"1732532000123-0\"",
+        )
+    })
 }
 
 fn room_field(object: &Map<String, Value>) -> Result<RoomName, Refusal> {
@@ -333,6 +424,112 @@ fn truncate_for_reason(text: &str) -> &str {
     }
 }
 
+/// Most messages a join may ask for with `last`.
+pub const MAX_REPLAY_LAST: usize = 1000;
+
+/// A position in a room's history, `<ms>-<seq>` like a Redis stream id. Offsets of one room
+/// increase with every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset {
+    /// Milliseconds part.
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl Offset {
+    /// The offset before any message.
+    pub const ZERO: Offset = Offset { ms: 0, seq: 0 };
+
+    /// Parses `<ms>-<seq>` (or a bare `<ms>`, meaning sequence 0).
+    pub fn parse(text: &str) -> Option<Offset> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        Some(Offset {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Which history a join replays before live messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Nothing: live messages only.
+    None,
+    /// Everything after `offset`, if `epoch` (when given) is still the room's history.
+    Since {
+        /// The last offset the client saw.
+        offset: Offset,
+        /// The epoch that offset belongs to.
+        epoch: Option<String>,
+    },
+    /// The last N messages.
+    Last(usize),
+}
+
+/// What a join asks for besides membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinOptions {
+    /// History to replay.
+    pub replay: Replay,
+    /// Whether to receive `presence_event` frames for the room.
+    pub presence: bool,
+}
+
+impl JoinOptions {
+    /// A plain join: no replay, no presence events.
+    pub const PLAIN: JoinOptions = JoinOptions {
+        replay: Replay::None,
+        presence: false,
+    };
+}
+
+/// Adds `offset` and `epoch` to a serialized chat message (a JSON object). Done once per node
+/// per message: the offset is only known after the broker stored the message.
+pub fn with_offset(frame: &str, offset: Offset, epoch: &str) -> String {
+    let body = frame.strip_suffix('}').unwrap_or(frame);
+    let separator = if body.ends_with('{') { "" } else { "," };
+    format!(r#"{body}{separator}"offset":"{offset}","epoch":"{epoch}"}}"#)
+}
+
+/// Whether an epoch (generated by the broker) is safe to splice into JSON unescaped.
+pub fn is_valid_epoch(epoch: &str) -> bool {
+    !epoch.is_empty() && epoch.len() <= 32 && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// One user online in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresentUser {
+    /// The user's id.
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    /// Display name, if the user set one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A user came online in a room or left it (all their connections closed or their node died).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename = "presence_event")]
+pub struct PresenceEvent<'a> {
+    /// The room.
+    pub room: &'a str,
+    /// `join` or `leave`.
+    pub event: &'a str,
+    /// The user's id.
+    #[serde(rename = "userId")]
+    pub user_id: &'a str,
+    /// Display name, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+}
+
 /// A chat message as every member of its room receives it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename = "message")]
@@ -375,6 +572,12 @@ pub enum ServerFrame<'a> {
     Joined {
         /// The room joined.
         room: &'a RoomName,
+        /// For a join with `since`: whether every missed message follows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// The room history's epoch, when replay was asked for.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -395,6 +598,17 @@ pub enum ServerFrame<'a> {
         room: &'a RoomName,
         /// The message id.
         id: uuid::Uuid,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// Reply to `presence`.
+    #[serde(rename = "presence")]
+    Presence {
+        /// The room asked about.
+        room: &'a RoomName,
+        /// Everyone online in it, once each however many connections they have.
+        users: &'a [PresentUser],
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -470,6 +684,7 @@ mod tests {
             frame,
             ClientFrame::Join {
                 room: RoomName::parse("news").unwrap(),
+                options: JoinOptions::PLAIN,
                 reference: Some(json!(7))
             }
         );
@@ -522,6 +737,61 @@ mod tests {
                 assert_eq!(refusal.reference, Some(json!(1)), "{input}");
             }
         }
+    }
+
+    #[test]
+    fn joins_can_ask_for_replay_and_presence() {
+        let Ok(ClientFrame::Join { options, .. }) =
+            parse(r#"{"type":"join","room":"a","since":"17-3","epoch":"e1","presence":true}"#)
+        else {
+            panic!("join parses")
+        };
+        let since = Replay::Since {
+            offset: Offset { ms: 17, seq: 3 },
+            epoch: Some("e1".into()),
+        };
+        assert_eq!(
+            options,
+            JoinOptions {
+                replay: since,
+                presence: true
+            }
+        );
+        let Ok(ClientFrame::Join { options, .. }) = parse(r#"{"type":"join","room":"a","last":5}"#)
+        else {
+            panic!("join parses")
+        };
+        assert_eq!(options.replay, Replay::Last(5));
+        for bad in [
+            r#"{"type":"join","room":"a","since":"x-1"}"#,
+            r#"{"type":"join","room":"a","since":17}"#,
+            r#"{"type":"join","room":"a","last":0}"#,
+            r#"{"type":"join","room":"a","last":5,"since":"1-0"}"#,
+            r#"{"type":"join","room":"a","presence":"yes"}"#,
+        ] {
+            assert_eq!(
+                parse(bad).map_err(|refusal| refusal.code),
+                Err(ErrorCode::InvalidFrame),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn offsets_order_numerically_and_splice_into_frames() {
+        let a = Offset::parse("9-5").unwrap();
+        let b = Offset::parse("10-0").unwrap();
+        assert!(a < b, "9-5 comes before 10-0");
+        assert_eq!(Offset::parse("10"), Some(b));
+        assert_eq!(b.to_string(), "10-0");
+        let frame = with_offset(r#"{"type":"message","message":"}"}"#, b, "ab12");
+        let value: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(
+            (value["offset"].as_str(), value["epoch"].as_str()),
+            (Some("10-0"), Some("ab12"))
+        );
+        assert_eq!(value["message"], "}");
+        assert!(is_valid_epoch("ab12") && !is_valid_epoch("a\"b") && !is_valid_epoch(""));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! metrics, and the node's lifecycle from bind to graceful shutdown.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,9 +20,10 @@ use tracing::Instrument;
 
 use crate::broker::BrokerError;
 use crate::config::Config;
+use crate::gate::{Gate, Handshake, SecurityError};
 use crate::hub::Hub;
-use crate::protocol::{RoomName, validate_display_name};
-use crate::session::{self, Identity, SessionContext};
+use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
+use crate::session::{self, GOING_AWAY, Identity, SERVICE_RESTART, SessionContext};
 
 /// The demo chat page, embedded in the binary.
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -54,6 +55,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Renders `/metrics`; absent when no recorder is installed.
     pub metrics: Option<PrometheusHandle>,
+    /// Authentication, origin and limit checks for handshakes.
+    pub gate: Arc<Gate>,
 }
 
 /// Why a node could not run.
@@ -70,6 +73,9 @@ pub enum ServerError {
     /// The broker could not be set up (for example an invalid Redis URL).
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// Authentication or limits are misconfigured (for example an unreadable key file).
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     /// The HTTP server failed.
     #[error("http server: {0}")]
     Serve(std::io::Error),
@@ -91,16 +97,23 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub struct ConnectParams {
     room: Option<String>,
     name: Option<String>,
+    /// Resume the default room after this offset.
+    since: Option<String>,
+    /// The epoch `since` belongs to.
+    epoch: Option<String>,
+    /// Receive presence events for the default room.
+    presence: Option<bool>,
 }
 
 async fn index(
     state: State<Arc<AppState>>,
     method: Method,
     params: Query<ConnectParams>,
+    handshake: Handshake,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => accept(&state, params.0, upgrade),
+        Ok(upgrade) => accept(&state, params.0, &handshake, upgrade),
         Err(_) if method == Method::GET || method == Method::HEAD => {
             Html(DEMO_PAGE).into_response()
         }
@@ -111,16 +124,22 @@ async fn index(
 async fn websocket(
     state: State<Arc<AppState>>,
     params: Query<ConnectParams>,
+    handshake: Handshake,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(upgrade) => accept(&state, params.0, upgrade),
+        Ok(upgrade) => accept(&state, params.0, &handshake, upgrade),
         Err(rejection) => rejection.into_response(),
     }
 }
 
 /// Validates the handshake and hands the upgraded socket to a new session.
-fn accept(state: &Arc<AppState>, params: ConnectParams, upgrade: WebSocketUpgrade) -> Response {
+fn accept(
+    state: &Arc<AppState>,
+    params: ConnectParams,
+    handshake: &Handshake,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     if state.session.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -129,9 +148,20 @@ fn accept(state: &Arc<AppState>, params: ConnectParams, upgrade: WebSocketUpgrad
         )
             .into_response();
     }
-    let identity = match identity(params) {
+    let admission = match state.gate.admit(handshake) {
+        Ok(admission) => admission,
+        Err(refusal) => return refusal,
+    };
+    let identity = match identity(params, admission.user_id()) {
         Ok(identity) => identity,
         Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
+    };
+    let guard = match state
+        .gate
+        .guard(admission, &identity.user_id, &identity.default_room)
+    {
+        Ok(guard) => guard,
+        Err(refusal) => return refusal,
     };
     let socket = state.socket;
     let context = state.session.clone();
@@ -144,22 +174,41 @@ fn accept(state: &Arc<AppState>, params: ConnectParams, upgrade: WebSocketUpgrad
         .max_message_size(socket.max_frame_bytes)
         .max_frame_size(socket.max_frame_bytes)
         .on_upgrade(move |socket| {
-            sessions.track_future(session::serve(socket, identity, context).in_current_span())
+            sessions
+                .track_future(session::serve(socket, identity, context, guard).in_current_span())
         })
 }
 
-fn identity(params: ConnectParams) -> Result<Identity, String> {
+/// The connection's identity: the token's subject when authenticated, else a fresh id.
+fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, String> {
     let default_room = RoomName::parse(params.room.as_deref().unwrap_or(DEFAULT_ROOM))
         .map_err(|refusal| format!("invalid room: {}", refusal.reason))?;
     if let Some(name) = &params.name {
         validate_display_name(name)
             .map_err(|refusal| format!("invalid name: {}", refusal.reason))?;
     }
-    let random = uuid::Uuid::new_v4().simple().to_string();
+    let user_id = user_id.map(str::to_owned).unwrap_or_else(|| {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        format!("u-{}", &random[..12])
+    });
+    let replay = match params.since.as_deref().map(Offset::parse) {
+        None => Replay::None,
+        Some(Some(offset)) => Replay::Since {
+            offset,
+            epoch: params.epoch,
+        },
+        Some(None) => {
+            return Err("invalid since: expected an offset such as 1732532000123-0".into());
+        }
+    };
     Ok(Identity {
-        user_id: format!("u-{}", &random[..12]),
+        user_id,
         name: params.name,
         default_room,
+        default_options: JoinOptions {
+            replay,
+            presence: params.presence.unwrap_or(false),
+        },
     })
 }
 
@@ -192,10 +241,7 @@ pub async fn run(
     node_id: String,
     metrics: Option<PrometheusHandle>,
 ) -> Result<(), ServerError> {
-    let hub = Arc::new(match config.redis() {
-        Some(settings) => Hub::redis(&settings)?,
-        None => Hub::in_process(),
-    });
+    let hub = Hub::start(config.hub_settings(), config.redis(&node_id).as_ref())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -203,12 +249,17 @@ pub async fn run(
             source,
         })?;
     let shutdown = CancellationToken::new();
+    let shutdown_reason = Arc::new(OnceLock::new());
+    let gate = Arc::new(Gate::new(&config.security)?);
+    gate.log_settings(&config.security);
+    gate.spawn_upkeep(shutdown.clone());
     let state = Arc::new(AppState {
         session: SessionContext {
             hub: hub.clone(),
             node_id: node_id.into(),
             limits: config.session_limits(),
             shutdown: shutdown.clone(),
+            shutdown_reason: shutdown_reason.clone(),
         },
         socket: SocketSettings {
             max_frame_bytes: config.max_frame_bytes as usize,
@@ -217,19 +268,31 @@ pub async fn run(
         },
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
+        gate,
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));
     }
     tracing::info!(listen = %config.listen, broker = hub.broker_kind(), "chat gateway listening");
 
-    let server = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = crate::listener::serve(
+        listener,
+        router(state.clone()),
+        config.security.limits.handshake_timeout,
+        shutdown.clone(),
+    );
     let server = tokio::spawn(server.in_current_span());
 
     let signal = wait_for_signal().await;
     tracing::info!(signal, "shutting down: closing connections");
+    // SIGTERM is what orchestrators send in a rolling restart: tell clients to reconnect and
+    // resume elsewhere (1012). Anything else is a plain going away (1001).
+    let reason = if signal == "SIGTERM" {
+        SERVICE_RESTART
+    } else {
+        GOING_AWAY
+    };
+    let _ = shutdown_reason.set(reason);
     shutdown.cancel();
     state.sessions.close();
     let grace = config.shutdown_grace + Duration::from_secs(1);

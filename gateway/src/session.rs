@@ -4,8 +4,8 @@
 //! The writer also owns liveness (server pings, idle timeout) and every close the server
 //! initiates, so exactly one task ever writes to the socket.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -14,13 +14,16 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::now_micros;
+use crate::broker::{BrokerError, History};
 use crate::fanout::{CloseReason, CloseWatch, ConnId, Outbox, OutboxReceiver, next_conn_id};
-use crate::hub::Hub;
+use crate::gate::{ConnectionGuard, Throttle};
+use crate::hub::{Hub, Joiner};
 use crate::metrics;
 use crate::protocol::{
-    ChatMessage, ClientFrame, ErrorCode, PROTOCOL_VERSION, Refusal, RoomName, ServerFrame,
-    close_code, parse_client_frame, to_json,
+    ChatMessage, ClientFrame, ErrorCode, JoinOptions, PROTOCOL_VERSION, Refusal, Replay, RoomName,
+    ServerFrame, close_code, parse_client_frame, to_json,
 };
+use serde_json::Value;
 
 /// Per-connection limits and timings, from the node's configuration.
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub struct SessionContext {
     pub limits: SessionLimits,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
+    /// The close sent to clients at shutdown, set before `shutdown` is cancelled: 1012 for a
+    /// restart (SIGTERM), 1001 otherwise.
+    pub shutdown_reason: Arc<OnceLock<CloseReason>>,
 }
 
 /// Who is connecting, settled during the handshake.
@@ -61,6 +67,8 @@ pub struct Identity {
     pub name: Option<String>,
     /// The room joined on connect and used by seed-style messages.
     pub default_room: RoomName,
+    /// Replay and presence asked for the default room in the handshake.
+    pub default_options: JoinOptions,
 }
 
 /// The server closes with this after failing to join the default room: try again later.
@@ -73,8 +81,13 @@ const TOO_BIG: CloseReason = CloseReason {
     code: close_code::MESSAGE_TOO_BIG,
     reason: "frame or message too big",
 };
-/// The server closes with this at shutdown.
-const GOING_AWAY: CloseReason = CloseReason {
+/// The server closes with this when the node restarts (SIGTERM): reconnect and resume elsewhere.
+pub const SERVICE_RESTART: CloseReason = CloseReason {
+    code: close_code::SERVICE_RESTART,
+    reason: "node restarting",
+};
+/// The server closes with this at shutdown, unless told it is a restart.
+pub const GOING_AWAY: CloseReason = CloseReason {
     code: close_code::GOING_AWAY,
     reason: "node shutting down",
 };
@@ -101,7 +114,12 @@ const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 64;
 
 /// Runs one connection to the end.
-pub async fn serve(socket: WebSocket, identity: Identity, context: SessionContext) {
+pub async fn serve(
+    socket: WebSocket,
+    identity: Identity,
+    context: SessionContext,
+    guard: ConnectionGuard,
+) {
     metrics::connection_opened();
     let (sink, stream) = socket.split();
     let (outbox, receiver) = Outbox::channel(context.limits.outbox_capacity);
@@ -109,13 +127,14 @@ pub async fn serve(socket: WebSocket, identity: Identity, context: SessionContex
     let close = receiver.close_watch();
 
     let limits = context.limits.clone();
-    let shutdown = context.shutdown.clone();
+    let shutdown = (context.shutdown.clone(), context.shutdown_reason.clone());
     let mut session = Session {
         conn: next_conn_id(),
         identity,
         rooms: Vec::new(),
         outbox,
         context,
+        guard,
     };
     // The writer starts only once the default room is joined, so the welcome frame (queued
     // first) tells the client it will now receive the room's messages.
@@ -167,6 +186,8 @@ struct Session {
     rooms: Vec<RoomName>,
     outbox: Outbox,
     context: SessionContext,
+    /// What the token allows, when it expires, and the message budget.
+    guard: ConnectionGuard,
 }
 
 impl Session {
@@ -180,21 +201,56 @@ impl Session {
         };
         self.send(to_json(&welcome));
         let room = self.identity.default_room.clone();
-        if let Err(error) = self
-            .context
-            .hub
-            .join(&room, self.conn, self.outbox.clone())
-            .await
-        {
-            tracing::warn!(%room, %error, "could not join the default room");
-            self.refuse(Refusal::new(
-                ErrorCode::PublishFailed,
-                "the broker is unavailable; reconnect later",
-            ));
-            self.outbox.close_with(TRY_AGAIN_LATER);
-            return;
+        let options = self.identity.default_options.clone();
+        match self.enter(&room, &options).await {
+            // Only a client that asked for a replay knows what to do with `joined`; a plain
+            // (seed) client would show it as a chat line.
+            Ok(Some(history)) => self.replay(&room, None, &options.replay, history),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%room, %error, "could not join the default room");
+                self.refuse(Refusal::new(
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable; reconnect later",
+                ));
+                self.outbox.close_with(TRY_AGAIN_LATER);
+                return;
+            }
         }
         self.rooms.push(room);
+    }
+
+    /// Joins the hub's room; returns the history to replay when one was asked for.
+    async fn enter(
+        &self,
+        room: &RoomName,
+        options: &JoinOptions,
+    ) -> Result<Option<History>, BrokerError> {
+        let joiner = Joiner {
+            conn: self.conn,
+            outbox: self.outbox.clone(),
+            user_id: &self.identity.user_id,
+            name: self.identity.name.as_deref(),
+        };
+        Ok(self.context.hub.join(room, joiner, options).await?.history)
+    }
+
+    /// Answers a join that asked for a replay, then sends the replay and what arrived meanwhile.
+    fn replay(
+        &self,
+        room: &RoomName,
+        reference: Option<&Value>,
+        replay: &Replay,
+        history: History,
+    ) {
+        let recovered = matches!(replay, Replay::Since { .. }).then_some(history.complete);
+        self.send(to_json(&ServerFrame::Joined {
+            room,
+            recovered,
+            epoch: history.epoch.as_deref(),
+            reference,
+        }));
+        self.context.hub.release(room, self.conn, history);
     }
 
     async fn read_loop(
@@ -208,6 +264,11 @@ impl Session {
                 next = stream.next() => next,
                 _ = close.requested() => return,
                 _ = self.context.shutdown.cancelled() => return,
+                _ = self.guard.expired() => {
+                    metrics::policy_close("token_expired");
+                    self.outbox.close_with(crate::gate::TOKEN_EXPIRED);
+                    return;
+                }
             };
             let message = match next {
                 Some(Ok(message)) => message,
@@ -226,6 +287,17 @@ impl Session {
                 }
             };
             liveness.heard();
+            match self.guard.throttle(&message) {
+                Throttle::Pass => {}
+                Throttle::Refuse(refusal) => {
+                    self.refuse(refusal);
+                    continue;
+                }
+                Throttle::Close(reason) => {
+                    self.outbox.close_with(reason);
+                    return;
+                }
+            }
             match message {
                 Message::Text(text) => {
                     match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
@@ -269,17 +341,48 @@ impl Session {
                     Err(refusal) => self.refuse(refusal.with_ref(reference)),
                 }
             }
-            ClientFrame::Join { room, reference } => match self.join(&room).await {
-                Ok(()) => self.send(to_json(&ServerFrame::Joined {
+            ClientFrame::Join {
+                room,
+                options,
+                reference,
+            } => match self.join(&room, &options).await {
+                Ok(Some(history)) => {
+                    self.replay(&room, reference.as_ref(), &options.replay, history)
+                }
+                Ok(None) => self.send(to_json(&ServerFrame::Joined {
                     room: &room,
+                    recovered: None,
+                    epoch: None,
                     reference: reference.as_ref(),
                 })),
                 Err(refusal) => self.refuse(refusal.with_ref(reference)),
             },
+            ClientFrame::Presence { room, reference } => {
+                match self.context.hub.presence(&room).await {
+                    Ok(users) => self.send(to_json(&ServerFrame::Presence {
+                        room: &room,
+                        users: &users,
+                        reference: reference.as_ref(),
+                    })),
+                    Err(error) => {
+                        tracing::warn!(%room, %error, "presence query failed");
+                        self.refuse(
+                            Refusal::new(
+                                ErrorCode::Unavailable,
+                                "presence is unavailable; try again",
+                            )
+                            .with_ref(reference),
+                        );
+                    }
+                }
+            }
             ClientFrame::Leave { room, reference } => {
                 if let Some(index) = self.rooms.iter().position(|joined| *joined == room) {
                     self.rooms.swap_remove(index);
-                    self.context.hub.leave(&room, self.conn).await;
+                    self.context
+                        .hub
+                        .leave(&room, self.conn, &self.identity.user_id)
+                        .await;
                     self.send(to_json(&ServerFrame::Left {
                         room: &room,
                         reference: reference.as_ref(),
@@ -291,16 +394,28 @@ impl Session {
                     );
                 }
             }
+            ClientFrame::Auth { token, reference } => {
+                match self.guard.refresh(&token, reference.as_ref()) {
+                    Ok(reply) => self.send(reply),
+                    Err(refusal) => self.refuse(refusal.with_ref(reference)),
+                }
+            }
             ClientFrame::Ping { reference } => self.send(to_json(&ServerFrame::Pong {
                 reference: reference.as_ref(),
             })),
         }
     }
 
-    async fn join(&mut self, room: &RoomName) -> Result<(), Refusal> {
+    /// Joins a room; returns the history to replay when the join asked for one.
+    async fn join(
+        &mut self,
+        room: &RoomName,
+        options: &JoinOptions,
+    ) -> Result<Option<History>, Refusal> {
         if self.rooms.contains(room) {
-            return Ok(());
+            return Ok(None);
         }
+        self.guard.may_join(room)?;
         if self.rooms.len() >= self.context.limits.max_rooms {
             return Err(Refusal::new(
                 ErrorCode::TooManyRooms,
@@ -310,24 +425,21 @@ impl Session {
                 ),
             ));
         }
-        self.context
-            .hub
-            .join(room, self.conn, self.outbox.clone())
-            .await
-            .map_err(|error| {
-                tracing::warn!(%room, %error, "join failed");
-                Refusal::new(
-                    ErrorCode::PublishFailed,
-                    "the broker is unavailable; try again",
-                )
-            })?;
+        let history = self.enter(room, options).await.map_err(|error| {
+            tracing::warn!(%room, %error, "join failed");
+            Refusal::new(
+                ErrorCode::Unavailable,
+                "the broker is unavailable; try again",
+            )
+        })?;
         self.rooms.push(room.clone());
-        Ok(())
+        Ok(history)
     }
 
     /// Publishes a chat message to a room this connection is in; returns the message id.
     async fn publish(&self, room: &RoomName, text: &str) -> Result<uuid::Uuid, Refusal> {
         metrics::message_received();
+        self.guard.may_publish(room)?;
         if !self.rooms.contains(room) {
             return Err(Refusal::new(
                 ErrorCode::NotInRoom,
@@ -369,7 +481,10 @@ impl Session {
 
     async fn leave_all(&mut self) {
         for room in std::mem::take(&mut self.rooms) {
-            self.context.hub.leave(&room, self.conn).await;
+            self.context
+                .hub
+                .leave(&room, self.conn, &self.identity.user_id)
+                .await;
         }
     }
 }
@@ -382,7 +497,7 @@ async fn write_loop(
     mut outbox: OutboxReceiver,
     liveness: Arc<Liveness>,
     limits: SessionLimits,
-    shutdown: CancellationToken,
+    (shutdown, shutdown_reason): (CancellationToken, Arc<OnceLock<CloseReason>>),
 ) {
     let close = outbox.close_watch();
     let mut ping = tokio::time::interval_at(
@@ -403,7 +518,7 @@ async fn write_loop(
                     sink.flush().await
                 }).await;
                 if matches!(flushed, Ok(Ok(()))) {
-                    break GOING_AWAY;
+                    break shutdown_reason.get().copied().unwrap_or(GOING_AWAY);
                 }
                 return;
             }

@@ -1,21 +1,192 @@
-//! The single-node broker: publishing is delivering to this node's own inbox.
+//! The single-node broker: publishing is delivering to this node's own inbox, history is an
+//! in-memory ring per room, presence a map. Same contract as Redis, without the network.
 
-use super::{SharedInbox, now_micros};
-use crate::protocol::RoomName;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+
+use super::{
+    Delivery, DeliveryKind, History, HistorySettings, Published, SharedInbox, new_epoch, now_micros,
+};
+use crate::lock;
+use crate::protocol::{Offset, PresenceEvent, PresentUser, Replay, RoomName, to_json, with_offset};
 
 /// Delivers every publish straight to the local inbox. No Redis, no other nodes.
 pub struct InProcessBroker {
     inbox: SharedInbox,
+    settings: HistorySettings,
+    /// Identifies this process's history: a restart loses it, and clients can tell.
+    epoch: String,
+    rooms: Mutex<HashMap<RoomName, RoomLog>>,
+    presence: Mutex<HashMap<RoomName, BTreeMap<String, Option<String>>>>,
+}
+
+/// One room's history.
+#[derive(Default)]
+struct RoomLog {
+    entries: VecDeque<(Offset, String, Instant)>,
+    last: Option<Offset>,
+    max_deleted: Option<Offset>,
+}
+
+impl RoomLog {
+    /// The next offset: the clock's milliseconds, or one more in the sequence when the clock
+    /// has not moved on (or went back), as Redis streams do.
+    fn next_offset(&self) -> Offset {
+        let ms = now_micros() / 1000;
+        match self.last {
+            Some(last) if last.ms >= ms => Offset {
+                ms: last.ms,
+                seq: last.seq + 1,
+            },
+            _ => Offset { ms, seq: 0 },
+        }
+    }
+
+    fn trim(&mut self, settings: &HistorySettings) {
+        let now = Instant::now();
+        while let Some((offset, _, at)) = self.entries.front() {
+            if self.entries.len() <= settings.max_len && now.duration_since(*at) <= settings.max_age
+            {
+                break;
+            }
+            self.max_deleted = Some(*offset);
+            self.entries.pop_front();
+        }
+    }
 }
 
 impl InProcessBroker {
     /// A broker delivering into `inbox`.
-    pub fn new(inbox: SharedInbox) -> Self {
-        InProcessBroker { inbox }
+    pub fn new(inbox: SharedInbox, settings: HistorySettings) -> Self {
+        InProcessBroker {
+            inbox,
+            settings,
+            epoch: new_epoch(),
+            rooms: Mutex::default(),
+            presence: Mutex::default(),
+        }
     }
 
-    pub(super) fn publish(&self, room: &RoomName, frame: String) {
-        self.inbox
-            .deliver(room.as_str(), frame.into(), now_micros());
+    pub(super) fn publish(&self, room: &RoomName, frame: String) -> Published {
+        // Holding the lock while delivering keeps offsets and delivery order the same.
+        let mut rooms = lock(&self.rooms);
+        let log = rooms.entry(room.clone()).or_default();
+        let offset = log.next_offset();
+        let delivered = with_offset(&frame, offset, &self.epoch);
+        log.entries.push_back((offset, frame, Instant::now()));
+        log.last = Some(offset);
+        log.trim(&self.settings);
+        self.inbox.deliver(
+            room.as_str(),
+            Delivery {
+                kind: DeliveryKind::Chat(offset),
+                frame: Utf8Bytes::from(delivered),
+                published_at_micros: now_micros(),
+            },
+        );
+        Published { offset }
+    }
+
+    pub(super) fn history(&self, room: &RoomName, replay: &Replay) -> History {
+        let mut rooms = lock(&self.rooms);
+        let Some(log) = rooms.get_mut(room) else {
+            return History::default();
+        };
+        log.trim(&self.settings);
+        let stamp = |(offset, frame, _): &(Offset, String, Instant)| {
+            (
+                *offset,
+                Utf8Bytes::from(with_offset(frame, *offset, &self.epoch)),
+            )
+        };
+        let history = History {
+            epoch: Some(self.epoch.clone()),
+            ..History::default()
+        };
+        match replay {
+            Replay::None => history,
+            Replay::Last(count) => {
+                let skip = log.entries.len().saturating_sub(*count);
+                History {
+                    entries: log.entries.iter().skip(skip).map(stamp).collect(),
+                    ..history
+                }
+            }
+            Replay::Since { offset, epoch } => {
+                let entries = log
+                    .entries
+                    .iter()
+                    .filter(|(at, _, _)| at > offset)
+                    .map(stamp)
+                    .collect();
+                History { entries, ..history }.judge_since(
+                    *offset,
+                    epoch.as_deref(),
+                    log.max_deleted.unwrap_or(Offset::ZERO),
+                    log.last.unwrap_or(Offset::ZERO),
+                )
+            }
+        }
+    }
+
+    pub(super) fn presence_upsert(&self, room: &RoomName, users: &[PresentUser]) {
+        let mut presence = lock(&self.presence);
+        let online = presence.entry(room.clone()).or_default();
+        for user in users {
+            if online
+                .insert(user.user_id.clone(), user.name.clone())
+                .is_none()
+            {
+                self.announce(room, "join", &user.user_id, user.name.as_deref());
+            }
+        }
+    }
+
+    pub(super) fn presence_remove(&self, room: &RoomName, users: &[&str]) {
+        let mut presence = lock(&self.presence);
+        let Some(online) = presence.get_mut(room) else {
+            return;
+        };
+        for user in users {
+            if let Some(name) = online.remove(*user) {
+                self.announce(room, "leave", user, name.as_deref());
+            }
+        }
+        if online.is_empty() {
+            presence.remove(room);
+        }
+    }
+
+    pub(super) fn presence_list(&self, room: &RoomName) -> Vec<PresentUser> {
+        lock(&self.presence)
+            .get(room)
+            .map(|online| {
+                online
+                    .iter()
+                    .map(|(user_id, name)| PresentUser {
+                        user_id: user_id.clone(),
+                        name: name.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn announce(&self, room: &RoomName, event: &str, user_id: &str, name: Option<&str>) {
+        let frame = to_json(&PresenceEvent {
+            room: room.as_str(),
+            event,
+            user_id,
+            name,
+        });
+        let delivery = Delivery {
+            kind: DeliveryKind::Presence,
+            frame: Utf8Bytes::from(frame),
+            published_at_micros: now_micros(),
+        };
+        self.inbox.deliver(room.as_str(), delivery);
     }
 }

@@ -1,29 +1,54 @@
-//! The broker boundary: how a node hands a chat message to every node with members in its room.
+//! The broker boundary: how a node hands a chat message to every node with members in its room,
+//! keeps the room's recent history, and tracks who is online.
 //!
 //! Two implementations sit behind one small enum: [`InProcessBroker`] for a single node, and
-//! [`RedisBroker`] for a cluster sharing rooms through Redis pub/sub. Either way, messages come
-//! back to the node through its [`Inbox`], so fan-out never knows which broker is in use.
+//! [`RedisBroker`] for a cluster sharing rooms through Redis (pub/sub for delivery, a stream per
+//! room for history, sorted sets for presence). Either way, messages come back to the node
+//! through its [`Inbox`], so fan-out never knows which broker is in use.
 
 mod in_process;
 mod redis;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
-use bytes::{BufMut, Bytes, BytesMut};
 
 pub use in_process::InProcessBroker;
 pub use redis::{RedisBroker, RedisSettings};
 
-use crate::protocol::RoomName;
+use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
 
-/// Where a broker hands messages published to rooms this node subscribed to.
-pub trait Inbox: Send + Sync + 'static {
-    /// One message for `room`: `frame` is the JSON sent to clients, `published_at_micros` the
-    /// publishing node's clock when it published.
-    fn deliver(&self, room: &str, frame: Utf8Bytes, published_at_micros: u64);
+/// What a broker hands back to the node.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// A chat message with its offset, or a presence event.
+    pub kind: DeliveryKind,
+    /// The frame exactly as clients receive it.
+    pub frame: Utf8Bytes,
+    /// The publishing node's clock when it published, in µs since the Unix epoch.
+    pub published_at_micros: u64,
 }
+
+/// The two kinds of room traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// A chat message stored in the room's history at this offset.
+    Chat(Offset),
+    /// A presence event (`presence_event` frame), not part of the history.
+    Presence,
+}
+
+/// Where a broker hands what it receives.
+pub trait Inbox: Send + Sync + 'static {
+    /// One delivery for `room`.
+    fn deliver(&self, room: &str, delivery: Delivery);
+    /// Messages may have been missed (the subscriber lagged or reconnected): repair from history.
+    fn gap(&self);
+}
+
+/// A shared handle to the inbox a broker delivers into.
+pub type SharedInbox = Arc<dyn Inbox>;
 
 /// A broker operation that failed; the caller tells the client.
 #[derive(Debug, thiserror::Error)]
@@ -34,29 +59,94 @@ pub enum BrokerError {
     /// Redis refused or failed the command.
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// Redis answered something this node cannot read.
+    #[error("unexpected reply from redis: {0}")]
+    Reply(&'static str),
+}
+
+/// Bounds of each room's history.
+#[derive(Debug, Clone, Copy)]
+pub struct HistorySettings {
+    /// Messages kept per room (approximately: trimming works in blocks).
+    pub max_len: usize,
+    /// How long a message is kept.
+    pub max_age: Duration,
+}
+
+/// A stored message accepted by the broker.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Its offset in the room's history.
+    pub offset: Offset,
+}
+
+/// What a replay found in a room's history.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// The history's epoch; `None` when the room has no history at all.
+    pub epoch: Option<String>,
+    /// Messages, oldest first, as clients receive them (with offset and epoch).
+    pub entries: Vec<(Offset, Utf8Bytes)>,
+    /// For a `Since` replay: every message after the offset is in `entries`.
+    pub complete: bool,
+}
+
+impl History {
+    /// Applies [`Self::judge_since`] when the replay is a `Since`.
+    fn judge_since_if(self, replay: &Replay, max_deleted: Offset, last: Offset) -> Self {
+        match replay {
+            Replay::Since { offset, epoch } => {
+                self.judge_since(*offset, epoch.as_deref(), max_deleted, last)
+            }
+            _ => self,
+        }
+    }
+
+    /// Judges a `since` replay: nothing may be missing between `since` and the entries.
+    fn judge_since(
+        mut self,
+        since: Offset,
+        client_epoch: Option<&str>,
+        max_deleted: Offset,
+        last: Offset,
+    ) -> Self {
+        let same_epoch = match (&self.epoch, client_epoch) {
+            (Some(current), Some(client)) => current == client,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        self.complete = same_epoch && since >= max_deleted && since <= last;
+        self
+    }
 }
 
 /// The node's broker: in-process or Redis.
 pub enum Broker {
     /// Single node, no Redis.
     InProcess(InProcessBroker),
-    /// Cluster through Redis pub/sub.
+    /// Cluster through Redis.
     Redis(RedisBroker),
 }
 
 impl Broker {
-    /// Publishes a chat message frame to every node subscribed to `room`, this one included.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<(), BrokerError> {
+    /// Stores a chat message frame in the room's history and publishes it to every node
+    /// subscribed to `room`, this one included.
+    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
         match self {
-            Broker::InProcess(broker) => {
-                broker.publish(room, frame);
-                Ok(())
-            }
+            Broker::InProcess(broker) => Ok(broker.publish(room, frame)),
             Broker::Redis(broker) => broker.publish(room, &frame).await,
         }
     }
 
-    /// Starts receiving `room`'s messages on this node.
+    /// Reads a room's history for a replay.
+    pub async fn history(&self, room: &RoomName, replay: &Replay) -> Result<History, BrokerError> {
+        match self {
+            Broker::InProcess(broker) => Ok(broker.history(room, replay)),
+            Broker::Redis(broker) => broker.history(room, replay).await,
+        }
+    }
+
+    /// Starts receiving `room`'s traffic on this node.
     pub async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
         match self {
             Broker::InProcess(_) => Ok(()),
@@ -64,11 +154,57 @@ impl Broker {
         }
     }
 
-    /// Stops receiving `room`'s messages on this node.
+    /// Stops receiving `room`'s traffic on this node.
     pub async fn unsubscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
         match self {
             Broker::InProcess(_) => Ok(()),
             Broker::Redis(broker) => broker.unsubscribe(room).await,
+        }
+    }
+
+    /// Marks users online in `room` through this node (also refreshes them on heartbeats).
+    pub async fn presence_upsert(
+        &self,
+        room: &RoomName,
+        users: &[PresentUser],
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::InProcess(broker) => {
+                broker.presence_upsert(room, users);
+                Ok(())
+            }
+            Broker::Redis(broker) => broker.presence_upsert(room, users).await,
+        }
+    }
+
+    /// Takes users offline in `room` on this node.
+    pub async fn presence_remove(
+        &self,
+        room: &RoomName,
+        users: &[&str],
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::InProcess(broker) => {
+                broker.presence_remove(room, users);
+                Ok(())
+            }
+            Broker::Redis(broker) => broker.presence_remove(room, users).await,
+        }
+    }
+
+    /// Everyone online in `room` across the cluster, after dropping entries of dead nodes.
+    pub async fn presence_list(&self, room: &RoomName) -> Result<Vec<PresentUser>, BrokerError> {
+        match self {
+            Broker::InProcess(broker) => Ok(broker.presence_list(room)),
+            Broker::Redis(broker) => broker.presence_list(room).await,
+        }
+    }
+
+    /// Drops presence entries of dead nodes in `room`, announcing who left.
+    pub async fn presence_reap(&self, room: &RoomName) -> Result<(), BrokerError> {
+        match self {
+            Broker::InProcess(_) => Ok(()),
+            Broker::Redis(broker) => broker.presence_reap(room).await,
         }
     }
 
@@ -96,9 +232,6 @@ impl Broker {
     }
 }
 
-/// A shared handle to the inbox a broker delivers into.
-pub type SharedInbox = Arc<dyn Inbox>;
-
 /// Microseconds since the Unix epoch on this node's clock.
 pub fn now_micros() -> u64 {
     SystemTime::now()
@@ -106,26 +239,55 @@ pub fn now_micros() -> u64 {
         .map_or(0, |elapsed| elapsed.as_micros() as u64)
 }
 
-/// Wraps a frame for the wire between nodes: `<publish time in µs>\n<frame JSON>`. The time
-/// rides outside the JSON so a receiving node measures fan-out latency without parsing it.
-fn encode_envelope(published_at_micros: u64, frame: &str) -> Bytes {
-    let stamp = published_at_micros.to_string();
-    let mut envelope = BytesMut::with_capacity(stamp.len() + 1 + frame.len());
-    envelope.put_slice(stamp.as_bytes());
-    envelope.put_u8(b'\n');
-    envelope.put_slice(frame.as_bytes());
-    envelope.freeze()
+/// A fresh random epoch.
+fn new_epoch() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    random[..12].to_owned()
 }
 
-/// Unwraps [`encode_envelope`]; `None` for anything else (a foreign publisher on our channel).
-fn decode_envelope(mut envelope: Bytes) -> Option<(u64, Utf8Bytes)> {
-    let newline = envelope.iter().position(|&b| b == b'\n')?;
-    let stamp = std::str::from_utf8(&envelope[..newline])
-        .ok()?
-        .parse()
-        .ok()?;
-    let frame = envelope.split_off(newline + 1);
-    Some((stamp, Utf8Bytes::try_from(frame).ok()?))
+/// Wraps a frame for the wire between nodes:
+/// `<publish time µs>\n<kind m|p>\n<offset>\n<epoch>\n<frame JSON>`. The header rides outside
+/// the JSON so a receiving node neither parses nor re-serializes the frame. The Lua scripts build
+/// the same format; this is its reference, used by the tests.
+#[cfg(test)]
+fn encode_envelope(
+    published_at_micros: u64,
+    kind: DeliveryKind,
+    epoch: &str,
+    frame: &str,
+) -> bytes::Bytes {
+    let header = match kind {
+        DeliveryKind::Chat(offset) => format!("{published_at_micros}\nm\n{offset}\n{epoch}\n"),
+        DeliveryKind::Presence => format!("{published_at_micros}\np\n\n\n"),
+    };
+    bytes::Bytes::from(format!("{header}{frame}"))
+}
+
+/// Unwraps [`encode_envelope`] into a delivery; `None` for anything else (a foreign publisher).
+fn decode_envelope(envelope: &[u8]) -> Option<Delivery> {
+    let mut parts = envelope.splitn(5, |&b| b == b'\n');
+    let mut text = || std::str::from_utf8(parts.next()?).ok();
+    let published_at_micros = text()?.parse().ok()?;
+    let kind = text()?;
+    let offset = text()?;
+    let epoch = text()?;
+    let frame = text()?;
+    let (kind, frame) = match kind {
+        "m" if is_valid_epoch(epoch) => {
+            let offset = Offset::parse(offset)?;
+            (
+                DeliveryKind::Chat(offset),
+                with_offset(frame, offset, epoch),
+            )
+        }
+        "p" => (DeliveryKind::Presence, frame.to_owned()),
+        _ => return None,
+    };
+    Some(Delivery {
+        kind,
+        frame: Utf8Bytes::from(frame),
+        published_at_micros,
+    })
 }
 
 #[cfg(test)]
@@ -134,12 +296,87 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_foreign_payloads_are_rejected() {
-        let envelope = encode_envelope(1234, r#"{"type":"message"}"#);
-        let (stamp, frame) = decode_envelope(envelope).unwrap();
-        assert_eq!(stamp, 1234);
-        assert_eq!(frame.as_str(), r#"{"type":"message"}"#);
-        for foreign in [&b"no newline"[..], b"abc\n{}", b"12\n\xff\xfe"] {
-            assert!(decode_envelope(Bytes::copy_from_slice(foreign)).is_none());
+        let offset = Offset { ms: 5, seq: 1 };
+        let envelope = encode_envelope(
+            1234,
+            DeliveryKind::Chat(offset),
+            "ep1",
+            r#"{"type":"message"}"#,
+        );
+        let delivery = decode_envelope(&envelope).unwrap();
+        assert_eq!(delivery.published_at_micros, 1234);
+        assert_eq!(delivery.kind, DeliveryKind::Chat(offset));
+        assert_eq!(
+            delivery.frame.as_str(),
+            r#"{"type":"message","offset":"5-1","epoch":"ep1"}"#
+        );
+
+        let envelope = encode_envelope(
+            9,
+            DeliveryKind::Presence,
+            "",
+            r#"{"type":"presence_event"}"#,
+        );
+        assert_eq!(
+            decode_envelope(&envelope).unwrap().kind,
+            DeliveryKind::Presence
+        );
+
+        for foreign in [
+            &b"no newline"[..],
+            b"abc\nm\n1-0\ne\n{}",
+            b"12\nm\n1-0\nbad\"epoch\n{}",
+            b"12\nx\n\n\n{}",
+        ] {
+            assert!(
+                decode_envelope(foreign).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(foreign)
+            );
         }
+    }
+
+    #[test]
+    fn a_since_replay_is_complete_only_when_nothing_was_trimmed_or_lost() {
+        let history = |epoch: Option<&str>| History {
+            epoch: epoch.map(str::to_owned),
+            ..History::default()
+        };
+        let offset = |ms| Offset { ms, seq: 0 };
+        let (max_deleted, last) = (offset(10), offset(50));
+        assert!(
+            history(Some("e"))
+                .judge_since(offset(20), Some("e"), max_deleted, last)
+                .complete
+        );
+        assert!(
+            history(Some("e"))
+                .judge_since(offset(10), None, max_deleted, last)
+                .complete
+        );
+        assert!(
+            !history(Some("e"))
+                .judge_since(offset(9), None, max_deleted, last)
+                .complete,
+            "trimmed"
+        );
+        assert!(
+            !history(Some("e"))
+                .judge_since(offset(20), Some("old"), max_deleted, last)
+                .complete,
+            "epoch"
+        );
+        assert!(
+            !history(Some("e"))
+                .judge_since(offset(60), None, max_deleted, last)
+                .complete,
+            "future"
+        );
+        assert!(
+            !history(None)
+                .judge_since(offset(20), None, max_deleted, last)
+                .complete,
+            "no history"
+        );
     }
 }

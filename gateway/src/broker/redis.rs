@@ -1,45 +1,97 @@
-//! The cluster broker: rooms shared through Redis pub/sub.
+//! The cluster broker: rooms shared through Redis.
 //!
-//! Two connections, as Redis requires: a regular client publishes, a `SubscriberClient`
-//! receives. Every message, also one for members on the publishing node, comes back through
+//! Two connections, as Redis requires: a regular client publishes and runs scripts, a
+//! `SubscriberClient` receives. A chat message is appended to its room's stream (the history)
+//! and published to the room's channel by one Lua script, atomically, so every delivered message
+//! has an offset. Every message, also one for members on the publishing node, comes back through
 //! Redis, so all members of a room see its messages in the order Redis published them.
 //!
 //! The subscriber's messages are read straight from `message_rx()` rather than through fred's
 //! `on_message` helper, which stops for good on the first lag. A lag (the node fell behind and
-//! the broadcast channel dropped messages) is counted and logged, and reading goes on.
+//! the broadcast channel dropped messages) is counted and logged, reading goes on, and the inbox
+//! is told to repair the gap from history; so is a reconnect.
 
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::Utf8Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::Message;
 use fred::types::config::{PerformanceConfig, ReconnectPolicy};
+use fred::types::scripts::Script;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use super::{BrokerError, SharedInbox, decode_envelope, encode_envelope, now_micros};
+use super::{
+    BrokerError, History, HistorySettings, Published, SharedInbox, decode_envelope, new_epoch,
+    now_micros,
+};
 use crate::metrics;
-use crate::protocol::RoomName;
+use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
 
 /// Prefix of every room's pub/sub channel: room `lobby` is channel `chat:room:lobby`.
 pub const CHANNEL_PREFIX: &str = "chat:room:";
+
+const APPEND: &str = include_str!("lua/append.lua");
+const HISTORY: &str = include_str!("lua/history.lua");
+const PRESENCE_UPSERT: &str = include_str!("lua/presence_upsert.lua");
+const PRESENCE_REMOVE: &str = include_str!("lua/presence_remove.lua");
 
 /// How to reach Redis and how much slack the subscriber gets.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
     /// `redis://host:port/db` URL.
     pub url: String,
+    /// This node's id, which scopes its presence entries.
+    pub node_id: String,
     /// Messages the subscriber may hold before it counts as lagging (fred's default is 32).
     pub subscriber_capacity: usize,
-    /// How long a publish may take before it is reported as failed.
+    /// How long a command may take before it is reported as failed.
     pub command_timeout: Duration,
+    /// Bounds of each room's history.
+    pub history: HistorySettings,
+    /// How long a presence entry lives without a heartbeat.
+    pub presence_ttl: Duration,
 }
 
-/// Redis pub/sub broker.
+/// The Lua scripts, loaded once and run with EVALSHA (reloaded if Redis restarted).
+struct Scripts {
+    append: Script,
+    history: Script,
+    presence_upsert: Script,
+    presence_remove: Script,
+}
+
+/// Redis broker.
 pub struct RedisBroker {
     publisher: Client,
     subscriber: SubscriberClient,
+    settings: RedisSettings,
+    scripts: Scripts,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The keys of one room.
+struct RoomKeys {
+    channel: String,
+    history: String,
+    epoch: String,
+    presence: [String; 3],
+}
+
+impl RoomKeys {
+    fn of(room: &RoomName) -> Self {
+        RoomKeys {
+            channel: format!("{CHANNEL_PREFIX}{room}"),
+            history: format!("chat:history:{room}"),
+            epoch: format!("chat:epoch:{room}"),
+            presence: [
+                format!("chat:presence:{room}"),
+                format!("chat:presence-users:{room}"),
+                format!("chat:presence-names:{room}"),
+            ],
+        }
+    }
 }
 
 impl RedisBroker {
@@ -66,41 +118,206 @@ impl RedisBroker {
         let publisher = builder.build()?;
         let subscriber = builder.build_subscriber_client()?;
 
-        let mut tasks = vec![
-            receive_loop(subscriber.message_rx(), inbox),
+        let tasks = vec![
+            receive_loop(subscriber.message_rx(), inbox.clone()),
             subscriber.manage_subscriptions(),
+            watch_connection("publisher", &publisher, None),
+            watch_connection("subscriber", &subscriber, Some(inbox)),
         ];
-        tasks.push(log_connection_events("publisher", &publisher));
-        tasks.push(log_connection_events("subscriber", &subscriber));
         drop(publisher.connect());
         drop(subscriber.connect());
+        let scripts = Scripts {
+            append: Script::from_lua(APPEND),
+            history: Script::from_lua(HISTORY),
+            presence_upsert: Script::from_lua(PRESENCE_UPSERT),
+            presence_remove: Script::from_lua(PRESENCE_REMOVE),
+        };
         Ok(RedisBroker {
             publisher,
             subscriber,
+            settings: settings.clone(),
+            scripts,
             tasks,
         })
     }
 
-    pub(super) async fn publish(&self, room: &RoomName, frame: &str) -> Result<(), BrokerError> {
-        if !self.publisher.is_connected() {
-            return Err(BrokerError::Unavailable("redis is not connected"));
+    fn ensure_connected(&self) -> Result<(), BrokerError> {
+        if self.publisher.is_connected() {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable("redis is not connected"))
         }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        room: &RoomName,
+        frame: &str,
+    ) -> Result<Published, BrokerError> {
+        self.ensure_connected()?;
         let started = Instant::now();
-        let envelope = encode_envelope(now_micros(), frame);
-        let _receivers: i64 = self.publisher.publish(channel(room), envelope).await?;
+        let keys = RoomKeys::of(room);
+        let history = &self.settings.history;
+        let args = vec![
+            keys.channel,
+            frame.to_owned(),
+            history.max_len.to_string(),
+            history.max_age.as_millis().to_string(),
+            new_epoch(),
+            now_micros().to_string(),
+        ];
+        let (offset, _epoch): (String, String) = self
+            .scripts
+            .append
+            .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
+            .await?;
         metrics::message_published(started.elapsed());
-        Ok(())
+        let offset = Offset::parse(&offset).ok_or(BrokerError::Reply("stream id"))?;
+        Ok(Published { offset })
+    }
+
+    pub(super) async fn history(
+        &self,
+        room: &RoomName,
+        replay: &Replay,
+    ) -> Result<History, BrokerError> {
+        self.ensure_connected()?;
+        let keys = RoomKeys::of(room);
+        let args = match replay {
+            Replay::None => return Ok(History::default()),
+            Replay::Since { offset, .. } => vec!["since".to_owned(), offset.to_string()],
+            Replay::Last(count) => vec!["last".to_owned(), count.to_string()],
+        };
+        let (epoch, max_deleted, last, raw): (String, String, String, Vec<(String, Vec<String>)>) =
+            self.scripts
+                .history
+                .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
+                .await?;
+        if epoch.is_empty() {
+            return Ok(History::default().judge_since_if(replay, Offset::ZERO, Offset::ZERO));
+        }
+        if !is_valid_epoch(&epoch) {
+            return Err(BrokerError::Reply("epoch"));
+        }
+        let mut entries = Vec::with_capacity(raw.len());
+        for (id, fields) in raw {
+            let offset = Offset::parse(&id).ok_or(BrokerError::Reply("stream id"))?;
+            let frame = fields.get(1).ok_or(BrokerError::Reply("stream entry"))?;
+            entries.push((offset, Utf8Bytes::from(with_offset(frame, offset, &epoch))));
+        }
+        if matches!(replay, Replay::Last(_)) {
+            entries.reverse();
+        }
+        let history = History {
+            epoch: Some(epoch),
+            entries,
+            complete: false,
+        };
+        let parse = |id: &str| Offset::parse(id).ok_or(BrokerError::Reply("stream id"));
+        Ok(history.judge_since_if(replay, parse(&max_deleted)?, parse(&last)?))
     }
 
     pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
         if !self.subscriber.is_connected() {
             return Err(BrokerError::Unavailable("redis is not connected"));
         }
-        Ok(self.subscriber.subscribe(channel(room)).await?)
+        Ok(self
+            .subscriber
+            .subscribe(RoomKeys::of(room).channel)
+            .await?)
     }
 
     pub(super) async fn unsubscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
-        Ok(self.subscriber.unsubscribe(channel(room)).await?)
+        Ok(self
+            .subscriber
+            .unsubscribe(RoomKeys::of(room).channel)
+            .await?)
+    }
+
+    pub(super) async fn presence_upsert(
+        &self,
+        room: &RoomName,
+        users: &[PresentUser],
+    ) -> Result<(), BrokerError> {
+        self.ensure_connected()?;
+        let keys = RoomKeys::of(room);
+        let ttl = self.settings.presence_ttl.as_millis() as u64;
+        let mut args = vec![
+            (now_micros() / 1000 + ttl).to_string(),
+            (ttl * 2).to_string(),
+            keys.channel,
+            now_micros().to_string(),
+            room.to_string(),
+            self.settings.node_id.clone(),
+        ];
+        for user in users {
+            args.push(user.user_id.clone());
+            args.push(user.name.clone().unwrap_or_default());
+        }
+        let _: i64 = self
+            .scripts
+            .presence_upsert
+            .evalsha_with_reload(&self.publisher, keys.presence.to_vec(), args)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn presence_remove(
+        &self,
+        room: &RoomName,
+        users: &[&str],
+    ) -> Result<(), BrokerError> {
+        self.remove_presence(room, &self.settings.node_id, users)
+            .await
+    }
+
+    pub(super) async fn presence_reap(&self, room: &RoomName) -> Result<(), BrokerError> {
+        // An empty node id asks the script for every entry whose expiry passed.
+        self.remove_presence(room, "", &[]).await
+    }
+
+    async fn remove_presence(
+        &self,
+        room: &RoomName,
+        node: &str,
+        users: &[&str],
+    ) -> Result<(), BrokerError> {
+        self.ensure_connected()?;
+        let keys = RoomKeys::of(room);
+        let mut args = vec![
+            (now_micros() / 1000).to_string(),
+            keys.channel,
+            now_micros().to_string(),
+            room.to_string(),
+            node.to_owned(),
+        ];
+        args.extend(users.iter().map(|user| (*user).to_owned()));
+        let _: i64 = self
+            .scripts
+            .presence_remove
+            .evalsha_with_reload(&self.publisher, keys.presence.to_vec(), args)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn presence_list(
+        &self,
+        room: &RoomName,
+    ) -> Result<Vec<PresentUser>, BrokerError> {
+        self.presence_reap(room).await?;
+        let [_, users, names] = RoomKeys::of(room).presence;
+        let users: Vec<String> = self.publisher.hkeys(users).await?;
+        let names: std::collections::HashMap<String, String> =
+            self.publisher.hgetall(names).await?;
+        let mut present: Vec<PresentUser> = users
+            .into_iter()
+            .map(|user_id| PresentUser {
+                name: names.get(&user_id).cloned(),
+                user_id,
+            })
+            .collect();
+        present.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        Ok(present)
     }
 
     pub(super) fn is_ready(&self) -> bool {
@@ -119,10 +336,6 @@ impl RedisBroker {
     }
 }
 
-fn channel(room: &RoomName) -> String {
-    format!("{CHANNEL_PREFIX}{room}")
-}
-
 /// Reads every pub/sub message and hands it to the inbox, surviving lag.
 fn receive_loop(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
@@ -135,8 +348,9 @@ fn receive_loop(
                     let Some(room) = message.channel.strip_prefix(CHANNEL_PREFIX) else {
                         continue;
                     };
-                    match message.value.into_bytes().and_then(decode_envelope) {
-                        Some((published_at, frame)) => inbox.deliver(room, frame, published_at),
+                    let delivery = message.value.as_bytes().and_then(decode_envelope);
+                    match delivery {
+                        Some(delivery) => inbox.deliver(room, delivery),
                         None => {
                             tracing::warn!(room, "ignored a malformed message on a room channel")
                         }
@@ -144,7 +358,8 @@ fn receive_loop(
                 }
                 Err(RecvError::Lagged(skipped)) => {
                     metrics::broker_lagged(skipped);
-                    tracing::warn!(skipped, "redis subscriber lagged; messages were skipped");
+                    tracing::warn!(skipped, "redis subscriber lagged; repairing from history");
+                    inbox.gap();
                 }
                 Err(RecvError::Closed) => break,
             }
@@ -152,14 +367,17 @@ fn receive_loop(
     })
 }
 
-/// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current.
-fn log_connection_events<C: EventInterface + ClientLike>(
+/// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current. For
+/// the subscriber, a reconnect means messages may have been missed: the inbox repairs them.
+fn watch_connection<C: EventInterface + ClientLike>(
     role: &'static str,
     client: &C,
+    inbox: Option<SharedInbox>,
 ) -> JoinHandle<()> {
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
     tokio::spawn(async move {
+        let mut connected_before = false;
         loop {
             tokio::select! {
                 error = errors.recv() => match error {
@@ -171,7 +389,13 @@ fn log_connection_events<C: EventInterface + ClientLike>(
                     Err(RecvError::Closed) => break,
                 },
                 server = reconnects.recv() => match server {
-                    Ok(server) => tracing::info!(role, %server, "redis connected"),
+                    Ok(server) => {
+                        tracing::info!(role, %server, "redis connected");
+                        if let (true, Some(inbox)) = (connected_before, &inbox) {
+                            inbox.gap();
+                        }
+                        connected_before = true;
+                    }
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 },

@@ -1,0 +1,102 @@
+//! The accept loop: HTTP/1.1 with upgrades, the peer address on every request, and a deadline
+//! for the request head.
+//!
+//! `axum::serve` has no header-read timeout, so a client that opens TCP connections and never
+//! finishes its HTTP request (slowloris) would hold a socket and a task each for as long as it
+//! likes. Here every connection is served by hyper's HTTP/1 builder with `header_read_timeout`:
+//! a request head not complete within the handshake timeout drops the connection, and so does
+//! an idle keep-alive connection that starts no new request within it. Upgraded WebSockets are
+//! handed off and no longer subject to it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+/// Serves `router` on `listener` until `shutdown`, then lets HTTP requests in flight finish.
+/// Requests carry `ConnectInfo<SocketAddr>` with the TCP peer.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(
+            serve_connection(stream, peer, router, handshake_timeout, shutdown).in_current_span(),
+        );
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout);
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "http connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Errors on one connection (reset before accept) are harmless; others (out of file
+/// descriptors) are logged and slowed down so the loop does not spin.
+async fn accept_failed(error: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accept failed; retrying in 1s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
