@@ -23,6 +23,9 @@
 #   REDIS_PORT    port of the benchmark's own redis-server (default 6395)
 #   NODE_PORTS    the two node ports (default 18081,18082)
 #   GATEWAY_RUST_LOG  RUST_LOG for the gateway nodes (default warn)
+#   GATEWAY_CONN_MESSAGE_RATE, GATEWAY_USER_MESSAGE_RATE, GATEWAY_IP_CONNECT_RATE
+#                 gateway rate limits, 0 (off) by default here since the peers have none;
+#                 any other GATEWAY_* variable set by the caller reaches the gateway too
 #   STEP_DURATION sending time per fan-out step (default 10s)
 set -euo pipefail
 
@@ -157,7 +160,13 @@ start_node() {
   local redis_url="redis://127.0.0.1:$REDIS_PORT"
   case "$stack" in
     gateway)
-      RUST_LOG="${GATEWAY_RUST_LOG:-warn}" "$GATEWAY_BIN" --redis-url "$redis_url" \
+      # The peers have no rate limits; lift the gateway's (per-connection and per-user message
+      # rates, per-address connect rate) unless the caller set them. Environment variables, so a
+      # gateway build without these settings simply ignores them.
+      GATEWAY_CONN_MESSAGE_RATE="${GATEWAY_CONN_MESSAGE_RATE:-0}" \
+        GATEWAY_USER_MESSAGE_RATE="${GATEWAY_USER_MESSAGE_RATE:-0}" \
+        GATEWAY_IP_CONNECT_RATE="${GATEWAY_IP_CONNECT_RATE:-0}" \
+        RUST_LOG="${GATEWAY_RUST_LOG:-warn}" "$GATEWAY_BIN" --redis-url "$redis_url" \
         --listen "127.0.0.1:$port" --node-id "$id" >"$logfile" 2>&1 &
       ;;
     ws-peer)

@@ -59,6 +59,8 @@ pub struct FanoutStep {
     pub bad_frames: u64,
     pub acks: u64,
     pub server_errors: u64,
+    /// Error frames by code (`rate_limited`, `not_in_room`, …).
+    pub server_error_codes: BTreeMap<String, u64>,
     /// Distinct deliveries per second of sending time.
     pub delivered_per_s: f64,
     pub latency_us: LatencySummary,
@@ -223,6 +225,9 @@ impl FanoutStep {
             self.acks,
             self.server_errors
         );
+        if !self.server_error_codes.is_empty() {
+            let _ = writeln!(s, "errors    {}", fmt_map(&self.server_error_codes));
+        }
         let _ = writeln!(s, "latency   {}", fmt_latency(&self.latency_us));
         let _ = writeln!(s, "  same    {}", fmt_latency(&self.latency_same_node_us));
         let _ = writeln!(s, "  cross   {}", fmt_latency(&self.latency_cross_node_us));

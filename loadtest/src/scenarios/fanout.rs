@@ -48,6 +48,8 @@ struct Shared {
     client_node: Vec<u16>,
     alive_per_room: Vec<AtomicU64>,
     disconnects: Tally,
+    /// Error frames from the servers, by code.
+    error_codes: Tally,
 }
 
 impl Shared {
@@ -176,6 +178,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         client_node,
         alive_per_room,
         disconnects: Tally::default(),
+        error_codes: Tally::default(),
     });
 
     let senders_connected = sessions
@@ -207,6 +210,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         let count = (rate * args.duration.as_secs_f64()).round().max(1.0) as u64;
         let before = sys::snapshot(&args.output.pids);
         let closed_before = shared.disconnects.snapshot();
+        let errors_before = shared.error_codes.snapshot();
         let members: Vec<u64> = shared
             .alive_per_room
             .iter()
@@ -262,6 +266,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             bad_frames: Counters::get(&c.bad_frames),
             acks: Counters::get(&c.acks),
             server_errors: Counters::get(&c.server_errors),
+            server_error_codes: tally_delta(&errors_before, &shared.error_codes.snapshot()),
             delivered_per_s: (loss.delivered as f64 / args.duration.as_secs_f64()).round(),
             latency_us: LatencySummary::of(&step.latency.all.merged()),
             latency_same_node_us: LatencySummary::of(&step.latency.same_node.merged()),
@@ -468,8 +473,9 @@ fn on_frame(
             Counters::add(&c.acks, 1);
             FrameAction::None
         }
-        Ok(Incoming::Error { .. }) => {
+        Ok(Incoming::Error { code }) => {
             Counters::add(&c.server_errors, 1);
+            shared.error_codes.add(&code);
             FrameAction::None
         }
         Ok(Incoming::Reply(r)) => FrameAction::Reply(r),
