@@ -227,10 +227,9 @@ impl Authenticator {
             .as_f64()
             .filter(|exp| exp.is_finite() && *exp >= 0.0)
             .ok_or(TokenError::Invalid("`exp` must be a number"))? as u64;
-        let rooms = match claims.rooms {
-            None => None,
-            Some(rooms) => Some(rooms.into_iter().collect::<HashSet<String>>()),
-        };
+        let rooms = claims
+            .rooms
+            .map(|rooms| rooms.into_iter().collect::<HashSet<String>>());
         Ok(Principal {
             user_id: subject,
             expires_at,

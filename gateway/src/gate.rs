@@ -6,7 +6,8 @@
 //! node (503), `Origin` allowlist (403), token (401), default room allowed by the token (403).
 //! See `docs/security.md` for what each one stops.
 
-use std::net::{IpAddr, SocketAddr};
+use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,37 +203,46 @@ impl Gate {
         });
     }
 
-    /// Checks a handshake; the `Err` response is sent as is and nothing is upgraded.
-    pub fn admit(&self, handshake: &Handshake) -> Result<Admission, Response> {
+    /// Checks a handshake; the `Err` is answered as is and nothing is upgraded.
+    pub fn admit(&self, handshake: &Handshake) -> Result<Admission, Refused> {
         let client = handshake
             .peer
             .map(|peer| self.trusted.client_ip(peer.ip(), &handshake.headers));
         if let Some(ip) = client
             && let Err(wait) = self.connects.check(ip)
         {
-            return Err(refuse_rate(ip, wait));
+            tracing::debug!(client = %ip, "handshake refused: too many connections from this address");
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(Refused::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many new connections from this address; retry later",
+            )
+            .retry_after(seconds.max(1)));
         }
         let Some(slot) = self.cap.try_acquire() else {
-            metrics::handshake_refused("node_full");
             tracing::debug!(
                 open = self.cap.open(),
                 "handshake refused: node at its connection limit"
             );
-            return Err((
+            return Err(Refused::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, FULL_RETRY_AFTER_SECS.to_string())],
+                "node_full",
                 "node is at its connection limit; retry later",
             )
-                .into_response());
+            .retry_after(FULL_RETRY_AFTER_SECS));
         };
         if !self.origins.allows(&handshake.headers) {
-            metrics::handshake_refused("origin");
             tracing::debug!(
                 client = ?client,
                 origin = ?handshake.headers.get(header::ORIGIN),
                 "handshake refused: origin not allowed"
             );
-            return Err((StatusCode::FORBIDDEN, "origin not allowed").into_response());
+            return Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                "origin",
+                "origin not allowed",
+            ));
         }
         let principal = match &self.auth {
             None => None,
@@ -244,14 +254,12 @@ impl Gate {
                 match verified {
                     Ok(principal) => Some(principal),
                     Err(error) => {
-                        metrics::handshake_refused("unauthorized");
                         tracing::debug!(client = ?client, %error, "handshake refused: token");
-                        return Err((
+                        return Err(Refused::new(
                             StatusCode::UNAUTHORIZED,
-                            [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+                            "unauthorized",
                             error.to_string(),
-                        )
-                            .into_response());
+                        ));
                     }
                 }
             }
@@ -266,18 +274,17 @@ impl Gate {
         admission: Admission,
         user_id: &str,
         default_room: &RoomName,
-    ) -> Result<ConnectionGuard, Response> {
+    ) -> Result<ConnectionGuard, Refused> {
         let (grants, expires_at) = match admission.principal {
             Some(principal) => (principal.grants, Some(principal.expires_at)),
             None => (Grants::all(), None),
         };
         if !grants.may_join(default_room) {
-            metrics::handshake_refused("room");
-            return Err((
+            return Err(Refused::new(
                 StatusCode::FORBIDDEN,
+                "room",
                 format!("the token does not allow room `{default_room}`"),
-            )
-                .into_response());
+            ));
         }
         let expiry = match (&self.auth, expires_at) {
             (Some(auth), Some(expires_at)) => {
@@ -300,16 +307,50 @@ impl Gate {
     }
 }
 
-fn refuse_rate(ip: IpAddr, wait: Duration) -> Response {
-    metrics::handshake_refused("rate_limited");
-    tracing::debug!(client = %ip, "handshake refused: too many connections from this address");
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, seconds.max(1).to_string())],
-        "too many new connections from this address; retry later",
-    )
-        .into_response()
+/// A refused handshake: an HTTP status with a short plain-text reason, counted in
+/// `chat_handshakes_refused_total` under its label when it is sent.
+#[derive(Debug)]
+pub struct Refused {
+    status: StatusCode,
+    label: &'static str,
+    reason: Cow<'static, str>,
+    retry_after: Option<u64>,
+}
+
+impl Refused {
+    fn new(status: StatusCode, label: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Refused {
+            status,
+            label,
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        metrics::handshake_refused(self.label);
+        let mut response = (self.status, self.reason).into_response();
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
 }
 
 /// What to do with one message a client sent, as far as the rate limits are concerned.
@@ -528,7 +569,10 @@ mod tests {
         ));
         assert_eq!(foreign.unwrap_err().status(), StatusCode::FORBIDDEN);
         let held = gate.admit(&handshake("127.0.0.1:1", &[])).unwrap();
-        let full = gate.admit(&handshake("127.0.0.1:1", &[])).unwrap_err();
+        let full = gate
+            .admit(&handshake("127.0.0.1:1", &[]))
+            .unwrap_err()
+            .into_response();
         assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(full.headers().contains_key(header::RETRY_AFTER));
         drop(held);
@@ -536,7 +580,10 @@ mod tests {
 
         let gate = self::gate(&["--ip-connect-rate", "1", "--ip-connect-burst", "1"]);
         assert!(gate.admit(&handshake("10.0.0.1:1", &[])).is_ok());
-        let limited = gate.admit(&handshake("10.0.0.1:2", &[])).unwrap_err();
+        let limited = gate
+            .admit(&handshake("10.0.0.1:2", &[]))
+            .unwrap_err()
+            .into_response();
         assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(limited.headers()[header::RETRY_AFTER], "1");
         assert!(gate.admit(&handshake("10.0.0.2:1", &[])).is_ok());

@@ -150,7 +150,7 @@ fn accept(
     }
     let admission = match state.gate.admit(handshake) {
         Ok(admission) => admission,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let identity = match identity(params, admission.user_id()) {
         Ok(identity) => identity,
@@ -161,7 +161,7 @@ fn accept(
         .guard(admission, &identity.user_id, &identity.default_room)
     {
         Ok(guard) => guard,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let socket = state.socket;
     let context = state.session.clone();

@@ -249,17 +249,26 @@ async fn a_client_that_answers_pings_stays_connected() {
     lively.say("lobby", "still here").await;
 }
 
-#[tokio::test]
-async fn shutdown_closes_every_client_with_1001_and_exits_zero() {
+async fn shutdown_closes_every_client_with(signal: &str, code: u16) {
     let mut node = Node::single(&[]);
     let mut a = Client::connect(&node.ws_url("/ws")).await;
     let mut b = Client::connect(&node.ws_url("/ws?room=other")).await;
-    node.process.signal("TERM");
+    node.process.signal(signal);
     for client in [&mut a, &mut b] {
         let (_, ended) = client.recv_until_end().await;
-        assert_eq!(ended, Ended::Closed(1001));
+        assert_eq!(ended, Ended::Closed(code), "after SIG{signal}");
     }
     assert_eq!(node.process.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test]
+async fn sigint_closes_every_client_with_1001_and_exits_zero() {
+    shutdown_closes_every_client_with("INT", 1001).await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_1012_so_clients_resume_elsewhere() {
+    shutdown_closes_every_client_with("TERM", 1012).await;
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@ use std::time::Instant;
 use axum::extract::ws::Utf8Bytes;
 
 use super::{
-    Delivery, DeliveryKind, History, HistorySettings, Published, SharedInbox, new_epoch, now_micros,
+    Delivery, DeliveryKind, History, HistorySettings, Published, Retained, SharedInbox, new_epoch,
+    now_micros,
 };
 use crate::lock;
 use crate::protocol::{Offset, PresenceEvent, PresentUser, Replay, RoomName, to_json, with_offset};
@@ -28,7 +29,7 @@ pub struct InProcessBroker {
 struct RoomLog {
     entries: VecDeque<(Offset, String, Instant)>,
     last: Option<Offset>,
-    max_deleted: Option<Offset>,
+    trimmed: bool,
 }
 
 impl RoomLog {
@@ -47,12 +48,12 @@ impl RoomLog {
 
     fn trim(&mut self, settings: &HistorySettings) {
         let now = Instant::now();
-        while let Some((offset, _, at)) = self.entries.front() {
+        while let Some((_, _, at)) = self.entries.front() {
             if self.entries.len() <= settings.max_len && now.duration_since(*at) <= settings.max_age
             {
                 break;
             }
-            self.max_deleted = Some(*offset);
+            self.trimmed = true;
             self.entries.pop_front();
         }
     }
@@ -122,12 +123,12 @@ impl InProcessBroker {
                     .filter(|(at, _, _)| at > offset)
                     .map(stamp)
                     .collect();
-                History { entries, ..history }.judge_since(
-                    *offset,
-                    epoch.as_deref(),
-                    log.max_deleted.unwrap_or(Offset::ZERO),
-                    log.last.unwrap_or(Offset::ZERO),
-                )
+                let retained = Retained {
+                    first: log.entries.front().map(|(first, _, _)| *first),
+                    last: log.last.unwrap_or(Offset::ZERO),
+                    trimmed: log.trimmed,
+                };
+                History { entries, ..history }.judge_since(*offset, epoch.as_deref(), retained)
             }
         }
     }

@@ -93,31 +93,46 @@ pub struct History {
 
 impl History {
     /// Applies [`Self::judge_since`] when the replay is a `Since`.
-    fn judge_since_if(self, replay: &Replay, max_deleted: Offset, last: Offset) -> Self {
+    fn judge_since_if(self, replay: &Replay, retained: Retained) -> Self {
         match replay {
             Replay::Since { offset, epoch } => {
-                self.judge_since(*offset, epoch.as_deref(), max_deleted, last)
+                self.judge_since(*offset, epoch.as_deref(), retained)
             }
             _ => self,
         }
     }
 
-    /// Judges a `since` replay: nothing may be missing between `since` and the entries.
+    /// Judges a `since` replay: nothing may be missing between `since` and the entries. Only
+    /// the oldest messages are ever trimmed, so a `since` still in the history (or nothing ever
+    /// trimmed) means nothing after it is gone.
     fn judge_since(
         mut self,
         since: Offset,
         client_epoch: Option<&str>,
-        max_deleted: Offset,
-        last: Offset,
+        retained: Retained,
     ) -> Self {
         let same_epoch = match (&self.epoch, client_epoch) {
             (Some(current), Some(client)) => current == client,
             (Some(_), None) => true,
             (None, _) => false,
         };
-        self.complete = same_epoch && since >= max_deleted && since <= last;
+        let nothing_missing = !retained.trimmed
+            || since == retained.last
+            || retained.first.is_some_and(|first| since >= first);
+        self.complete = same_epoch && since <= retained.last && nothing_missing;
         self
     }
+}
+
+/// What a room's history still holds, for judging a replay.
+#[derive(Debug, Clone, Copy)]
+struct Retained {
+    /// The oldest offset kept, if any message is.
+    first: Option<Offset>,
+    /// The newest offset ever given out.
+    last: Offset,
+    /// Whether any message was ever trimmed away.
+    trimmed: bool,
 }
 
 /// The node's broker: in-process or Redis.
@@ -343,40 +358,54 @@ mod tests {
             ..History::default()
         };
         let offset = |ms| Offset { ms, seq: 0 };
-        let (max_deleted, last) = (offset(10), offset(50));
-        assert!(
-            history(Some("e"))
-                .judge_since(offset(20), Some("e"), max_deleted, last)
+        let trimmed = Retained {
+            first: Some(offset(10)),
+            last: offset(50),
+            trimmed: true,
+        };
+        let judge = |epoch, since, client, retained| {
+            history(epoch)
+                .judge_since(offset(since), client, retained)
                 .complete
+        };
+        assert!(judge(Some("e"), 20, Some("e"), trimmed));
+        assert!(
+            judge(Some("e"), 10, None, trimmed),
+            "since is the oldest kept"
         );
         assert!(
-            history(Some("e"))
-                .judge_since(offset(10), None, max_deleted, last)
-                .complete
+            !judge(Some("e"), 9, None, trimmed),
+            "something after 9 may be gone"
         );
         assert!(
-            !history(Some("e"))
-                .judge_since(offset(9), None, max_deleted, last)
-                .complete,
-            "trimmed"
+            judge(
+                Some("e"),
+                0,
+                None,
+                Retained {
+                    trimmed: false,
+                    ..trimmed
+                }
+            ),
+            "nothing ever trimmed"
         );
+        assert!(!judge(Some("e"), 20, Some("old"), trimmed), "another epoch");
         assert!(
-            !history(Some("e"))
-                .judge_since(offset(20), Some("old"), max_deleted, last)
-                .complete,
-            "epoch"
+            !judge(Some("e"), 60, None, trimmed),
+            "an offset from the future"
         );
+        assert!(!judge(None, 20, None, trimmed), "no history");
         assert!(
-            !history(Some("e"))
-                .judge_since(offset(60), None, max_deleted, last)
-                .complete,
-            "future"
-        );
-        assert!(
-            !history(None)
-                .judge_since(offset(20), None, max_deleted, last)
-                .complete,
-            "no history"
+            judge(
+                Some("e"),
+                50,
+                None,
+                Retained {
+                    first: None,
+                    ..trimmed
+                }
+            ),
+            "all trimmed, but seen"
         );
     }
 }

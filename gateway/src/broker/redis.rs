@@ -23,8 +23,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
 use super::{
-    BrokerError, History, HistorySettings, Published, SharedInbox, decode_envelope, new_epoch,
-    now_micros,
+    BrokerError, History, HistorySettings, Published, Retained, SharedInbox, decode_envelope,
+    new_epoch, now_micros,
 };
 use crate::metrics;
 use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
@@ -188,33 +188,48 @@ impl RedisBroker {
             Replay::Since { offset, .. } => vec!["since".to_owned(), offset.to_string()],
             Replay::Last(count) => vec!["last".to_owned(), count.to_string()],
         };
-        let (epoch, max_deleted, last, raw): (String, String, String, Vec<(String, Vec<String>)>) =
-            self.scripts
-                .history
-                .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
-                .await?;
+        type Reply = (String, String, String, i64, Vec<(String, Vec<String>)>);
+        let (epoch, first, last, trimmed, raw): Reply = self
+            .scripts
+            .history
+            .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
+            .await?;
+        let parse = |id: &str| Offset::parse(id).ok_or(BrokerError::Reply("stream id"));
         if epoch.is_empty() {
-            return Ok(History::default().judge_since_if(replay, Offset::ZERO, Offset::ZERO));
+            let nothing = Retained {
+                first: None,
+                last: Offset::ZERO,
+                trimmed: true,
+            };
+            return Ok(History::default().judge_since_if(replay, nothing));
         }
         if !is_valid_epoch(&epoch) {
             return Err(BrokerError::Reply("epoch"));
         }
         let mut entries = Vec::with_capacity(raw.len());
         for (id, fields) in raw {
-            let offset = Offset::parse(&id).ok_or(BrokerError::Reply("stream id"))?;
+            let offset = parse(&id)?;
             let frame = fields.get(1).ok_or(BrokerError::Reply("stream entry"))?;
             entries.push((offset, Utf8Bytes::from(with_offset(frame, offset, &epoch))));
         }
         if matches!(replay, Replay::Last(_)) {
             entries.reverse();
         }
-        let history = History {
+        let retained = Retained {
+            first: if first.is_empty() {
+                None
+            } else {
+                Some(parse(&first)?)
+            },
+            last: parse(&last)?,
+            trimmed: trimmed != 0,
+        };
+        Ok(History {
             epoch: Some(epoch),
             entries,
             complete: false,
-        };
-        let parse = |id: &str| Offset::parse(id).ok_or(BrokerError::Reply("stream id"));
-        Ok(history.judge_since_if(replay, parse(&max_deleted)?, parse(&last)?))
+        }
+        .judge_since_if(replay, retained))
     }
 
     pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {

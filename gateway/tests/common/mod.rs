@@ -297,6 +297,17 @@ pub struct Client {
     pub node: String,
 }
 
+/// What [`Client::next_event`] saw.
+#[derive(Debug)]
+pub enum Event {
+    /// A text frame.
+    Frame(Value),
+    /// The connection ended.
+    Ended(Ended),
+    /// Nothing within the wait.
+    Quiet,
+}
+
 /// How a connection ended, as the client saw it.
 #[derive(Debug, PartialEq)]
 pub enum Ended {
@@ -309,27 +320,35 @@ pub enum Ended {
 impl Client {
     /// Connects and reads the `userId` welcome frame.
     pub async fn connect(url: &str) -> Client {
-        let (socket, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("connect in time")
-            .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
-        let mut client = Client {
-            socket,
-            pending: Default::default(),
-            user_id: String::new(),
-            node: String::new(),
-        };
-        let welcome = client.recv().await;
-        assert_eq!(
-            welcome["type"], "userId",
-            "first frame is userId: {welcome}"
-        );
-        client.user_id = welcome["userId"]
-            .as_str()
-            .expect("userId is a string")
-            .to_owned();
-        client.node = welcome["node"].as_str().unwrap_or_default().to_owned();
-        client
+        match Self::try_connect(url, PATIENCE).await {
+            Ok(client) => client,
+            Err(error) => panic!("connect to {url}: {error}"),
+        }
+    }
+
+    /// The next thing that happens on the connection, without panicking on a close.
+    pub async fn next_event(&mut self, wait: Duration) -> Event {
+        if let Some(frame) = self.pending.pop_front() {
+            return Event::Frame(frame);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.socket.next()).await else {
+                return Event::Quiet;
+            };
+            return match next {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+                    Ok(frame) => Event::Frame(frame),
+                    Err(_) => continue,
+                },
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => {
+                    Event::Ended(Ended::Closed(code.into()))
+                }
+                Some(Ok(Message::Close(None))) => Event::Ended(Ended::Closed(1005)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Event::Ended(Ended::Dropped),
+            };
+        }
     }
 
     /// Sends a text frame as is.
@@ -475,5 +494,172 @@ pub mod tempdir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+}
+
+impl Client {
+    /// Like [`Client::connect`], but a refused or failed handshake (or a connection that ends
+    /// before the welcome frame) is returned as an error instead of failing the test, so a
+    /// caller can retry, e.g. while a load balancer has not yet noticed a dead node.
+    pub async fn try_connect(url: &str, within: Duration) -> Result<Client, String> {
+        let (socket, _) = tokio::time::timeout(within, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| format!("no handshake with {url} within {within:?}"))?
+            .map_err(|error| format!("connect to {url}: {error}"))?;
+        let mut client = Client {
+            socket,
+            pending: Default::default(),
+            user_id: String::new(),
+            node: String::new(),
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        let welcome: Value = loop {
+            match tokio::time::timeout_at(deadline, client.socket.next()).await {
+                Err(_) => return Err(format!("no welcome frame from {url} within {within:?}")),
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    break serde_json::from_str(&text)
+                        .map_err(|error| format!("welcome frame is not JSON ({error}): {text}"))?;
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Err(format!("closed before the welcome frame: {frame:?}"));
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(error))) => return Err(format!("read failed: {error}")),
+                Ok(None) => return Err("connection ended before the welcome frame".into()),
+            }
+        };
+        if welcome["type"] != "userId" {
+            return Err(format!("first frame is not userId: {welcome}"));
+        }
+        client.user_id = welcome["userId"]
+            .as_str()
+            .ok_or_else(|| format!("userId is not a string: {welcome}"))?
+            .to_owned();
+        client.node = welcome["node"].as_str().unwrap_or_default().to_owned();
+        Ok(client)
+    }
+}
+
+/// The answer to a raw HTTP request: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first value of a header, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Sends a WebSocket upgrade request for `path` with extra `headers` over a raw socket and
+/// reads the reply head (and body, if the server refused). `None` if nothing answered.
+pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<HttpReply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // Read the head; a refusal also carries a short body, read until the server closes or the
+    // announced length arrived. A 101 is left open: nothing more is read.
+    let head_end = loop {
+        let read = stream.read(&mut buffer).ok()?;
+        if read == 0 {
+            break raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        }
+        raw.extend_from_slice(&buffer[..read]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let mut body = raw[head_end + 4..].to_vec();
+    if status != 101 {
+        let length = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .and_then(|(_, value)| value.parse::<usize>().ok());
+        while length.is_none_or(|length| body.len() < length) {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => body.extend_from_slice(&buffer[..read]),
+            }
+        }
+    }
+    Some(HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+impl Client {
+    /// Connects with extra handshake headers (`Sec-WebSocket-Protocol`, `Origin`, ...) and
+    /// reads the welcome frame; returns the client and the server's handshake response, or
+    /// the handshake error (e.g. `Http(response)` with a 401).
+    pub async fn connect_with_headers(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<
+        (
+            Client,
+            tokio_tungstenite::tungstenite::handshake::client::Response,
+        ),
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                HeaderValue::from_str(value).expect("header value"),
+            );
+        }
+        let (socket, response) =
+            tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+                .await
+                .expect("handshake in time")?;
+        let mut client = Client {
+            socket,
+            pending: Default::default(),
+            user_id: String::new(),
+            node: String::new(),
+        };
+        let welcome = client.recv().await;
+        assert_eq!(
+            welcome["type"], "userId",
+            "first frame is userId: {welcome}"
+        );
+        client.user_id = welcome["userId"].as_str().expect("userId").to_owned();
+        client.node = welcome["node"].as_str().unwrap_or_default().to_owned();
+        Ok((client, response))
+    }
+
+    /// Splits off the raw socket, for tests that read and write at once.
+    pub fn into_socket(self) -> WebSocketStream<MaybeTlsStream<AsyncTcpStream>> {
+        self.socket
     }
 }

@@ -1,0 +1,511 @@
+//! Nothing lost: history and resume on any node, presence across the cluster and after a node
+//! dies, Redis outages, node kills and rolling restarts — all against real processes.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{Client, Ended, Node, PATIENCE, Redis, wait_until};
+use serde_json::{Value, json};
+
+/// A message frame's offset as `(ms, seq)`, for ordering checks.
+fn offset_of(frame: &Value) -> (u64, u64) {
+    let text = frame["offset"]
+        .as_str()
+        .expect("message frames carry an offset");
+    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// Reads message frames until `count` arrived.
+async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            got.push(frame);
+        }
+    }
+    got
+}
+
+fn texts(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|frame| frame["message"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+    let redis = Redis::start();
+    let a = Node::clustered("node-a", &redis, &[]);
+    let b = Node::clustered("node-b", &redis, &[]);
+    let mut sender = Client::connect(&b.ws_url("/ws?room=r")).await;
+    let mut reader = Client::connect(&a.ws_url("/ws?room=r")).await;
+
+    for text in ["m1", "m2"] {
+        sender.say("r", text).await;
+    }
+    let seen = messages(&mut reader, 2).await;
+    assert!(
+        offset_of(&seen[0]) < offset_of(&seen[1]),
+        "offsets increase"
+    );
+    let last = seen[1]["offset"].as_str().unwrap().to_owned();
+    let epoch = seen[1]["epoch"].as_str().unwrap().to_owned();
+    drop(reader);
+
+    for text in ["m3", "m4", "m5"] {
+        sender.say("r", text).await;
+    }
+    // Back on the other node, in another room first, then resuming `r` with a typed join.
+    let mut back = Client::connect(&b.ws_url("/ws?room=elsewhere")).await;
+    back.send(json!({"type":"join","room":"r","since":last,"epoch":epoch,"ref":1}))
+        .await;
+    let joined = back.recv().await;
+    assert_eq!(joined["type"], "joined");
+    assert_eq!(joined["recovered"], true, "{joined}");
+    assert_eq!(joined["ref"], 1);
+    sender.say("r", "m6").await;
+    let resumed = messages(&mut back, 4).await;
+    assert_eq!(
+        texts(&resumed),
+        ["m3", "m4", "m5", "m6"],
+        "missed messages, in order, then live"
+    );
+    assert_eq!(
+        back.recv_within(Duration::from_millis(300)).await,
+        None,
+        "no duplicates"
+    );
+
+    // The seed-style form: `since` in the query replays into the default room.
+    let mut seedish = Client::connect(&a.ws_url(&format!("/ws?room=r&since={last}"))).await;
+    assert_eq!(seedish.recv().await["recovered"], true);
+    assert_eq!(
+        texts(&messages(&mut seedish, 4).await),
+        ["m3", "m4", "m5", "m6"]
+    );
+}
+
+#[tokio::test]
+async fn a_join_can_ask_for_the_last_messages() {
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &[]);
+    let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
+    for i in 0..5 {
+        sender.say("r", &format!("n{i}")).await;
+    }
+    let mut late = Client::connect(&node.ws_url("/ws?room=lobby")).await;
+    late.send(json!({"type":"join","room":"r","last":3})).await;
+    let joined = late.recv().await;
+    assert_eq!(joined["type"], "joined");
+    assert!(joined["epoch"].is_string());
+    assert_eq!(texts(&messages(&mut late, 3).await), ["n2", "n3", "n4"]);
+}
+
+#[tokio::test]
+async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovered() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let node = Node::clustered(
+        "node-a",
+        &redis,
+        &[
+            "--history-max-len",
+            "5",
+            "--conn-message-rate",
+            "10000",
+            "--conn-message-burst",
+            "10000",
+            "--user-message-rate",
+            "10000",
+            "--user-message-burst",
+            "10000",
+        ],
+    );
+    let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
+    sender.say("r", "first").await;
+    let first = messages(&mut sender, 1).await.remove(0);
+    // Enough that Redis's approximate trimming must have dropped the first message.
+    for i in 0..300 {
+        sender.say("r", &format!("x{i}")).await;
+    }
+    let since = first["offset"].as_str().unwrap();
+    let mut late = Client::connect(&node.ws_url("/ws?room=lobby")).await;
+    late.send(json!({"type":"join","room":"r","since":since}))
+        .await;
+    assert_eq!(
+        late.recv_type("joined").await["recovered"],
+        false,
+        "trimmed history is not recovered"
+    );
+
+    // Redis restarts without persistence: the history and its epoch are gone.
+    let last = messages(&mut sender, 300).await.pop().unwrap();
+    redis.kill();
+    let _redis = Redis::start_on(port);
+    wait_until("the node to be ready again", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    let mut again = Client::connect(&node.ws_url("/ws?room=lobby")).await;
+    again
+        .send(json!({"type":"join","room":"r","since":last["offset"],"epoch":last["epoch"]}))
+        .await;
+    assert_eq!(
+        again.recv_type("joined").await["recovered"],
+        false,
+        "a lost epoch is detected"
+    );
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
+    let redis = Redis::start();
+    let ttl = ["--presence-ttl", "1500ms"];
+    let a = Node::clustered("node-a", &redis, &ttl);
+    let mut b = Node::clustered("node-b", &redis, &ttl);
+    let mut watcher = Client::connect(&a.ws_url("/ws?room=p&name=watcher&presence=true")).await;
+    let doomed = Client::connect(&b.ws_url("/ws?room=p&name=doomed")).await;
+
+    let joined = watcher.recv_type("presence_event").await;
+    let joined = if joined["userId"] == watcher.user_id.as_str() {
+        watcher.recv_type("presence_event").await
+    } else {
+        joined
+    };
+    assert_eq!(
+        (joined["event"].as_str(), joined["userId"].as_str()),
+        (Some("join"), Some(doomed.user_id.as_str()))
+    );
+    assert_eq!(joined["name"], "doomed");
+
+    watcher
+        .send(json!({"type":"presence","room":"p","ref":"who"}))
+        .await;
+    let listed = watcher.recv_type("presence").await;
+    assert_eq!(listed["ref"], "who");
+    let mut ids: Vec<&str> = listed["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut expected = vec![watcher.user_id.as_str(), doomed.user_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "both users, across both nodes");
+
+    let killed_at = Instant::now();
+    b.process.signal("KILL");
+    b.process.wait_exit(Duration::from_secs(5));
+    let left = watcher.recv_type("presence_event").await;
+    let expired_after = killed_at.elapsed();
+    assert_eq!(
+        (left["event"].as_str(), left["userId"].as_str()),
+        (Some("leave"), Some(doomed.user_id.as_str()))
+    );
+    // TTL plus one heartbeat period (a third of it) is the documented bound.
+    assert!(
+        expired_after < Duration::from_millis(1500 + 500 + 1000),
+        "left after {expired_after:?}"
+    );
+    watcher.send(json!({"type":"presence","room":"p"})).await;
+    let listed = watcher.recv_type("presence").await;
+    assert_eq!(listed["users"].as_array().unwrap().len(), 1, "{listed}");
+    drop(doomed);
+}
+
+#[tokio::test]
+async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recovers() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let extra = ["--redis-timeout", "500ms", "--presence-ttl", "1500ms"];
+    let a = Node::clustered("node-a", &redis, &extra);
+    let b = Node::clustered("node-b", &redis, &extra);
+    let mut sender = Client::connect(&a.ws_url("/ws?room=o")).await;
+    let mut reader = Client::connect(&b.ws_url("/ws?room=o")).await;
+    sender.say("o", "before").await;
+    assert_eq!(messages(&mut reader, 1).await[0]["message"], "before");
+
+    redis.kill();
+    wait_until("node a to notice", || {
+        a.get("/readyz").is_some_and(|(status, _)| status == 503)
+    });
+    sender
+        .send(json!({"type":"message","message":"during","ref":"d"}))
+        .await;
+    let failed = sender.recv_type("error").await;
+    assert_eq!(
+        (failed["code"].as_str(), failed["ref"].as_str()),
+        (Some("publish_failed"), Some("d"))
+    );
+
+    let restarted = Instant::now();
+    let _redis = Redis::start_on(port);
+    for node in [&a, &b] {
+        wait_until("the nodes to be ready again", || {
+            node.get("/readyz").is_some_and(|(status, _)| status == 200)
+        });
+    }
+    // Both nodes resubscribed: a message goes round again. Retry while subscriptions settle.
+    let deadline = Instant::now() + PATIENCE;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        sender
+            .send(json!({"type":"message","message":format!("after-{attempt}"),"ref":attempt}))
+            .await;
+        if let Some(frame) = reader.recv_within(Duration::from_millis(300)).await {
+            if frame["type"] == "message" {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "delivery did not recover");
+    }
+    eprintln!(
+        "delivery recovered {:?} after redis restarted",
+        restarted.elapsed()
+    );
+    // Presence is rebuilt by the heartbeat.
+    wait_until("presence to be rebuilt", || {
+        let (_, body) = a.get("/metrics").unwrap_or_default();
+        body.contains("chat_redis_connected")
+    });
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        reader.send(json!({"type":"presence","room":"o"})).await;
+        let listed = reader.recv_type("presence").await;
+        if listed["users"]
+            .as_array()
+            .is_some_and(|users| users.len() == 2)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence did not recover: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = Ended::Dropped;
+}
+
+/// Live node URLs, updated as nodes die and come back.
+type Live = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn live_urls(live: &Live) -> Vec<String> {
+    live.lock().unwrap().clone()
+}
+
+/// What one room member saw during churn.
+#[derive(Debug, Default)]
+struct Seen {
+    ids: Vec<String>,
+    offsets: Vec<(u64, u64)>,
+    reconnects: usize,
+    not_recovered: usize,
+}
+
+/// A member that reconnects to another live node whenever its connection ends, resuming from
+/// the last offset it saw, until `stop` is set and it has been quiet for a moment.
+async fn member(
+    index: usize,
+    live: Live,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Seen {
+    use std::sync::atomic::Ordering;
+    let mut seen = Seen::default();
+    let mut resume: Option<(String, String)> = None;
+    let mut attempt = index;
+    'connect: loop {
+        let urls = live_urls(&live);
+        attempt += 1;
+        let base = &urls[attempt % urls.len()];
+        let url = match &resume {
+            Some((offset, epoch)) => format!("{base}/ws?room=churn&since={offset}&epoch={epoch}"),
+            None => format!("{base}/ws?room=churn"),
+        };
+        let Ok(mut client) = Client::try_connect(&url, Duration::from_secs(2)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        loop {
+            match client.next_event(Duration::from_millis(500)).await {
+                common::Event::Frame(frame) if frame["type"] == "message" => {
+                    seen.ids.push(frame["id"].as_str().unwrap().to_owned());
+                    seen.offsets.push(offset_of(&frame));
+                    let offset = frame["offset"].as_str().unwrap().to_owned();
+                    resume = Some((offset, frame["epoch"].as_str().unwrap().to_owned()));
+                }
+                common::Event::Frame(frame) if frame["type"] == "joined" => {
+                    if frame["recovered"] != true {
+                        seen.not_recovered += 1;
+                    }
+                }
+                common::Event::Frame(_) => {}
+                common::Event::Ended(_) => {
+                    seen.reconnects += 1;
+                    continue 'connect;
+                }
+                common::Event::Quiet if stop.load(Ordering::SeqCst) => return seen,
+                common::Event::Quiet => {}
+            }
+        }
+    }
+}
+
+/// Sends numbered messages at a steady pace, moving to another live node when its node goes
+/// away; returns the ids of the messages the cluster acknowledged.
+async fn sender(live: Live, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    let mut acked = Vec::new();
+    let mut attempt = 0;
+    let mut seq = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let urls = live_urls(&live);
+        attempt += 1;
+        let url = format!("{}/ws?room=churn-sender", urls[attempt % urls.len()]);
+        let Ok(mut client) = Client::try_connect(&url, Duration::from_secs(2)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        client
+            .send(json!({"type":"join","room":"churn","ref":"join"}))
+            .await;
+        'sending: while !stop.load(Ordering::SeqCst) {
+            seq += 1;
+            client
+                .send(
+                    json!({"type":"message","room":"churn","message":format!("m{seq}"),"ref":seq}),
+                )
+                .await;
+            loop {
+                match client.next_event(Duration::from_secs(2)).await {
+                    common::Event::Frame(frame)
+                        if frame["type"] == "ack" && frame["ref"] == seq =>
+                    {
+                        acked.push(frame["id"].as_str().unwrap().to_owned());
+                        break;
+                    }
+                    // Refused (e.g. the node is draining): not sent; try the next one.
+                    common::Event::Frame(frame) if frame["type"] == "error" => break,
+                    common::Event::Frame(_) => {}
+                    common::Event::Ended(_) | common::Event::Quiet => break 'sending,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    acked
+}
+
+/// Runs members and a sender while `churn` disrupts the cluster, then checks that every member
+/// received every acknowledged message exactly once, in offset order.
+async fn assert_nothing_lost_during(live: Live, churn: impl std::future::Future<Output = ()>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let members: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(member(i, live.clone(), stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sending = tokio::spawn(sender(live.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    churn.await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let acked = sending.await.expect("sender");
+    assert!(
+        acked.len() > 20,
+        "the sender kept going through the churn: {} acked",
+        acked.len()
+    );
+    let mut total_reconnects = 0;
+    for (index, member) in members.into_iter().enumerate() {
+        let seen = member.await.expect("member");
+        total_reconnects += seen.reconnects;
+        assert_eq!(
+            seen.not_recovered, 0,
+            "member {index} was told history was lost"
+        );
+        assert!(
+            seen.offsets.windows(2).all(|pair| pair[0] < pair[1]),
+            "member {index}: offsets out of order or repeated"
+        );
+        let unique: HashSet<&String> = seen.ids.iter().collect();
+        assert_eq!(
+            unique.len(),
+            seen.ids.len(),
+            "member {index} got a duplicate"
+        );
+        let missing: Vec<&String> = acked.iter().filter(|id| !unique.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "member {index} lost {} of {} acked messages",
+            missing.len(),
+            acked.len()
+        );
+    }
+    eprintln!(
+        "{} acked messages, 6 members, {total_reconnects} reconnects, 0 lost, 0 duplicated",
+        acked.len()
+    );
+    assert!(total_reconnects > 0, "the churn disconnected someone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_traffic_loses_no_message_for_clients_that_resume_elsewhere() {
+    let redis = Redis::start();
+    let nodes = ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, &redis, &[]));
+    let live: Live = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes
+            .iter()
+            .map(|n| format!("ws://127.0.0.1:{}", n.port))
+            .collect(),
+    ));
+    let [a, b, mut c] = nodes;
+    let killed_url = format!("ws://127.0.0.1:{}", c.port);
+    let churn = async {
+        live.lock().unwrap().retain(|url| *url != killed_url);
+        c.process.signal("KILL");
+    };
+    assert_nothing_lost_during(live.clone(), churn).await;
+    c.process.wait_exit(Duration::from_secs(5));
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_node_under_load_loses_no_message() {
+    let redis = Redis::start();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|id| Node::clustered(id, &redis, &[]))
+        .collect();
+    let live: Live = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes
+            .iter()
+            .map(|n| format!("ws://127.0.0.1:{}", n.port))
+            .collect(),
+    ));
+    let churn = async {
+        for index in 0..nodes.len() {
+            let old = format!("ws://127.0.0.1:{}", nodes[index].port);
+            // The load balancer stops sending new clients to a draining node.
+            live.lock().unwrap().retain(|url| *url != old);
+            nodes[index].process.signal("TERM");
+            assert_eq!(
+                nodes[index].process.wait_exit(Duration::from_secs(10)),
+                Some(0)
+            );
+            let id = nodes[index].id.clone();
+            nodes[index] = Node::clustered(&id, &redis, &[]);
+            live.lock()
+                .unwrap()
+                .push(format!("ws://127.0.0.1:{}", nodes[index].port));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    assert_nothing_lost_during(live.clone(), churn).await;
+}
