@@ -298,7 +298,17 @@ async fn health_readiness_and_metrics_answer() {
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
     const MESSAGES: usize = 1000;
-    let node = Node::single(&["--outbox-capacity", "64", "--max-chat-bytes", "16384"]);
+    // The sender sends as fast as acks come back: far over the default message rate limits.
+    let node = Node::single(&[
+        "--outbox-capacity",
+        "64",
+        "--max-chat-bytes",
+        "16384",
+        "--conn-message-rate",
+        "0",
+        "--user-message-rate",
+        "0",
+    ]);
     // Connected and then never read from, until the end.
     let mut slow = Client::connect(&node.ws_url("/ws?room=busy")).await;
     let mut fast = Client::connect(&node.ws_url("/ws?room=busy")).await;
