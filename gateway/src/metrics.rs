@@ -44,6 +44,7 @@ pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prome
         )?
         .install_recorder()?;
     describe();
+    register_at_zero();
     Ok(handle)
 }
 
@@ -94,6 +95,24 @@ fn describe() {
         POLICY_CLOSES,
         "Connections closed by a security policy, by reason (rate_limit, token_expired)"
     );
+}
+
+/// Creates the series that only move on rare events, so dashboards and `rate()` see them from
+/// the start instead of from their first increment.
+fn register_at_zero() {
+    for name in [
+        CONNECTIONS_ACCEPTED,
+        MESSAGES_RECEIVED,
+        MESSAGES_PUBLISHED,
+        MESSAGES_DELIVERED,
+        SLOW_CONSUMER_DISCONNECTS,
+        BROKER_LAG_EVENTS,
+        BROKER_LAGGED_MESSAGES,
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!(CONNECTIONS_OPEN).set(0.0);
+    gauge!(ROOMS_LOCAL).set(0.0);
 }
 
 /// A connection was accepted and is now open.

@@ -138,7 +138,9 @@ pub async fn serve(
     };
     // The writer starts only once the default room is joined, so the welcome frame (queued
     // first) tells the client it will now receive the room's messages.
-    session.start().await;
+    // Joining, handling a frame and leaving await broker calls whose futures are large; boxing
+    // them keeps an idle connection's task small (they exist only while they run).
+    Box::pin(session.start()).await;
     let writer = tokio::spawn(write_loop(
         sink,
         receiver,
@@ -147,7 +149,7 @@ pub async fn serve(
         shutdown,
     ));
     session.read_loop(stream, &liveness, &close).await;
-    session.leave_all().await;
+    Box::pin(session.leave_all()).await;
     if let Err(error) = writer.await {
         tracing::error!(%error, "connection writer failed");
     }
@@ -301,7 +303,7 @@ impl Session {
             match message {
                 Message::Text(text) => {
                     match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
-                        Ok(frame) => self.handle(frame).await,
+                        Ok(frame) => Box::pin(self.handle(frame)).await,
                         Err(refusal) => self.refuse(refusal),
                     }
                 }
