@@ -355,6 +355,9 @@ start_node() {
     port_in_use "$port" && die "port $port (node-$i) is already in use; set CLUSTER_NODE_BASE_PORT or CLUSTER_NODE_PORTS"
     # Plain log files: no ANSI colours from the gateway's text logger.
     export NO_COLOR=${NO_COLOR:-1}
+    # nginx on $HOST is the clients' way in: believe its X-Forwarded-For, so the
+    # per-address connection limit counts clients, not nginx.
+    export GATEWAY_TRUSTED_PROXIES=${GATEWAY_TRUSTED_PROXIES:-$HOST/32}
     spawn "node-$i" "$HOST:$port" "$logfile" \
         "$GATEWAY_BIN" --listen "$HOST:$port" --node-id "node-$i" \
         --redis-url "redis://$HOST:$CLUSTER_REDIS_PORT"
