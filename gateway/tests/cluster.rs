@@ -39,7 +39,7 @@ async fn a_message_sent_on_one_node_reaches_members_on_every_node_exactly_once()
 async fn concurrent_senders_on_different_nodes_see_one_order_everywhere() {
     let redis = Redis::start();
     let nodes = three_nodes(&redis);
-    const PER_SENDER: usize = 25;
+    const PER_SENDER: usize = 40;
     // Every member is in the room (its welcome frame says so) before anyone sends.
     let mut clients = Vec::new();
     for node in &nodes {

@@ -110,22 +110,7 @@ async fn a_join_can_ask_for_the_last_messages() {
 async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovered() {
     let redis = Redis::start();
     let port = redis.port;
-    let node = Node::clustered(
-        "node-a",
-        &redis,
-        &[
-            "--history-max-len",
-            "5",
-            "--conn-message-rate",
-            "10000",
-            "--conn-message-burst",
-            "10000",
-            "--user-message-rate",
-            "10000",
-            "--user-message-burst",
-            "10000",
-        ],
-    );
+    let node = Node::clustered("node-a", &redis, &["--history-max-len", "5"]);
     let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
     sender.say("r", "first").await;
     let first = messages(&mut sender, 1).await.remove(0);

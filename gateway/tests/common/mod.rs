@@ -228,6 +228,11 @@ impl Node {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--node-id", id])
             .args(extra)
             .env_remove("REDIS_URL")
+            // Abuse limits are off unless a test turns them on with flags (which win over
+            // these): the functional tests send in bursts and from one address on purpose.
+            .env("GATEWAY_CONN_MESSAGE_RATE", "0")
+            .env("GATEWAY_USER_MESSAGE_RATE", "0")
+            .env("GATEWAY_IP_CONNECT_RATE", "0")
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
