@@ -211,10 +211,10 @@ impl RoomState {
                 }
                 return true;
             }
-            if let (DeliveryKind::Chat(offset), Some(floor)) = (delivery.kind, member.floor) {
-                if offset <= floor {
-                    return true;
-                }
+            if let (DeliveryKind::Chat(offset), Some(floor)) = (delivery.kind, member.floor)
+                && offset <= floor
+            {
+                return true;
             }
             let queued = member.outbox.push(delivery.frame.clone()).is_ok();
             delivered += usize::from(queued);

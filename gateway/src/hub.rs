@@ -66,8 +66,11 @@ pub struct Hub {
     registry: Arc<Registry>,
     broker: Broker,
     /// Local connections per (room, user): presence is per user, not per connection.
-    presence: Mutex<HashMap<(RoomName, String), (usize, Option<String>)>>,
+    presence: Mutex<HashMap<(RoomName, String), LocalPresence>>,
 }
+
+/// How many local connections a user has in a room, and their display name.
+type LocalPresence = (usize, Option<String>);
 
 /// Settings the hub needs besides the broker's.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +95,7 @@ impl Hub {
             gaps: gaps.clone(),
         });
         let broker = match redis {
-            Some(redis) => Broker::Redis(RedisBroker::start(redis, inbox)?),
+            Some(redis) => Broker::Redis(Box::new(RedisBroker::start(redis, inbox)?)),
             None => Broker::InProcess(InProcessBroker::new(inbox, settings.history)),
         };
         let hub = Arc::new(Hub {
@@ -244,11 +247,12 @@ impl Hub {
                 None => false,
             }
         };
-        if last {
-            if let Err(error) = self.broker.presence_remove(room, &[user_id]).await {
-                // The entry expires on its own after the presence TTL.
-                tracing::warn!(%room, %error, "presence removal failed");
-            }
+        if !last {
+            return;
+        }
+        if let Err(error) = self.broker.presence_remove(room, &[user_id]).await {
+            // The entry expires on its own after the presence TTL.
+            tracing::warn!(%room, %error, "presence removal failed");
         }
     }
 

@@ -146,8 +146,7 @@ proptest! {
     #[test]
     fn display_names_follow_the_documented_rule(name in prop_oneof![any::<String>(), "\\PC{0,70}"]) {
         let chars = name.chars().count();
-        let expected = chars >= 1
-            && chars <= MAX_DISPLAY_NAME_CHARS
+        let expected = (1..=MAX_DISPLAY_NAME_CHARS).contains(&chars)
             && !name.chars().any(char::is_control);
         prop_assert_eq!(validate_display_name(&name).is_ok(), expected);
     }

@@ -243,10 +243,10 @@ async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recov
         sender
             .send(json!({"type":"message","message":format!("after-{attempt}"),"ref":attempt}))
             .await;
-        if let Some(frame) = reader.recv_within(Duration::from_millis(300)).await {
-            if frame["type"] == "message" {
-                break;
-            }
+        if let Some(frame) = reader.recv_within(Duration::from_millis(300)).await
+            && frame["type"] == "message"
+        {
+            break;
         }
         assert!(Instant::now() < deadline, "delivery did not recover");
     }
@@ -475,20 +475,17 @@ async fn a_rolling_restart_of_every_node_under_load_loses_no_message() {
             .collect(),
     ));
     let churn = async {
-        for index in 0..nodes.len() {
-            let old = format!("ws://127.0.0.1:{}", nodes[index].port);
+        for node in nodes.iter_mut() {
+            let old = format!("ws://127.0.0.1:{}", node.port);
             // The load balancer stops sending new clients to a draining node.
             live.lock().unwrap().retain(|url| *url != old);
-            nodes[index].process.signal("TERM");
-            assert_eq!(
-                nodes[index].process.wait_exit(Duration::from_secs(10)),
-                Some(0)
-            );
-            let id = nodes[index].id.clone();
-            nodes[index] = Node::clustered(&id, &redis, &[]);
+            node.process.signal("TERM");
+            assert_eq!(node.process.wait_exit(Duration::from_secs(10)), Some(0));
+            let id = node.id.clone();
+            *node = Node::clustered(&id, &redis, &[]);
             live.lock()
                 .unwrap()
-                .push(format!("ws://127.0.0.1:{}", nodes[index].port));
+                .push(format!("ws://127.0.0.1:{}", node.port));
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     };

@@ -49,7 +49,9 @@ async fn the_seed_client_works_unchanged() {
             .collect();
         assert_eq!(
             keys,
-            ["epoch", "id", "message", "offset", "room", "ts", "type", "userId"],
+            [
+                "epoch", "id", "message", "offset", "room", "ts", "type", "userId"
+            ],
             "nothing beyond the documented fields"
         );
     }

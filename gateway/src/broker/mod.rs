@@ -139,8 +139,8 @@ struct Retained {
 pub enum Broker {
     /// Single node, no Redis.
     InProcess(InProcessBroker),
-    /// Cluster through Redis.
-    Redis(RedisBroker),
+    /// Cluster through Redis (boxed: it is much larger, and there is one per node).
+    Redis(Box<RedisBroker>),
 }
 
 impl Broker {
