@@ -49,4 +49,4 @@ echo "==> cargo test --workspace"
 cargo test --workspace --locked
 
 echo "==> k6 fan-out smoke run through nginx on the native cluster"
-./loadtest/k6/smoke.sh target/debug/chat-gateway
+./loadtest/k6/smoke.sh "${CARGO_TARGET_DIR:-target}/debug/chat-gateway"
