@@ -91,6 +91,23 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
+/// How many connections and over how many rooms (idle and storm).
+#[derive(Debug, Args)]
+pub struct LayoutArgs {
+    /// Connections to open.
+    #[arg(
+        long,
+        short = 'n',
+        env = "LOADGEN_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub connections: usize,
+
+    /// Rooms to spread the connections over.
+    #[arg(long, short = 'r', env = "LOADGEN_ROOMS", default_value_t = 100)]
+    pub rooms: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct FanoutArgs {
     #[command(flatten)]
@@ -148,18 +165,8 @@ pub struct IdleArgs {
     #[command(flatten)]
     pub output: OutputArgs,
 
-    /// Connections to open.
-    #[arg(
-        long,
-        short = 'n',
-        env = "LOADGEN_CONNECTIONS",
-        default_value_t = 10_000
-    )]
-    pub connections: usize,
-
-    /// Rooms to spread the connections over.
-    #[arg(long, short = 'r', env = "LOADGEN_ROOMS", default_value_t = 100)]
-    pub rooms: usize,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
 
     /// Wait after connecting before the "after" memory reading.
     #[arg(long, env = "LOADGEN_SETTLE", default_value = "3s", value_parser = parse_duration)]
@@ -189,18 +196,8 @@ pub struct StormArgs {
     #[command(flatten)]
     pub output: OutputArgs,
 
-    /// Connections to open.
-    #[arg(
-        long,
-        short = 'n',
-        env = "LOADGEN_CONNECTIONS",
-        default_value_t = 10_000
-    )]
-    pub connections: usize,
-
-    /// Rooms to spread the connections over.
-    #[arg(long, short = 'r', env = "LOADGEN_ROOMS", default_value_t = 100)]
-    pub rooms: usize,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
 
     /// How long to keep the connections after the storm, before closing them.
     #[arg(long, env = "LOADGEN_HOLD", default_value = "0s", value_parser = parse_duration)]

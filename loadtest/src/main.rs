@@ -23,7 +23,7 @@ fn main() -> Result<()> {
     let wanted = match &cli.scenario {
         Scenario::Fanout(a) => a.clients,
         Scenario::Idle(_) => 0,
-        Scenario::Storm(a) => a.connections,
+        Scenario::Storm(a) => a.layout.connections,
     } as u64;
     match sys::raise_nofile_limit() {
         Ok(limit) if limit < wanted + 64 => eprintln!(

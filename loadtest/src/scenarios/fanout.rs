@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{ConnectProgress, connect_all, layout, target_from};
+use super::{connect_clients, target_from};
 use crate::cli::FanoutArgs;
 use crate::client::{ClientSpec, Session};
 use crate::payload::{Probe, now_us};
@@ -116,30 +116,17 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     }
     let target = target_from(&args.target).await?;
     let url_strings: Vec<String> = target.urls.iter().map(|u| u.to_string()).collect();
-    let specs = layout(
-        0..args.clients,
-        args.rooms,
-        target.urls.len(),
-        &args.target.room_prefix,
-    );
 
     // Connect everybody.
-    let connect_progress = Arc::new(ConnectProgress::default());
-    let guard = {
-        let p = connect_progress.clone();
-        progress::spawn(args.output.quiet, move |t| {
-            Some(p.line("fanout connect", t))
-        })
-    };
-    let (sessions, connect_report, _) = connect_all(
-        target.clone(),
-        specs,
-        args.target.connect_concurrency,
-        args.target.connect_rate,
-        connect_progress,
+    let (sessions, connect_report, _) = connect_clients(
+        &target,
+        &args.target,
+        0..args.clients,
+        args.rooms,
+        "fanout connect".into(),
+        args.output.quiet,
     )
     .await;
-    drop(guard);
     if sessions.is_empty() {
         bail!("no client could connect: {:?}", connect_report.failures);
     }

@@ -12,20 +12,18 @@
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::watch;
 
-use super::{ConnectProgress, connect_all, hold_all, join_held, layout, target_from};
+use super::{Held, connect_clients, connect_report, target_from};
 use crate::cli::IdleArgs;
 use crate::progress;
 use crate::report::{self, ConnectReport, IdleReport, RssPerConnection};
-use crate::stats::{LatencySummary, Tally, new_histogram};
+use crate::stats::new_histogram;
 use crate::sys::{self, ProcUsage, Snapshot, round3};
 
 /// Descriptors each process keeps free for everything besides client sockets (`/proc` reads,
@@ -82,7 +80,7 @@ fn share(n: usize, workers: usize, w: usize) -> (usize, usize) {
 }
 
 pub async fn run(args: IdleArgs) -> Result<()> {
-    if args.connections == 0 {
+    if args.layout.connections == 0 {
         bail!("--connections must be at least 1");
     }
     if args.worker {
@@ -90,7 +88,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     }
     let per_process = sys::nofile_limit().saturating_sub(FD_RESERVE).max(1) as usize;
     let workers = match args.workers {
-        0 => args.connections.div_ceil(per_process),
+        0 => args.layout.connections.div_ceil(per_process),
         w => w,
     };
     if workers <= 1 {
@@ -125,8 +123,8 @@ fn emit_report(
         scenario: "idle",
         protocol,
         urls,
-        connections: args.connections as u64,
-        rooms: args.rooms as u64,
+        connections: args.layout.connections as u64,
+        rooms: args.layout.rooms as u64,
         connect: m.connect,
         settle_s: args.settle.as_secs_f64(),
         hold_s: args.hold.as_secs_f64(),
@@ -151,33 +149,21 @@ fn emit_report(
 /// All connections in this process.
 async fn run_local(args: IdleArgs) -> Result<()> {
     let target = target_from(&args.target).await?;
-    let specs = layout(
-        0..args.connections,
-        args.rooms,
-        target.urls.len(),
-        &args.target.room_prefix,
-    );
     let before = sys::snapshot(&args.output.pids);
 
-    let connect_progress = Arc::new(ConnectProgress::default());
-    let guard = {
-        let p = connect_progress.clone();
-        progress::spawn(args.output.quiet, move |t| Some(p.line("idle connect", t)))
-    };
-    let (sessions, connect, _) = connect_all(
-        target.clone(),
-        specs,
-        args.target.connect_concurrency,
-        args.target.connect_rate,
-        connect_progress,
+    let (sessions, connect, _) = connect_clients(
+        &target,
+        &args.target,
+        0..args.layout.connections,
+        args.layout.rooms,
+        "idle connect".into(),
+        args.output.quiet,
     )
     .await;
-    drop(guard);
     let connected = sessions.len() as u64;
 
-    let disconnects = Arc::new(Tally::default());
-    let (stop, stop_rx) = watch::channel(false);
-    let held = hold_all(sessions, stop_rx, disconnects.clone());
+    let held = Held::start(sessions);
+    let disconnects = held.disconnects.clone();
 
     let guard = {
         let d = disconnects.clone();
@@ -197,13 +183,12 @@ async fn run_local(args: IdleArgs) -> Result<()> {
     drop(guard);
 
     let open_at_end = connected - disconnects.total().min(connected);
-    let _ = stop.send(true);
-    join_held(held, Duration::from_secs(10)).await;
+    let disconnects = held.release().await;
 
     let measured = Measured {
         connect,
         open_at_end,
-        disconnects: disconnects.snapshot(),
+        disconnects,
         loadgen_cpu_s: before.self_cpu_until(&held_snapshot),
         loadgen_rss_kib: settled.self_rss_kib(),
         before,
@@ -249,27 +234,15 @@ fn print_line<T: Serialize>(value: &T) -> Result<()> {
 async fn run_worker(args: IdleArgs) -> Result<()> {
     let target = target_from(&args.target).await?;
     let first = args.index_offset;
-    let specs = layout(
-        first..first + args.connections,
-        args.rooms,
-        target.urls.len(),
-        &args.target.room_prefix,
-    );
-    let connect_progress = Arc::new(ConnectProgress::default());
-    let guard = {
-        let p = connect_progress.clone();
-        let label = format!("idle connect worker@{first}");
-        progress::spawn(args.output.quiet, move |t| Some(p.line(&label, t)))
-    };
-    let (sessions, connect, setup) = connect_all(
-        target.clone(),
-        specs,
-        args.target.connect_concurrency,
-        args.target.connect_rate,
-        connect_progress,
+    let (sessions, connect, setup) = connect_clients(
+        &target,
+        &args.target,
+        first..first + args.layout.connections,
+        args.layout.rooms,
+        format!("idle connect worker@{first}"),
+        args.output.quiet,
     )
     .await;
-    drop(guard);
     let connected = sessions.len() as u64;
     print_line(&WorkerConnected {
         connect,
@@ -280,9 +253,7 @@ async fn run_worker(args: IdleArgs) -> Result<()> {
         rss_kib: sys::snapshot(&[]).self_rss_kib(),
     })?;
 
-    let disconnects = Arc::new(Tally::default());
-    let (stop, stop_rx) = watch::channel(false);
-    let held = hold_all(sessions, stop_rx, disconnects.clone());
+    let held = Held::start(sessions);
 
     // Hold until the coordinator closes our stdin (or goes away).
     let mut stdin = tokio::io::stdin();
@@ -293,12 +264,11 @@ async fn run_worker(args: IdleArgs) -> Result<()> {
         }
     }
 
-    let open_at_end = connected - disconnects.total().min(connected);
-    let _ = stop.send(true);
-    join_held(held, Duration::from_secs(10)).await;
+    let open_at_end = connected - held.disconnects.total().min(connected);
+    let disconnects = held.release().await;
     print_line(&WorkerDone {
         open_at_end,
-        disconnects: disconnects.snapshot(),
+        disconnects,
         cpu_s: sys::self_cpu_seconds(),
     })
 }
@@ -307,13 +277,13 @@ async fn run_worker(args: IdleArgs) -> Result<()> {
 /// rate.
 fn worker_args(args: &IdleArgs, workers: usize, w: usize) -> Vec<String> {
     let t = &args.target;
-    let (first, count) = share(args.connections, workers, w);
+    let (first, count) = share(args.layout.connections, workers, w);
     let mut a: Vec<String> = vec![
         "idle".into(),
         "--worker".into(),
         format!("--index-offset={first}"),
         format!("--connections={count}"),
-        format!("--rooms={}", args.rooms),
+        format!("--rooms={}", args.layout.rooms),
         format!("--url={}", t.urls.join(",")),
         format!("--protocol={}", t.protocol),
         format!("--source-ips={}", t.source_ips),
@@ -368,21 +338,8 @@ fn merge_connect(parts: &[WorkerConnected], elapsed: f64) -> ConnectReport {
         }
     }
     let attempted = parts.iter().map(|p| p.connect.attempted).sum();
-    let connected: u64 = parts.iter().map(|p| p.connect.connected).sum();
-    ConnectReport {
-        attempted,
-        connected,
-        failed: attempted - connected,
-        failures,
-        elapsed_s: round3(elapsed),
-        connected_per_s: if elapsed > 0.0 {
-            (connected as f64 / elapsed).round()
-        } else {
-            0.0
-        },
-        setup_latency_us: LatencySummary::of(&setup),
-        nodes,
-    }
+    let connected = parts.iter().map(|p| p.connect.connected).sum();
+    connect_report(attempted, connected, failures, elapsed, &setup, nodes)
 }
 
 /// Connections spread over `workers` child processes.
@@ -392,7 +349,7 @@ async fn run_workers(args: IdleArgs, workers: usize) -> Result<()> {
     if !args.output.quiet {
         eprintln!(
             "idle: {} connections exceed one process's open-file limit ({}); using {workers} worker processes",
-            args.connections,
+            args.layout.connections,
             sys::nofile_limit()
         );
     }
@@ -420,11 +377,11 @@ async fn run_workers(args: IdleArgs, workers: usize) -> Result<()> {
 
     // Generous bound for connecting: every handshake may take the full timeout, in waves of the
     // concurrency limit, plus the time a rate limit imposes.
-    let per_worker = args.connections.div_ceil(workers);
+    let per_worker = args.layout.connections.div_ceil(workers);
     let waves = per_worker.div_ceil(args.target.connect_concurrency.div_ceil(workers).max(1));
     let mut limit = args.target.connect_timeout * (waves as u32 + 1) + Duration::from_secs(30);
     if args.target.connect_rate > 0.0 {
-        limit += Duration::from_secs_f64(args.connections as f64 / args.target.connect_rate);
+        limit += Duration::from_secs_f64(args.layout.connections as f64 / args.target.connect_rate);
     }
     let mut connected_parts = Vec::with_capacity(workers);
     for w in &mut pool {
@@ -483,6 +440,7 @@ async fn run_workers(args: IdleArgs, workers: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::LatencySummary;
 
     #[test]
     fn rss_per_connection_includes_a_sum_over_processes() {
@@ -596,7 +554,7 @@ mod tests {
             panic!("not idle")
         };
         assert!(w.worker);
-        assert_eq!((w.index_offset, w.connections), (7, 3));
+        assert_eq!((w.index_offset, w.layout.connections), (7, 3));
         assert_eq!(w.target.urls.len(), 2);
         assert_eq!(w.target.connect_concurrency, 2);
         assert_eq!(w.target.connect_timeout, args.target.connect_timeout);

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::cli::TargetArgs;
 use crate::client::{ClientSpec, Session, Target};
+use crate::progress;
 use crate::protocol::Incoming;
 use crate::report::ConnectReport;
 use crate::stats::{LatencyRecorder, LatencySummary, Tally};
@@ -149,27 +150,104 @@ pub async fn connect_all(
     let elapsed = started.elapsed().as_secs_f64();
     let connected = sessions.len() as u64;
     let setup = setup.merged();
-    let report = ConnectReport {
+    let report = connect_report(
+        attempted,
+        connected,
+        failures.snapshot(),
+        elapsed,
+        &setup,
+        nodes,
+    );
+    (sessions, report, setup)
+}
+
+/// Summarize a connect phase that opened `connected` of `attempted` clients in `elapsed`
+/// seconds.
+pub fn connect_report(
+    attempted: u64,
+    connected: u64,
+    failures: BTreeMap<String, u64>,
+    elapsed: f64,
+    setup: &Histogram<u64>,
+    nodes: BTreeMap<String, u64>,
+) -> ConnectReport {
+    ConnectReport {
         attempted,
         connected,
         failed: attempted - connected,
-        failures: failures.snapshot(),
+        failures,
         elapsed_s: round3(elapsed),
         connected_per_s: if elapsed > 0.0 {
             (connected as f64 / elapsed).round()
         } else {
             0.0
         },
-        setup_latency_us: LatencySummary::of(&setup),
+        setup_latency_us: LatencySummary::of(setup),
         nodes,
+    }
+}
+
+/// Lay out `clients` over the target's URLs and rooms and open them all with the target's
+/// concurrency and rate, showing a progress line labelled `label` unless `quiet`.
+pub async fn connect_clients(
+    target: &Arc<Target>,
+    args: &TargetArgs,
+    clients: Range<usize>,
+    rooms: usize,
+    label: String,
+    quiet: bool,
+) -> (Vec<(ClientSpec, Session)>, ConnectReport, Histogram<u64>) {
+    let specs = layout(clients, rooms, target.urls.len(), &args.room_prefix);
+    let connect_progress = Arc::new(ConnectProgress::default());
+    let guard = {
+        let p = connect_progress.clone();
+        progress::spawn(quiet, move |t| Some(p.line(&label, t)))
     };
-    (sessions, report, setup)
+    let connected = connect_all(
+        target.clone(),
+        specs,
+        args.connect_concurrency,
+        args.connect_rate,
+        connect_progress,
+    )
+    .await;
+    drop(guard);
+    connected
+}
+
+/// Sessions held open (answering heartbeats) until released.
+pub struct Held {
+    /// Sessions the server ended, by cause.
+    pub disconnects: Arc<Tally>,
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<bool>>,
+}
+
+impl Held {
+    /// Start holding `sessions`.
+    pub fn start(sessions: Vec<(ClientSpec, Session)>) -> Self {
+        let disconnects = Arc::new(Tally::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let handles = hold_all(sessions, stop_rx, disconnects.clone());
+        Held {
+            disconnects,
+            stop,
+            handles,
+        }
+    }
+
+    /// Close every held session (waiting at most 10 s) and return the disconnects by cause.
+    pub async fn release(self) -> BTreeMap<String, u64> {
+        let _ = self.stop.send(true);
+        join_held(self.handles, Duration::from_secs(10)).await;
+        self.disconnects.snapshot()
+    }
 }
 
 /// Keep sessions open, answering protocol heartbeats, until `stop` changes; then close them.
 /// Sessions the server ends are tallied in `disconnects`. Each task yields true if its session
 /// was still open when stopped.
-pub fn hold_all(
+fn hold_all(
     sessions: Vec<(ClientSpec, Session)>,
     stop: watch::Receiver<bool>,
     disconnects: Arc<Tally>,
@@ -216,7 +294,7 @@ async fn hold_one(mut session: Session, stop: &mut watch::Receiver<bool>, tally:
 }
 
 /// Wait for held sessions to close, at most `limit`; returns how many were open when stopped.
-pub async fn join_held(handles: Vec<JoinHandle<bool>>, limit: Duration) -> u64 {
+async fn join_held(handles: Vec<JoinHandle<bool>>, limit: Duration) -> u64 {
     let deadline = tokio::time::Instant::now() + limit;
     let mut open = 0;
     for h in handles {
