@@ -245,7 +245,9 @@ check_dockerfile() {
             ok=0
         fi
     done < <(sed -n 's/^COPY[[:space:]]\{1,\}\([^-][^[:space:]]*\)[[:space:]].*/\1/p' Dockerfile)
-    members=$(sed -n '/^members[[:space:]]*=/,/]/p' Cargo.toml | grep -o '"[^"]*"' | tr -d '"')
+    # From `members = [` up to the first `]`, which may close on the same line.
+    members=$(awk '/^members[[:space:]]*=/ { on = 1 } on { print } on && /]/ { exit }' Cargo.toml |
+        grep -o '"[^"]*"' | tr -d '"')
     for m in $members; do
         if ! grep -Eq "^COPY[[:space:]]+$m/Cargo.toml[[:space:]]" Dockerfile; then
             fail dockerfile "workspace member '$m' has no 'COPY $m/Cargo.toml' in the dependency layer"
