@@ -553,6 +553,30 @@ mod tests {
             ))
             .unwrap();
         assert_eq!(admission.user_id(), None);
+
+        // The abuse limits are on by default: 40 messages at once, then `rate_limited`.
+        assert_eq!(gate.connection_quota, quota(20, 40));
+        assert!(gate.strikes_quota.is_some());
+        let guard = gate
+            .guard(admission, "u-1", &RoomName::parse("lobby").unwrap())
+            .unwrap();
+        for _ in 0..40 {
+            assert!(matches!(
+                guard.throttle(&Message::Text("{}".into())),
+                Throttle::Pass
+            ));
+        }
+        match guard.throttle(&Message::Text(r#"{"ref":9}"#.into())) {
+            Throttle::Refuse(refusal) => {
+                assert_eq!(refusal.code, ErrorCode::RateLimited);
+                assert_eq!(refusal.reference, Some(serde_json::json!(9)));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            guard.throttle(&Message::Ping(Default::default())),
+            Throttle::Pass
+        ));
     }
 
     #[test]
