@@ -355,6 +355,17 @@ mod tests {
         }
     }
 
+    /// Joins `room` as connection `conn` asking for `replay`; returns what the replay found.
+    async fn replay_for(hub: &Hub, room: &RoomName, conn: ConnId, replay: Replay) -> History {
+        let (outbox, _receiver) = Outbox::channel(8);
+        let options = JoinOptions {
+            replay,
+            presence: false,
+        };
+        let joined = hub.join(room, joiner(conn, &outbox), &options).await;
+        joined.unwrap().history.unwrap()
+    }
+
     fn message(text: &str) -> String {
         format!(r#"{{"type":"message","message":"{text}"}}"#)
     }
@@ -430,20 +441,11 @@ mod tests {
         for i in 1..6 {
             hub.publish(&room, message(&i.to_string())).await.unwrap();
         }
-        let (a, _a_rx) = Outbox::channel(8);
-        let since = JoinOptions {
-            replay: Replay::Since {
-                offset: first,
-                epoch: None,
-            },
-            presence: false,
+        let since = Replay::Since {
+            offset: first,
+            epoch: None,
         };
-        let history = hub
-            .join(&room, joiner(1, &a), &since)
-            .await
-            .unwrap()
-            .history
-            .unwrap();
+        let history = replay_for(&hub, &room, 1, since).await;
         assert!(
             !history.complete,
             "messages 1 and 2 were trimmed (max_len 3)"
@@ -453,17 +455,7 @@ mod tests {
             offset: Offset::ZERO,
             epoch: Some("other".into()),
         };
-        let (b, _b_rx) = Outbox::channel(8);
-        let options = JoinOptions {
-            replay: wrong_epoch,
-            presence: false,
-        };
-        let history = hub
-            .join(&room, joiner(2, &b), &options)
-            .await
-            .unwrap()
-            .history
-            .unwrap();
+        let history = replay_for(&hub, &room, 2, wrong_epoch).await;
         assert!(
             !history.complete,
             "another epoch's offsets cannot be replayed"
