@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Notify, mpsc};
@@ -370,10 +370,7 @@ impl Registry {
         if let Some(existing) = self.get(room.as_str()) {
             return existing;
         }
-        let mut rooms = self
-            .rooms
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rooms = self.write();
         let entry = rooms.entry(room.clone()).or_default().clone();
         metrics::set_local_rooms(rooms.len());
         entry
@@ -381,19 +378,12 @@ impl Registry {
 
     /// The room's entry if it exists.
     pub fn get(&self, room: &str) -> Option<Arc<Room>> {
-        self.rooms
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(room)
-            .cloned()
+        self.read().get(room).cloned()
     }
 
     /// Removes the room's entry if it is still `entry` (and not a newer one).
     pub fn remove(&self, room: &RoomName, entry: &Arc<Room>) {
-        let mut rooms = self
-            .rooms
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rooms = self.write();
         if rooms
             .get(room)
             .is_some_and(|current| Arc::ptr_eq(current, entry))
@@ -413,12 +403,21 @@ impl Registry {
 
     /// The names of every room with a local member.
     pub fn room_names(&self) -> Vec<RoomName> {
+        self.read().keys().cloned().collect()
+    }
+
+    // The map stays consistent after any single insert or remove, so a poisoned lock (a panic
+    // elsewhere while it was held) carries no information: recover the data, as `lock` does.
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, Arc<Room>>> {
         self.rooms
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<RoomName, Arc<Room>>> {
+        self.rooms
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
