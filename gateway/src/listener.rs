@@ -44,6 +44,11 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
+        // Chat frames are small and latency-bound: Nagle's algorithm would hold each one back
+        // until the previous one is acknowledged, which the client may delay by up to 40 ms.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not disable Nagle's algorithm");
+        }
         let router = router.clone();
         let shutdown = shutdown.clone();
         connections.spawn(
