@@ -36,16 +36,22 @@ impl Probe {
         }
     }
 
-    /// Read a probe from a delivered message; `None` for text that is not one.
+    /// Read a probe from a delivered message; `None` for text that is not one. Runs for every
+    /// delivery, so the four numbers are parsed by hand (accepting what `str::parse` accepts: an
+    /// optional `+`, then digits, without overflow).
     pub fn decode(text: &str) -> Option<Probe> {
-        let rest = text.strip_prefix(MAGIC)?;
-        let mut parts = rest.splitn(5, ' ');
-        let step = parts.next()?.parse().ok()?;
-        let sender = parts.next()?.parse().ok()?;
-        let seq = parts.next()?.parse().ok()?;
-        let sent_us = parts.next()?.parse().ok()?;
-        // The fifth part is the padding; it must exist (the probe ends with a space).
-        parts.next()?;
+        let mut rest = text.strip_prefix(MAGIC)?.as_bytes();
+        let mut field = || {
+            // Each number ends at a space; the last one's space starts the padding.
+            let end = rest.iter().position(|&b| b == b' ')?;
+            let n = parse_decimal(&rest[..end]);
+            rest = &rest[end + 1..];
+            n
+        };
+        let step = u32::try_from(field()?).ok()?;
+        let sender = u32::try_from(field()?).ok()?;
+        let seq = field()?;
+        let sent_us = field()?;
         Some(Probe {
             step,
             sender,
@@ -53,6 +59,19 @@ impl Probe {
             sent_us,
         })
     }
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    let digits = digits.strip_prefix(b"+").unwrap_or(digits);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Wall clock now, Unix microseconds. Senders and receivers run in one process (or on hosts
@@ -98,6 +117,28 @@ mod tests {
     }
 
     #[test]
+    fn decoding_agrees_with_str_parse() {
+        assert_eq!(
+            Probe::decode("lg1 +1 2 3 4 ..."),
+            Some(Probe {
+                step: 1,
+                sender: 2,
+                seq: 3,
+                sent_us: 4
+            })
+        );
+        assert_eq!(
+            Probe::decode("lg1 4294967295 0 18446744073709551615 0 "),
+            Some(Probe {
+                step: u32::MAX,
+                sender: 0,
+                seq: u64::MAX,
+                sent_us: 0
+            })
+        );
+    }
+
+    #[test]
     fn foreign_text_is_not_a_probe() {
         for t in [
             "hello",
@@ -106,6 +147,12 @@ mod tests {
             "lg1 1 2 3 4",
             "lg1 a 2 3 4 ",
             "lg2 1 2 3 4 ",
+            "lg1 1 2 3 -4 ",
+            "lg1 1 2 3 4x ",
+            "lg1 1  3 4 ",
+            "lg1 + 2 3 4 ",
+            "lg1 4294967296 2 3 4 ",
+            "lg1 1 2 3 18446744073709551616 ",
         ] {
             assert_eq!(Probe::decode(t), None, "{t:?}");
         }

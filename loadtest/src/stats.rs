@@ -2,7 +2,7 @@
 //! counters shared by all client tasks, sharded HdrHistograms for latency, and the loss
 //! arithmetic (expected = messages sent into a room × members of that room).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -48,7 +48,9 @@ pub enum Delivery {
 #[derive(Debug, Default)]
 pub struct ReceiverTracker {
     step: Option<u32>,
-    senders: HashMap<u32, SeqSet>,
+    /// Sorted by sender. A room has few senders, so a binary search beats hashing every
+    /// delivery.
+    senders: Vec<(u32, SeqSet)>,
 }
 
 impl ReceiverTracker {
@@ -60,7 +62,14 @@ impl ReceiverTracker {
             self.step = Some(step);
             self.senders.clear();
         }
-        if self.senders.entry(sender).or_default().insert(seq) {
+        let i = match self.senders.binary_search_by_key(&sender, |(s, _)| *s) {
+            Ok(i) => i,
+            Err(i) => {
+                self.senders.insert(i, (sender, SeqSet::default()));
+                i
+            }
+        };
+        if self.senders[i].1.insert(seq) {
             Delivery::First
         } else {
             Delivery::Duplicate
