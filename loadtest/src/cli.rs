@@ -20,6 +20,11 @@ use crate::sys::Watched;
 pub struct Cli {
     #[command(subcommand)]
     pub scenario: Scenario,
+
+    /// Runtime threads. One thread is the cheapest per message (no cross-thread wake-ups, no
+    /// contended counters); add threads only when a single core cannot keep up.
+    #[arg(long, global = true, env = "LOADGEN_THREADS", default_value_t = 1)]
+    pub threads: usize,
 }
 
 #[derive(Debug, Subcommand)]

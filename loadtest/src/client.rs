@@ -9,14 +9,11 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 use url::Url;
 
 use crate::protocol::{Incoming, Protocol};
+use crate::ws::{WsError, WsStream};
 
 /// Where and how clients connect.
 #[derive(Debug, Clone)]
@@ -92,7 +89,7 @@ pub struct ClientSpec {
 
 /// An open client session that has received its `userId` frame.
 pub struct Session {
-    ws: WebSocketStream<TcpStream>,
+    ws: WsStream,
     protocol: Protocol,
     /// Node name the server reported, if any.
     pub node: Option<String>,
@@ -121,30 +118,18 @@ fn io_label(e: &io::Error) -> String {
     }
 }
 
-fn ws_label(e: &tungstenite::Error) -> String {
+/// The labels tokio-tungstenite's errors used to get, so reports stay comparable.
+fn ws_label(e: &WsError) -> String {
     match e {
-        tungstenite::Error::Io(io) => io_label(io),
-        tungstenite::Error::Http(resp) => format!("http_{}", resp.status().as_u16()),
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => "closed".into(),
-        tungstenite::Error::Protocol(p) => {
-            let s = p.to_string();
-            if s.contains("reset without closing handshake") {
-                "reset".into()
-            } else {
-                "ws_protocol_error".into()
-            }
-        }
-        tungstenite::Error::Capacity(_) => "frame_too_large".into(),
-        _ => "ws_error".into(),
+        WsError::Io(io) => io_label(io),
+        WsError::Http(status) => format!("http_{status}"),
+        WsError::Closed(Some(code)) => format!("close_{code}"),
+        WsError::Closed(None) => "close_no_code".into(),
+        WsError::Reset => "reset".into(),
+        WsError::Protocol(_) => "ws_protocol_error".into(),
+        WsError::TooLarge => "frame_too_large".into(),
+        WsError::Utf8 => "ws_error".into(),
     }
-}
-
-fn ws_config() -> WebSocketConfig {
-    // Small eager buffers keep tens of thousands of idle clients cheap; write_buffer_size 0
-    // writes every frame at once so send timestamps are honest.
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
 }
 
 async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
@@ -205,7 +190,7 @@ impl Session {
         let stream = tcp_connect(target.addrs[spec.url_index], target.source_ip(spec.index))
             .await
             .map_err(|e| Ended(io_label(&e)))?;
-        let (ws, _response) = client_async_with_config(url.as_str(), stream, Some(ws_config()))
+        let ws = WsStream::connect(stream, &url)
             .await
             .map_err(|e| Ended(ws_label(&e)))?;
         let mut session = Session {
@@ -216,7 +201,7 @@ impl Session {
         };
         loop {
             let text = session.recv_text().await?;
-            let reply = match target.protocol.decode(&text) {
+            let reply = match target.protocol.decode(text) {
                 Ok(Incoming::Ready { node }) => {
                     session.node = node;
                     session.setup = started.elapsed();
@@ -228,7 +213,7 @@ impl Session {
                 Ok(_) => continue,
                 Err(_) => return Err(Ended("bad_frame_before_ready".into())),
             };
-            session.send_text(reply).await?;
+            session.send_text(&reply).await?;
         }
     }
 
@@ -236,41 +221,32 @@ impl Session {
         self.protocol
     }
 
-    /// The next text frame. Pings are answered by the WebSocket layer; binary frames are
-    /// skipped. A close frame or a broken connection ends the session.
-    pub async fn recv_text(&mut self) -> Result<Utf8Bytes, Ended> {
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(t),
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(Ended(match frame {
-                        Some(f) => format!("close_{}", u16::from(f.code)),
-                        None => "close_no_code".into(),
-                    }));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(Ended(ws_label(&e))),
-                None => return Err(Ended("eof".into())),
-            }
-        }
+    /// The next text frame, lent until the next call. Pings are answered by the WebSocket
+    /// layer; binary frames are skipped. A close frame or a broken connection ends the session.
+    pub async fn recv_text(&mut self) -> Result<&str, Ended> {
+        self.ws.recv_text().await.map_err(|e| Ended(ws_label(&e)))
     }
 
-    pub async fn send_text(&mut self, text: impl Into<Utf8Bytes>) -> Result<(), Ended> {
+    /// The next text frame if one is already buffered (see [`WsStream::try_recv_text`]).
+    pub fn try_recv_text(&mut self) -> Option<Result<&str, Ended>> {
         self.ws
-            .send(Message::Text(text.into()))
+            .try_recv_text()
+            .map(|r| r.map_err(|e| Ended(ws_label(&e))))
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> Result<(), Ended> {
+        self.ws
+            .send_text(text)
             .await
             .map_err(|e| Ended(ws_label(&e)))
     }
 
     /// Close politely: send a close frame and wait (bounded) for the server's.
     pub async fn close(mut self, wait: Duration) {
-        if self.ws.close(None).await.is_err() {
+        if self.ws.send_close().await.is_err() {
             return;
         }
-        let _ = tokio::time::timeout(wait, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
+        let _ = tokio::time::timeout(wait, self.ws.drain_until_closed()).await;
     }
 }
 

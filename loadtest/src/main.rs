@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod fastjson;
 mod payload;
 mod progress;
 mod protocol;
@@ -11,6 +12,7 @@ mod scenarios;
 mod socketio;
 mod stats;
 mod sys;
+mod ws;
 
 use anyhow::Result;
 use clap::Parser;
@@ -33,9 +35,16 @@ fn main() -> Result<()> {
         Err(e) => eprintln!("warning: cannot raise the open-file limit: {e:#}"),
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = match cli.threads {
+        0 => anyhow::bail!("--threads must be at least 1"),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async {
         let scenario = async {
             match cli.scenario {

@@ -10,6 +10,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+use crate::fastjson;
 use crate::socketio::{self, EnginePacket, EventArgs, SocketKind};
 
 /// Which server family the clients talk to.
@@ -144,8 +145,31 @@ fn classify(frame: Frame<'_>) -> Incoming<'_> {
 }
 
 fn decode_json_frame(text: &str) -> Result<Incoming<'_>> {
-    let frame: Frame = serde_json::from_str(text)?;
+    let frame = match scan_frame(text) {
+        Some(frame) => frame,
+        None => serde_json::from_str(text)?,
+    };
     Ok(classify(frame))
+}
+
+/// [`Frame`] by the fast path, when it applies (see [`fastjson`]).
+fn scan_frame(text: &str) -> Option<Frame<'_>> {
+    let mut frame = Frame {
+        kind: None,
+        message: None,
+        node: None,
+        code: None,
+    };
+    fastjson::scan_fields(text, &["type", "message", "node", "code"], |k, v| {
+        let v = v.map(Cow::Borrowed);
+        match k {
+            0 => frame.kind = v,
+            1 => frame.message = v,
+            2 => frame.node = v,
+            _ => frame.code = v,
+        }
+    })?;
+    Some(frame)
 }
 
 fn decode_socketio(text: &str) -> Result<Incoming<'_>> {
@@ -254,6 +278,27 @@ mod tests {
         assert_eq!(p.decode(r#"{"type":"future"}"#).unwrap(), Incoming::Other);
         assert!(p.decode("not json").is_err());
         assert!(p.decode(r#"{"type":5}"#).is_err());
+    }
+
+    #[test]
+    fn fast_path_and_serde_agree() {
+        for t in [
+            r#"{"type":"message","room":"r","id":"x","userId":"u","name":"a","message":"lg1 0 1 2 3 ..","ts":1,"offset":"1-0","epoch":"e"}"#,
+            r#"{"type":"message","message":"tab\there"}"#,
+            r#"{"type":"userId","userId":"u","node":"node-a","room":"lobby","protocol":1}"#,
+            r#"{"type":"error","code":"invalid_room","reason":"r","ref":7}"#,
+            r#"{"type":"presence","users":[{"userId":"u","name":"a"}],"ref":5}"#,
+            r#"{"message":"no type"}"#,
+            r#"{"type":null,"message":null}"#,
+        ] {
+            let fast = scan_frame(t).map(classify);
+            let serde = serde_json::from_str::<Frame>(t).map(classify).ok();
+            if fast.is_some() {
+                assert_eq!(fast, serde, "{t}");
+            }
+            assert_eq!(Protocol::Gateway.decode(t).ok(), serde, "{t}");
+        }
+        assert!(scan_frame(r#"{"type":"message","message":"hi"}"#).is_some());
     }
 
     #[test]

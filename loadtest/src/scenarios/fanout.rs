@@ -342,7 +342,7 @@ async fn client_task(
     let mut frame = String::with_capacity(role.size + 128);
     let my_node = shared.client_node[role.index];
 
-    let ended = loop {
+    let ended = 'session: loop {
         tokio::select! {
             changed = control.changed() => {
                 if changed.is_err() {
@@ -375,7 +375,7 @@ async fn client_task(
                 if done {
                     plan = None;
                 }
-                match session.send_text(frame.clone()).await {
+                match session.send_text(&frame).await {
                     Ok(()) => {
                         Counters::add(&step.counters.sent, 1);
                         Counters::add(&step.room_sent[role.room_index], 1);
@@ -387,18 +387,24 @@ async fn client_task(
                 }
             }
             r = session.recv_text() => {
-                let text_in = match r {
-                    Ok(t) => t,
-                    Err(e) => break Some(e.0),
-                };
-                match on_frame(&role, &shared, &mut tracker, my_node, &text_in) {
-                    FrameAction::None => {}
-                    FrameAction::Reply(reply) => {
-                        if let Err(e) = session.send_text(reply).await {
-                            break Some(e.0);
+                let mut next = Some(r);
+                // Handle every frame the same read brought in before going back to select!,
+                // which costs a control-channel registration per turn.
+                while let Some(r) = next {
+                    let text_in = match r {
+                        Ok(t) => t,
+                        Err(e) => break 'session Some(e.0),
+                    };
+                    match on_frame(&role, &shared, &mut tracker, my_node, text_in) {
+                        FrameAction::None => {}
+                        FrameAction::Reply(reply) => {
+                            if let Err(e) = session.send_text(&reply).await {
+                                break 'session Some(e.0);
+                            }
                         }
+                        FrameAction::Closed => break 'session Some("server_closed".into()),
                     }
-                    FrameAction::Closed => break Some("server_closed".into()),
+                    next = session.try_recv_text();
                 }
             }
         }

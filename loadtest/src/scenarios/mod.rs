@@ -271,19 +271,20 @@ async fn hold_one(mut session: Session, stop: &mut watch::Receiver<bool>, tally:
                 return true;
             }
             r = session.recv_text() => match r {
-                Ok(text) => match protocol.decode(&text) {
-                    Ok(Incoming::Reply(reply)) => {
-                        if let Err(e) = session.send_text(reply).await {
-                            tally.add(&e.0);
+                Ok(text) => {
+                    let reply = match protocol.decode(text) {
+                        Ok(Incoming::Reply(reply)) => reply,
+                        Ok(Incoming::Closed) => {
+                            tally.add("server_closed");
                             return false;
                         }
-                    }
-                    Ok(Incoming::Closed) => {
-                        tally.add("server_closed");
+                        _ => continue,
+                    };
+                    if let Err(e) = session.send_text(&reply).await {
+                        tally.add(&e.0);
                         return false;
                     }
-                    _ => {}
-                },
+                }
                 Err(e) => {
                     tally.add(&e.0);
                     return false;
