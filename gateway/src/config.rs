@@ -71,14 +71,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// Initial read buffer per connection, in bytes (grows for larger frames, up to the frame limit).
-    #[arg(long, env = "GATEWAY_READ_BUFFER_BYTES", default_value_t = 1024,
+    #[arg(long, env = "GATEWAY_READ_BUFFER_BYTES", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
     pub read_buffer_bytes: u32,
-
-    /// Bytes buffered per connection before a socket write; queued frames are batched up to this.
-    #[arg(long, env = "GATEWAY_WRITE_BUFFER_BYTES", default_value_t = 8 * 1024,
-          value_parser = clap::value_parser!(u32).range(0..=1024 * 1024))]
-    pub write_buffer_bytes: u32,
 
     /// Pub/sub messages the Redis subscriber may hold before it counts as lagging.
     #[arg(long, env = "GATEWAY_REDIS_SUBSCRIBER_CAPACITY", default_value_t = 16 * 1024,
@@ -165,6 +160,15 @@ impl Config {
             idle_timeout: self.idle_timeout,
             flush_deadline: self.shutdown_grace,
         }
+    }
+
+    /// The WebSocket reader's limits and read buffer.
+    pub fn websocket(&self) -> tungstenite::protocol::WebSocketConfig {
+        let max_frame = self.max_frame_bytes as usize;
+        tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_bytes as usize)
+            .max_message_size(Some(max_frame))
+            .max_frame_size(Some(max_frame))
     }
 
     /// History and presence settings of the hub.

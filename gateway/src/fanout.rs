@@ -1,22 +1,23 @@
 //! Local fan-out: which connections on this node are in which room, and handing a frame to
 //! every one of them.
 //!
-//! A frame is serialized once per node and shared: each recipient gets a reference-counted
-//! clone of the same bytes pushed onto its bounded [`Outbox`]. A recipient whose outbox is full
-//! is told to close (slow consumer) and dropped from the room, so one stalled client never
-//! grows memory or holds up the rest of its room.
+//! A frame is serialized and framed once per node and the same bytes are written to every
+//! recipient's [`Outbox`]. A recipient whose outbox is full is told to close (slow consumer)
+//! and dropped from the room, so one stalled client never grows memory or holds up the rest of
+//! its room.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{Notify, mpsc};
+use tungstenite::Utf8Bytes;
 
 use crate::broker::{Delivery, DeliveryKind, now_micros};
 use crate::lock;
 use crate::metrics;
-use crate::protocol::{Offset, RoomName, close_code};
+use crate::outbox::Outbox;
+use crate::protocol::{Offset, RoomName};
+use crate::wire::WireFrame;
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
@@ -26,142 +27,6 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// A fresh connection id, unique on this node.
 pub fn next_conn_id() -> ConnId {
     NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Why the server is closing a connection: a WebSocket close code and a short reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReason {
-    /// WebSocket close code.
-    pub code: u16,
-    /// Human-readable reason sent in the close frame.
-    pub reason: &'static str,
-}
-
-impl CloseReason {
-    /// The outbox overflowed.
-    pub const SLOW_CONSUMER: CloseReason = CloseReason {
-        code: close_code::SLOW_CONSUMER,
-        reason: "slow consumer: outgoing queue full",
-    };
-}
-
-/// Shared between an [`Outbox`] and its [`OutboxReceiver`]: a request to close, set once.
-#[derive(Debug, Default)]
-struct CloseSignal {
-    reason: OnceLock<CloseReason>,
-    notify: Notify,
-}
-
-/// The sending side of one connection's bounded outgoing queue. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    frames: mpsc::Sender<Utf8Bytes>,
-    close: Arc<CloseSignal>,
-}
-
-/// Why a frame could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum QueueError {
-    /// The queue was full; the connection has been told to close as a slow consumer.
-    #[error("outgoing queue full")]
-    Full,
-    /// The connection is already gone.
-    #[error("connection closed")]
-    Closed,
-}
-
-impl Outbox {
-    /// A new outbox holding at most `capacity` frames, and the receiver its writer drains.
-    pub fn channel(capacity: usize) -> (Outbox, OutboxReceiver) {
-        let (frames, receiver) = mpsc::channel(capacity.max(1));
-        let close = Arc::new(CloseSignal::default());
-        (
-            Outbox {
-                frames,
-                close: close.clone(),
-            },
-            OutboxReceiver {
-                frames: receiver,
-                close,
-            },
-        )
-    }
-
-    /// Queues a frame without waiting. A full queue closes the connection as a slow consumer.
-    pub fn push(&self, frame: Utf8Bytes) -> Result<(), QueueError> {
-        match self.frames.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close_slow();
-                Err(QueueError::Full)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueError::Closed),
-        }
-    }
-
-    /// Closes the connection as a slow consumer; returns whether this was the first close request.
-    pub fn close_slow(&self) -> bool {
-        let first = self.close_with(CloseReason::SLOW_CONSUMER);
-        if first {
-            metrics::slow_consumer_disconnect();
-        }
-        first
-    }
-
-    /// Asks the connection to close. Only the first request counts; returns whether it was this one.
-    pub fn close_with(&self, reason: CloseReason) -> bool {
-        let first = self.close.reason.set(reason).is_ok();
-        if first {
-            self.close.notify.notify_waiters();
-        }
-        first
-    }
-}
-
-/// The receiving side of an outbox, owned by the connection's writer.
-#[derive(Debug)]
-pub struct OutboxReceiver {
-    frames: mpsc::Receiver<Utf8Bytes>,
-    close: Arc<CloseSignal>,
-}
-
-/// Watches for a close request on one connection; held apart from the receiver so a writer
-/// can wait for it while it is busy writing.
-#[derive(Debug, Clone)]
-pub struct CloseWatch(Arc<CloseSignal>);
-
-impl CloseWatch {
-    /// Resolves when someone asked this connection to close, with the reason.
-    pub async fn requested(&self) -> CloseReason {
-        loop {
-            // Register interest before checking, so a close between the check and the wait
-            // still wakes us.
-            let notified = self.0.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(reason) = self.0.reason.get() {
-                return *reason;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl OutboxReceiver {
-    /// A watch on this connection's close requests.
-    pub fn close_watch(&self) -> CloseWatch {
-        CloseWatch(self.close.clone())
-    }
-
-    /// The next queued frame; `None` once every [`Outbox`] is dropped.
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
-        self.frames.recv().await
-    }
-
-    /// A queued frame if one is ready now.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
-        self.frames.try_recv().ok()
-    }
 }
 
 /// One connection's membership in a room.
@@ -198,6 +63,7 @@ impl RoomState {
             }
             self.last_offset = Some(offset);
         }
+        let frame = WireFrame::text(&delivery.frame);
         let mut delivered = 0;
         self.members.retain(|_, member| {
             if delivery.kind == DeliveryKind::Presence && !member.presence {
@@ -216,7 +82,7 @@ impl RoomState {
             {
                 return true;
             }
-            let queued = member.outbox.push(delivery.frame.clone()).is_ok();
+            let queued = member.outbox.push(&frame).is_ok();
             delivered += usize::from(queued);
             queued
         });
@@ -264,7 +130,7 @@ impl Members {
                 }
                 floor = Some(offset);
             }
-            if member.outbox.push(frame).is_err() {
+            if member.outbox.push(&WireFrame::text(&frame)).is_err() {
                 state.members.remove(&conn);
                 return;
             }
@@ -424,6 +290,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::{CloseReason, in_memory};
 
     fn frame(text: &str) -> Delivery {
         Delivery {
@@ -441,34 +308,27 @@ mod tests {
         }
     }
 
-    fn drain(receiver: &mut OutboxReceiver) -> Vec<String> {
-        std::iter::from_fn(|| receiver.try_recv())
-            .map(|frame| frame.to_string())
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn every_member_gets_the_same_shared_frame() {
+    #[test]
+    fn every_member_gets_the_frame() {
         let registry = Registry::default();
         let room = RoomName::parse("lobby").unwrap();
         let entry = registry.entry(&room);
-        let mut receivers = Vec::new();
+        let mut sockets = Vec::new();
         for conn in 0..3 {
-            let (outbox, receiver) = Outbox::channel(4);
+            let (outbox, socket) = in_memory(4);
             entry.members.insert(conn, outbox, true, false);
-            receivers.push(receiver);
+            sockets.push(socket);
         }
         assert_eq!(registry.deliver("lobby", &frame("one")), 3);
-        for receiver in &mut receivers {
-            assert_eq!(receiver.try_recv().as_deref(), Some("one"));
-            assert_eq!(receiver.try_recv(), None);
+        for socket in &sockets {
+            assert_eq!(socket.take_texts(), ["one"]);
         }
     }
 
-    #[tokio::test]
-    async fn rooms_are_isolated() {
+    #[test]
+    fn rooms_are_isolated() {
         let registry = Registry::default();
-        let (outbox, mut receiver) = Outbox::channel(4);
+        let (outbox, socket) = in_memory(4);
         registry
             .entry(&RoomName::parse("a").unwrap())
             .members
@@ -476,42 +336,41 @@ mod tests {
         registry.entry(&RoomName::parse("b").unwrap());
         assert_eq!(registry.deliver("b", &frame("for b")), 0);
         assert_eq!(registry.deliver("nobody", &frame("x")), 0);
-        assert_eq!(receiver.try_recv(), None);
+        assert!(socket.take_texts().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_full_outbox_is_closed_as_slow_consumer_and_dropped_without_stalling_others() {
+    #[test]
+    fn a_full_outbox_is_closed_as_slow_consumer_and_dropped_without_stalling_others() {
         let members = Members::default();
-        let (slow, slow_receiver) = Outbox::channel(2);
-        let (fast, mut fast_receiver) = Outbox::channel(16);
+        let (slow, slow_socket) = in_memory(2);
+        let (fast, fast_socket) = in_memory(2);
+        slow_socket.stall(true);
         members.insert(1, slow, true, false);
         members.insert(2, fast, true, false);
         for i in 0..5 {
             members.deliver(&frame(&i.to_string()));
-            assert!(
-                fast_receiver.try_recv().is_some(),
+            assert_eq!(
+                fast_socket.take_texts(),
+                [i.to_string()],
                 "fast member got frame {i}"
             );
         }
         assert_eq!(members.len(), 1, "the slow member was dropped");
-        let reason = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            slow_receiver.close_watch().requested(),
-        )
-        .await
-        .expect("close was requested");
-        assert_eq!(reason, CloseReason::SLOW_CONSUMER);
+        assert_eq!(
+            slow_socket.close_requested(),
+            Some(CloseReason::SLOW_CONSUMER)
+        );
     }
 
-    #[tokio::test]
-    async fn duplicates_are_dropped_and_a_repair_fills_the_gap_in_order() {
+    #[test]
+    fn duplicates_are_dropped_and_a_repair_fills_the_gap_in_order() {
         let members = Members::default();
-        let (outbox, mut receiver) = Outbox::channel(16);
+        let (outbox, socket) = in_memory(16);
         members.insert(1, outbox, false, false);
         members.deliver(&chat(1));
         members.deliver(&chat(1));
         assert_eq!(
-            drain(&mut receiver),
+            socket.take_texts(),
             ["1"],
             "a redelivered offset is not sent twice"
         );
@@ -519,61 +378,49 @@ mod tests {
         assert_eq!(members.begin_repair(), Some(Offset { ms: 1, seq: 0 }));
         members.deliver(&chat(4));
         assert!(
-            drain(&mut receiver).is_empty(),
+            socket.take_texts().is_empty(),
             "live traffic waits during a repair"
         );
         let found = [2, 3, 4].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
         assert_eq!(members.finish_repair(found.to_vec()), 3);
-        assert_eq!(drain(&mut receiver), ["2", "3", "4"]);
+        assert_eq!(socket.take_texts(), ["2", "3", "4"]);
     }
 
-    #[tokio::test]
-    async fn a_held_member_gets_its_replay_then_live_traffic_without_duplicates() {
+    #[test]
+    fn a_held_member_gets_its_replay_then_live_traffic_without_duplicates() {
         let members = Members::default();
-        let (outbox, mut receiver) = Outbox::channel(16);
+        let (outbox, socket) = in_memory(16);
         members.insert(1, outbox, false, true);
         members.deliver(&chat(5));
         members.deliver(&chat(6));
-        assert!(drain(&mut receiver).is_empty());
+        assert!(socket.take_texts().is_empty());
         // The replay read history up to 5; 5 arrived live too and must not repeat.
         let replay = [4, 5].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
         members.release(1, replay.to_vec());
-        assert_eq!(drain(&mut receiver), ["4", "5", "6"]);
+        assert_eq!(socket.take_texts(), ["4", "5", "6"]);
         members.deliver(&chat(7));
-        assert_eq!(drain(&mut receiver), ["7"]);
+        assert_eq!(socket.take_texts(), ["7"]);
     }
 
-    #[tokio::test]
-    async fn presence_events_reach_only_members_who_asked_for_them() {
+    #[test]
+    fn presence_events_reach_only_members_who_asked_for_them() {
         let members = Members::default();
-        let (watcher, mut watcher_rx) = Outbox::channel(4);
-        let (plain, mut plain_rx) = Outbox::channel(4);
+        let (watcher, watcher_socket) = in_memory(4);
+        let (plain, plain_socket) = in_memory(4);
         members.insert(1, watcher, true, false);
         members.insert(2, plain, false, false);
         assert_eq!(members.deliver(&frame("presence")), 1);
-        assert_eq!(drain(&mut watcher_rx), ["presence"]);
-        assert!(drain(&mut plain_rx).is_empty());
+        assert_eq!(watcher_socket.take_texts(), ["presence"]);
+        assert!(plain_socket.take_texts().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_closed_connection_is_dropped_from_its_rooms() {
+    #[test]
+    fn a_closed_connection_is_dropped_from_its_rooms() {
         let members = Members::default();
-        let (outbox, receiver) = Outbox::channel(2);
-        members.insert(1, outbox, true, false);
-        drop(receiver);
+        let (outbox, _socket) = in_memory(2);
+        members.insert(1, outbox.clone(), true, false);
+        outbox.seal();
         assert_eq!(members.deliver(&frame("x")), 0);
         assert!(members.is_empty());
-    }
-
-    #[tokio::test]
-    async fn the_first_close_reason_wins() {
-        let (outbox, receiver) = Outbox::channel(1);
-        let other = CloseReason {
-            code: 1001,
-            reason: "going away",
-        };
-        assert!(outbox.close_with(other));
-        assert!(!outbox.close_with(CloseReason::SLOW_CONSUMER));
-        assert_eq!(receiver.close_watch().requested().await, other);
     }
 }

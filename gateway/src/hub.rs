@@ -18,9 +18,10 @@ use crate::broker::{
     Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Published,
     RedisBroker, RedisSettings, now_micros,
 };
-use crate::fanout::{ConnId, Outbox, Registry};
+use crate::fanout::{ConnId, Registry};
 use crate::lock;
 use crate::metrics;
+use crate::outbox::Outbox;
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
@@ -329,6 +330,7 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::in_memory;
     use crate::protocol::Offset;
 
     fn hub() -> Arc<Hub> {
@@ -357,7 +359,7 @@ mod tests {
 
     /// Joins `room` as connection `conn` asking for `replay`; returns what the replay found.
     async fn replay_for(hub: &Hub, room: &RoomName, conn: ConnId, replay: Replay) -> History {
-        let (outbox, _receiver) = Outbox::channel(8);
+        let (outbox, _receiver) = in_memory(8);
         let options = JoinOptions {
             replay,
             presence: false,
@@ -379,8 +381,8 @@ mod tests {
     async fn in_process_publish_reaches_every_member_including_the_sender() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, mut a_rx) = Outbox::channel(8);
-        let (b, mut b_rx) = Outbox::channel(8);
+        let (a, a_rx) = in_memory(8);
+        let (b, b_rx) = in_memory(8);
         hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
             .await
             .unwrap();
@@ -388,22 +390,22 @@ mod tests {
             .await
             .unwrap();
         hub.publish(&room, message("hi")).await.unwrap();
-        assert_eq!(text_of(&a_rx.try_recv().unwrap()), "hi");
-        assert_eq!(text_of(&b_rx.try_recv().unwrap()), "hi");
+        assert_eq!(text_of(&a_rx.next_text().unwrap()), "hi");
+        assert_eq!(text_of(&b_rx.next_text().unwrap()), "hi");
     }
 
     #[tokio::test]
     async fn leaving_stops_delivery_and_forgets_empty_rooms() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, mut a_rx) = Outbox::channel(8);
+        let (a, a_rx) = in_memory(8);
         hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
             .await
             .unwrap();
         hub.leave(&room, 1, "u-1").await;
         assert!(hub.registry.get("lobby").is_none());
         hub.publish(&room, message("x")).await.unwrap();
-        assert_eq!(a_rx.try_recv(), None);
+        assert_eq!(a_rx.next_text(), None);
     }
 
     #[tokio::test]
@@ -412,7 +414,7 @@ mod tests {
         let room = RoomName::parse("lobby").unwrap();
         let first = hub.publish(&room, message("one")).await.unwrap().offset;
         hub.publish(&room, message("two")).await.unwrap();
-        let (a, mut a_rx) = Outbox::channel(8);
+        let (a, a_rx) = in_memory(8);
         let since = JoinOptions {
             replay: Replay::Since {
                 offset: first,
@@ -423,11 +425,11 @@ mod tests {
         let joined = hub.join(&room, joiner(1, &a), &since).await.unwrap();
         // Published while the replay is pending: held, then sent after the history.
         hub.publish(&room, message("three")).await.unwrap();
-        assert_eq!(a_rx.try_recv(), None, "live traffic waits for the replay");
+        assert_eq!(a_rx.next_text(), None, "live traffic waits for the replay");
         let history = joined.history.unwrap();
         assert!(history.complete);
         hub.release(&room, 1, history);
-        let texts: Vec<String> = std::iter::from_fn(|| a_rx.try_recv())
+        let texts: Vec<String> = std::iter::from_fn(|| a_rx.next_text())
             .map(|frame| text_of(&frame))
             .collect();
         assert_eq!(texts, ["two", "three"]);
@@ -466,7 +468,7 @@ mod tests {
     async fn presence_counts_users_not_connections() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (watcher, mut events) = Outbox::channel(8);
+        let (watcher, events) = in_memory(8);
         let options = JoinOptions {
             replay: Replay::None,
             presence: true,
@@ -478,8 +480,8 @@ mod tests {
             name: None,
         };
         hub.join(&room, watch, &options).await.unwrap();
-        events.try_recv();
-        let (tab, _rx) = Outbox::channel(8);
+        events.next_text();
+        let (tab, _rx) = in_memory(8);
         for conn in [1, 2] {
             let tab = Joiner {
                 conn,
@@ -489,21 +491,25 @@ mod tests {
             };
             hub.join(&room, tab, &JoinOptions::PLAIN).await.unwrap();
         }
-        let joined: serde_json::Value = serde_json::from_str(&events.try_recv().unwrap()).unwrap();
+        let joined: serde_json::Value = serde_json::from_str(&events.next_text().unwrap()).unwrap();
         assert_eq!(
             (joined["event"].as_str(), joined["userId"].as_str()),
             (Some("join"), Some("u-2"))
         );
-        assert_eq!(events.try_recv(), None, "a second tab is not a second join");
+        assert_eq!(
+            events.next_text(),
+            None,
+            "a second tab is not a second join"
+        );
         assert_eq!(hub.presence(&room).await.unwrap().len(), 2);
         hub.leave(&room, 1, "u-2").await;
         assert_eq!(
-            events.try_recv(),
+            events.next_text(),
             None,
             "one tab left, the user is still here"
         );
         hub.leave(&room, 2, "u-2").await;
-        let left: serde_json::Value = serde_json::from_str(&events.try_recv().unwrap()).unwrap();
+        let left: serde_json::Value = serde_json::from_str(&events.next_text().unwrap()).unwrap();
         assert_eq!(left["event"], "leave");
     }
 }

@@ -15,9 +15,12 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod origin;
+pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod upgrade;
+pub mod wire;
 
 /// Locks a mutex, recovering the data if a previous holder panicked: every map guarded this way
 /// stays consistent after any single insert or remove, so poisoning carries no information.

@@ -25,6 +25,10 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame or message exceeded the configured size limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The client broke the WebSocket protocol (for example an unmasked frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// The node is restarting (SIGTERM); reconnect and resume on another node.
     pub const SERVICE_RESTART: u16 = 1012;
     /// An unexpected server-side failure.

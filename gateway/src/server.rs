@@ -6,8 +6,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -24,6 +22,7 @@ use crate::gate::{Gate, Handshake, SecurityError};
 use crate::hub::Hub;
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
 use crate::session::{self, GOING_AWAY, Identity, SERVICE_RESTART, SessionContext};
+use crate::upgrade::{UpgradeRejection, WebSocketRequest};
 
 /// The demo chat page, embedded in the binary.
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -34,23 +33,10 @@ const SUBPROTOCOL: &str = "chat.v1";
 /// The room a connection joins when it names none.
 const DEFAULT_ROOM: &str = "lobby";
 
-/// Socket-level WebSocket settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SocketSettings {
-    /// Largest frame or message accepted from a client.
-    pub max_frame_bytes: usize,
-    /// Initial read buffer.
-    pub read_buffer_bytes: usize,
-    /// Write buffer before a socket write.
-    pub write_buffer_bytes: usize,
-}
-
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     /// What every session needs.
-    pub session: SessionContext,
-    /// Socket-level settings.
-    pub socket: SocketSettings,
+    pub session: Arc<SessionContext>,
     /// Every running session, so shutdown can wait for them.
     pub sessions: TaskTracker,
     /// Renders `/metrics`; absent when no recorder is installed.
@@ -110,7 +96,7 @@ async fn index(
     method: Method,
     params: Query<ConnectParams>,
     handshake: Handshake,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<WebSocketRequest, UpgradeRejection>,
 ) -> Response {
     match upgrade {
         Ok(upgrade) => accept(&state, params.0, &handshake, upgrade),
@@ -125,7 +111,7 @@ async fn websocket(
     state: State<Arc<AppState>>,
     params: Query<ConnectParams>,
     handshake: Handshake,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<WebSocketRequest, UpgradeRejection>,
 ) -> Response {
     match upgrade {
         Ok(upgrade) => accept(&state, params.0, &handshake, upgrade),
@@ -138,7 +124,7 @@ fn accept(
     state: &Arc<AppState>,
     params: ConnectParams,
     handshake: &Handshake,
-    upgrade: WebSocketUpgrade,
+    upgrade: WebSocketRequest,
 ) -> Response {
     if state.session.shutdown.is_cancelled() {
         return (
@@ -163,20 +149,14 @@ fn accept(
         Ok(guard) => guard,
         Err(refusal) => return refusal.into_response(),
     };
-    let socket = state.socket;
     let context = state.session.clone();
     let sessions = state.sessions.clone();
-    upgrade
-        .protocols([SUBPROTOCOL])
-        .read_buffer_size(socket.read_buffer_bytes)
-        .write_buffer_size(socket.write_buffer_bytes)
-        .max_write_buffer_size(socket.write_buffer_bytes.max(socket.max_frame_bytes) * 4)
-        .max_message_size(socket.max_frame_bytes)
-        .max_frame_size(socket.max_frame_bytes)
-        .on_upgrade(move |socket| {
-            sessions
-                .track_future(session::serve(socket, identity, context, guard).in_current_span())
-        })
+    let protocol = upgrade.offers_protocol(SUBPROTOCOL).then_some(SUBPROTOCOL);
+    upgrade.accept(protocol, move |socket, pipelined| {
+        sessions.track_future(
+            session::serve(socket, pipelined, identity, context, guard).in_current_span(),
+        )
+    })
 }
 
 /// The connection's identity: the token's subject when authenticated, else a fresh id.
@@ -254,18 +234,14 @@ pub async fn run(
     gate.log_settings(&config.security);
     gate.spawn_upkeep(shutdown.clone());
     let state = Arc::new(AppState {
-        session: SessionContext {
+        session: Arc::new(SessionContext {
             hub: hub.clone(),
             node_id: node_id.into(),
             limits: config.session_limits(),
             shutdown: shutdown.clone(),
             shutdown_reason: shutdown_reason.clone(),
-        },
-        socket: SocketSettings {
-            max_frame_bytes: config.max_frame_bytes as usize,
-            read_buffer_bytes: config.read_buffer_bytes as usize,
-            write_buffer_bytes: config.write_buffer_bytes as usize,
-        },
+            socket: config.websocket(),
+        }),
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
         gate,

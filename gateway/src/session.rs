@@ -1,29 +1,34 @@
-//! One WebSocket connection: a reader that turns client frames into hub operations, and a
-//! writer that drains the connection's bounded outbox onto the socket, joined by that outbox.
+//! One WebSocket connection, served by one task: it reads and handles client frames, drains
+//! the connection's backlog when the socket falls behind, pings, and performs every close.
 //!
-//! The writer also owns liveness (server pings, idle timeout) and every close the server
-//! initiates, so exactly one task ever writes to the socket.
+//! Frames to the client do not pass through this task: whoever produces one (the fan-out, or
+//! this task answering a request) writes it straight to the socket through the connection's
+//! [`Outbox`]. So a connection that only receives costs no wake-up per message, and an idle one
+//! holds only this task's state.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
 
 use crate::broker::now_micros;
 use crate::broker::{BrokerError, History};
-use crate::fanout::{CloseReason, CloseWatch, ConnId, Outbox, OutboxReceiver, next_conn_id};
+use crate::fanout::{ConnId, next_conn_id};
 use crate::gate::{ConnectionGuard, Throttle};
 use crate::hub::{Hub, Joiner};
 use crate::metrics;
+use crate::outbox::{CloseReason, Outbox};
 use crate::protocol::{
     ChatMessage, ClientFrame, ErrorCode, JoinOptions, PROTOCOL_VERSION, Refusal, Replay, RoomName,
     ServerFrame, close_code, parse_client_frame, to_json,
 };
-use serde_json::Value;
+use crate::wire::WireFrame;
 
 /// Per-connection limits and timings, from the node's configuration.
 #[derive(Debug, Clone)]
@@ -51,6 +56,8 @@ pub struct SessionContext {
     pub node_id: Arc<str>,
     /// Limits and timings.
     pub limits: SessionLimits,
+    /// Frame and message size limits and the read buffer, for the WebSocket reader.
+    pub socket: WebSocketConfig,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
     /// The close sent to clients at shutdown, set before `shutdown` is cancelled: 1012 for a
@@ -96,12 +103,17 @@ const IDLE: CloseReason = CloseReason {
     code: close_code::IDLE_TIMEOUT,
     reason: "idle timeout",
 };
-/// The server closes with this after an unexpected internal failure.
-const INTERNAL: CloseReason = CloseReason {
-    code: close_code::INTERNAL_ERROR,
-    reason: "internal error",
+/// The server closes with this when the client breaks the WebSocket protocol.
+const PROTOCOL_ERROR: CloseReason = CloseReason {
+    code: close_code::PROTOCOL_ERROR,
+    reason: "websocket protocol error",
 };
-/// Marks a close the client started: the writer only flushes the protocol's reply.
+/// The server closes with this when a text frame is not valid UTF-8.
+const INVALID_TEXT: CloseReason = CloseReason {
+    code: close_code::INVALID_PAYLOAD,
+    reason: "text frame is not valid UTF-8",
+};
+/// Marks a close the client started: only the protocol's reply is sent.
 const PEER_CLOSED: CloseReason = CloseReason {
     code: 1000,
     reason: "",
@@ -110,25 +122,28 @@ const PEER_CLOSED: CloseReason = CloseReason {
 /// How long a slow consumer's close frame may wait behind its stalled socket.
 const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Most queued frames written before one flush: batching turns a burst into one syscall.
-const MAX_BATCH: usize = 64;
-
-/// Runs one connection to the end.
-pub async fn serve(
-    socket: WebSocket,
+/// Runs one connection to the end: `socket` is the upgraded TCP stream and `pipelined` what
+/// the client sent right behind its handshake.
+///
+/// The connection's state is built before the returned future, not inside it: an async fn
+/// would keep its arguments and the state made from them side by side for the connection's
+/// whole life, and idle connections are what a node holds most of.
+pub fn serve(
+    socket: TcpStream,
+    pipelined: Vec<u8>,
     identity: Identity,
-    context: SessionContext,
+    context: Arc<SessionContext>,
     guard: ConnectionGuard,
-) {
-    metrics::connection_opened();
-    let (sink, stream) = socket.split();
-    let (outbox, receiver) = Outbox::channel(context.limits.outbox_capacity);
-    let liveness = Arc::new(Liveness::new());
-    let close = receiver.close_watch();
-
-    let limits = context.limits.clone();
-    let shutdown = (context.shutdown.clone(), context.shutdown_reason.clone());
-    let mut session = Session {
+) -> impl Future<Output = ()> + Send {
+    let socket = Arc::new(socket);
+    let outbox = Outbox::new(socket.clone(), context.limits.outbox_capacity);
+    let io = SocketIo {
+        socket: socket.clone(),
+        outbox: outbox.clone(),
+    };
+    let websocket =
+        WebSocket::from_partially_read(io, pipelined, Role::Server, Some(context.socket));
+    let session = Session {
         conn: next_conn_id(),
         identity,
         rooms: Vec::new(),
@@ -136,49 +151,51 @@ pub async fn serve(
         context,
         guard,
     };
-    // The writer starts only once the default room is joined, so the welcome frame (queued
-    // first) tells the client it will now receive the room's messages.
-    // Joining, handling a frame and leaving await broker calls whose futures are large; boxing
-    // them keeps an idle connection's task small (they exist only while they run).
-    Box::pin(session.start()).await;
-    let writer = tokio::spawn(write_loop(
-        sink,
-        receiver,
-        liveness.clone(),
-        limits,
-        shutdown,
-    ));
-    session.read_loop(stream, &liveness, &close).await;
-    Box::pin(session.leave_all()).await;
-    if let Err(error) = writer.await {
-        tracing::error!(%error, "connection writer failed");
+    session.serve(websocket, socket)
+}
+
+/// The WebSocket library's view of the socket: it reads from the socket, and whatever it
+/// writes itself (pong and close replies) goes through the outbox, in order with the rest.
+struct SocketIo {
+    socket: Arc<TcpStream>,
+    outbox: Outbox,
+}
+
+impl std::io::Read for SocketIo {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.socket.try_read(buf)
     }
-    metrics::connection_closed();
 }
 
-/// When the client was last heard from, in milliseconds since the session started.
-struct Liveness {
-    started: Instant,
-    last_heard_ms: AtomicU64,
-}
-
-impl Liveness {
-    fn new() -> Self {
-        Liveness {
-            started: Instant::now(),
-            last_heard_ms: AtomicU64::new(0),
+impl std::io::Write for SocketIo {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self.outbox.push_control(&WireFrame::preformatted(bytes)) {
+            Ok(()) => Ok(bytes.len()),
+            Err(_) => Err(std::io::ErrorKind::BrokenPipe.into()),
         }
     }
 
-    fn heard(&self) {
-        self.last_heard_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
+}
 
-    fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
-    }
+/// What woke a waiting session.
+enum Wake {
+    /// The client sent something.
+    Readable,
+    /// The socket can take more of the backlog.
+    Writable,
+    /// The outbox has a backlog or a close request.
+    Outbox,
+    /// Time to ping (or to give up on a silent client).
+    Tick,
+    /// The node is shutting down.
+    Shutdown,
+    /// The client's token expired.
+    Expired,
+    /// The socket failed.
+    Lost,
 }
 
 /// The reader side's state: which rooms this connection is in and how to reach the hub.
@@ -187,14 +204,42 @@ struct Session {
     identity: Identity,
     rooms: Vec<RoomName>,
     outbox: Outbox,
-    context: SessionContext,
+    context: Arc<SessionContext>,
     /// What the token allows, when it expires, and the message budget.
     guard: ConnectionGuard,
 }
 
 impl Session {
-    /// Queues the welcome frame, then joins the default room.
+    /// The connection's life. A plain async block rather than an async fn: an async fn keeps
+    /// a second copy of its arguments for as long as it runs.
+    #[allow(clippy::manual_async_fn)]
+    fn serve(
+        mut self,
+        mut websocket: WebSocket<SocketIo>,
+        socket: Arc<TcpStream>,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            metrics::connection_opened();
+            // Joining, handling a frame and leaving await broker calls whose futures are large;
+            // boxing them keeps an idle connection's task small (they exist only while they run).
+            Box::pin(self.start()).await;
+            let reason = self.run(&mut websocket, &socket).await;
+            self.close(&mut websocket, &socket, reason).await;
+            Box::pin(self.leave_all()).await;
+            metrics::connection_closed();
+        }
+    }
+
+    /// Queues the welcome frame, joins the default room, then lets frames flow. The outbox
+    /// stays corked until the default room is joined, so the welcome frame (queued
+    /// first) tells the client it will now receive the room's messages.
     async fn start(&mut self) {
+        self.join_default_room().await;
+        self.outbox.uncork();
+    }
+
+    /// Queues the welcome frame, then joins the default room.
+    async fn join_default_room(&mut self) {
         let welcome = ServerFrame::Welcome {
             user_id: &self.identity.user_id,
             node: &self.context.node_id,
@@ -255,69 +300,160 @@ impl Session {
         self.context.hub.release(room, self.conn, history);
     }
 
-    async fn read_loop(
+    /// Reads and handles client frames, drains the backlog when one forms, pings, and watches
+    /// for anything that ends the connection; returns why it ends.
+    async fn run(
         &mut self,
-        mut stream: SplitStream<WebSocket>,
-        liveness: &Liveness,
-        close: &CloseWatch,
-    ) {
+        websocket: &mut WebSocket<SocketIo>,
+        socket: &TcpStream,
+    ) -> CloseReason {
+        let context = self.context.clone();
+        let limits = &context.limits;
+        let mut ping = tokio::time::interval_at(
+            tokio::time::Instant::now() + limits.ping_interval,
+            limits.ping_interval,
+        );
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutting_down = context.shutdown.cancelled();
+        tokio::pin!(shutting_down);
+        let mut last_heard = Instant::now();
+        let mut wake = Wake::Readable;
         loop {
-            let next = tokio::select! {
-                next = stream.next() => next,
-                _ = close.requested() => return,
-                _ = self.context.shutdown.cancelled() => return,
-                _ = self.guard.expired() => {
+            match wake {
+                Wake::Readable => loop {
+                    let message = match websocket.read() {
+                        Ok(message) => message,
+                        Err(tungstenite::Error::Io(error))
+                            if error.kind() == std::io::ErrorKind::WouldBlock =>
+                        {
+                            break;
+                        }
+                        Err(error) => return read_failed(&error),
+                    };
+                    last_heard = Instant::now();
+                    if let ControlFlow::Break(reason) = self.on_message(message).await {
+                        return reason;
+                    }
+                },
+                Wake::Writable => {
+                    if self.outbox.write_backlog().is_err() {
+                        return CloseReason::CONNECTION_LOST;
+                    }
+                }
+                Wake::Outbox => {}
+                Wake::Shutdown => {
+                    return context.shutdown_reason.get().copied().unwrap_or(GOING_AWAY);
+                }
+                Wake::Expired => {
                     metrics::policy_close("token_expired");
-                    self.outbox.close_with(crate::gate::TOKEN_EXPIRED);
-                    return;
+                    return crate::gate::TOKEN_EXPIRED;
                 }
-            };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    if is_capacity_error(&error) {
-                        self.outbox.close_with(TOO_BIG);
-                    } else {
-                        tracing::debug!(%error, "connection read failed");
-                        self.outbox.close_with(PEER_CLOSED);
+                Wake::Lost => return CloseReason::CONNECTION_LOST,
+                Wake::Tick => {
+                    if last_heard.elapsed() > limits.idle_timeout {
+                        return IDLE;
                     }
-                    return;
-                }
-                None => {
-                    self.outbox.close_with(PEER_CLOSED);
-                    return;
-                }
-            };
-            liveness.heard();
-            match self.guard.throttle(&message) {
-                Throttle::Pass => {}
-                Throttle::Refuse(refusal) => {
-                    self.refuse(refusal);
-                    continue;
-                }
-                Throttle::Close(reason) => {
-                    self.outbox.close_with(reason);
-                    return;
-                }
-            }
-            match message {
-                Message::Text(text) => {
-                    match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
-                        Ok(frame) => Box::pin(self.handle(frame)).await,
-                        Err(refusal) => self.refuse(refusal),
+                    if self.outbox.push_control(&WireFrame::ping()).is_err() {
+                        return CloseReason::CONNECTION_LOST;
                     }
                 }
-                Message::Binary(_) => self.refuse(Refusal::new(
-                    ErrorCode::BinaryUnsupported,
-                    "binary frames are not supported; send JSON text frames",
-                )),
-                Message::Ping(_) | Message::Pong(_) => {}
-                Message::Close(_) => {
-                    self.outbox.close_with(PEER_CLOSED);
-                    return;
-                }
             }
+            if let Some(reason) = self.outbox.close_requested() {
+                return reason;
+            }
+            let backlog = self.outbox.has_backlog();
+            // One hand-written poll instead of `select!`: it keeps no future per event source,
+            // so a waiting connection (nearly every connection, nearly always) stays small.
+            wake = std::future::poll_fn(|cx| {
+                if shutting_down.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Shutdown);
+                }
+                if self.guard.poll_expired(cx).is_ready() {
+                    return Poll::Ready(Wake::Expired);
+                }
+                if self.outbox.poll_woken(cx).is_ready() {
+                    return Poll::Ready(Wake::Outbox);
+                }
+                if backlog && let Poll::Ready(ready) = socket.poll_write_ready(cx) {
+                    return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Writable));
+                }
+                if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+                    return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Readable));
+                }
+                ping.poll_tick(cx).map(|_| Wake::Tick)
+            })
+            .await;
         }
+    }
+
+    /// Handles one message from the client; `Break` ends the connection.
+    async fn on_message(&mut self, message: Message) -> ControlFlow<CloseReason> {
+        match self.guard.throttle(&message) {
+            Throttle::Pass => {}
+            Throttle::Refuse(refusal) => {
+                self.refuse(refusal);
+                return ControlFlow::Continue(());
+            }
+            Throttle::Close(reason) => return ControlFlow::Break(reason),
+        }
+        match message {
+            Message::Text(text) => {
+                match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
+                    Ok(frame) => Box::pin(self.handle(frame)).await,
+                    Err(refusal) => self.refuse(refusal),
+                }
+            }
+            Message::Binary(_) => self.refuse(Refusal::new(
+                ErrorCode::BinaryUnsupported,
+                "binary frames are not supported; send JSON text frames",
+            )),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Message::Close(_) => return ControlFlow::Break(PEER_CLOSED),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Says goodbye: the close frame after what is queued (or the reply to the client's close),
+    /// then, for a close the server started, the client's reply. All within one deadline;
+    /// nothing is sent after the close frame.
+    async fn close(
+        &mut self,
+        websocket: &mut WebSocket<SocketIo>,
+        socket: &TcpStream,
+        reason: CloseReason,
+    ) {
+        if reason == CloseReason::CONNECTION_LOST {
+            self.outbox.seal();
+            return;
+        }
+        if reason == PEER_CLOSED {
+            // The library queued its reply to the client's close; this writes it out.
+            let _ = websocket.flush();
+        } else {
+            let _ = self
+                .outbox
+                .push_close(&WireFrame::close(reason.code, reason.reason));
+        }
+        let deadline = if reason == CloseReason::SLOW_CONSUMER {
+            SLOW_CLOSE_DEADLINE
+        } else {
+            self.context.limits.flush_deadline
+        };
+        let _ = tokio::time::timeout(deadline, async {
+            drain(&self.outbox, socket).await?;
+            // Closing the socket before the client has read our close and answered would reset
+            // the connection if it sends meanwhile (a pong, a message), and a reset discards the
+            // close frame still waiting in the client's receive buffer. After the client's own
+            // close there is nothing to wait for, and after a broken frame the reader cannot
+            // be trusted to find one.
+            let reader_failed = [TOO_BIG, PROTOCOL_ERROR, INVALID_TEXT].contains(&reason);
+            if reason != PEER_CLOSED && !reader_failed {
+                await_close_reply(websocket, socket).await;
+            }
+            std::io::Result::Ok(())
+        })
+        .await;
+        self.outbox.seal();
     }
 
     async fn handle(&mut self, frame: ClientFrame) {
@@ -478,7 +614,7 @@ impl Session {
 
     fn send(&self, frame: String) {
         // A full outbox closes the connection as a slow consumer; nothing more to do here.
-        let _ = self.outbox.push(Utf8Bytes::from(frame));
+        let _ = self.outbox.push(&WireFrame::text(&frame));
     }
 
     async fn leave_all(&mut self) {
@@ -491,108 +627,45 @@ impl Session {
     }
 }
 
-type Sink = SplitSink<WebSocket, Message>;
+/// Writes the backlog out, waiting for the socket as needed.
+async fn drain(outbox: &Outbox, socket: &TcpStream) -> std::io::Result<()> {
+    while !outbox.write_backlog()? {
+        socket.writable().await?;
+    }
+    Ok(())
+}
 
-/// Drains the outbox onto the socket, pings, and performs every server-side close.
-async fn write_loop(
-    mut sink: Sink,
-    mut outbox: OutboxReceiver,
-    liveness: Arc<Liveness>,
-    limits: SessionLimits,
-    (shutdown, shutdown_reason): (CancellationToken, Arc<OnceLock<CloseReason>>),
-) {
-    let close = outbox.close_watch();
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + limits.ping_interval,
-        limits.ping_interval,
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Created once, not per loop turn: re-registering these waiters for every frame was the
-    // largest user-space cost of fan-out in a callgrind profile.
-    let close_requested = close.requested();
-    tokio::pin!(close_requested);
-    let shutting_down = shutdown.cancelled();
-    tokio::pin!(shutting_down);
-    let reason = loop {
-        tokio::select! {
-            biased;
-            reason = &mut close_requested => break reason,
-            _ = &mut shutting_down => {
-                // Hand over what is already queued before saying goodbye, within the deadline.
-                let flushed = tokio::time::timeout(limits.flush_deadline, async {
-                    while let Some(frame) = outbox.try_recv() {
-                        sink.feed(Message::Text(frame)).await?;
-                    }
-                    sink.flush().await
-                }).await;
-                if matches!(flushed, Ok(Ok(()))) {
-                    break shutdown_reason.get().copied().unwrap_or(GOING_AWAY);
-                }
-                return;
-            }
-            frame = outbox.recv() => {
-                let Some(frame) = frame else { break INTERNAL };
-                let written = tokio::select! {
-                    written = write_batch(&mut sink, frame, &mut outbox) => written,
-                    // A stalled socket must not hold up the close; the close frame below gets
-                    // a bounded chance to go out after what is already buffered.
-                    reason = &mut close_requested => break reason,
-                };
-                if written.is_err() {
+/// Reads and discards until the client's close frame, the end of the stream, or an error.
+async fn await_close_reply(websocket: &mut WebSocket<SocketIo>, socket: &TcpStream) {
+    loop {
+        match websocket.read() {
+            Ok(Message::Close(_)) => return,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(error))
+                if error.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                if socket.readable().await.is_err() {
                     return;
                 }
             }
-            _ = ping.tick() => {
-                if liveness.silent_for() > limits.idle_timeout {
-                    break IDLE;
-                }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
-                }
-            }
+            Err(_) => return,
         }
-    };
-    if reason == PEER_CLOSED {
-        let _ = tokio::time::timeout(limits.flush_deadline, sink.close()).await;
-        return;
     }
-    let frame = CloseFrame {
-        code: reason.code,
-        reason: Utf8Bytes::from_static(reason.reason),
-    };
-    let deadline = if reason == CloseReason::SLOW_CONSUMER {
-        SLOW_CLOSE_DEADLINE
-    } else {
-        limits.flush_deadline
-    };
-    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame)))).await;
 }
 
-/// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]) with one flush.
-async fn write_batch(
-    sink: &mut Sink,
-    first: Utf8Bytes,
-    outbox: &mut OutboxReceiver,
-) -> Result<(), axum::Error> {
-    sink.feed(Message::Text(first)).await?;
-    for _ in 1..MAX_BATCH {
-        match outbox.try_recv() {
-            Some(frame) => sink.feed(Message::Text(frame)).await?,
-            None => break,
+/// Why a failed read ends the connection.
+fn read_failed(error: &tungstenite::Error) -> CloseReason {
+    match error {
+        tungstenite::Error::Capacity(_) => TOO_BIG,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => PEER_CLOSED,
+        tungstenite::Error::Protocol(error) => {
+            tracing::debug!(%error, "websocket protocol error");
+            PROTOCOL_ERROR
+        }
+        tungstenite::Error::Utf8(_) => INVALID_TEXT,
+        error => {
+            tracing::debug!(%error, "connection read failed");
+            CloseReason::CONNECTION_LOST
         }
     }
-    sink.flush().await
-}
-
-/// Whether a read failed because a frame or message was over the configured size.
-fn is_capacity_error(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = current.downcast_ref::<tungstenite::Error>()
-        {
-            return true;
-        }
-        source = current.source();
-    }
-    false
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Ended, Node, http_get};
+use common::{Client, Ended, Node, RawWebSocket, http_get, ws_handshake};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -348,9 +348,86 @@ async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
         matches!(ended, Ended::Closed(4000) | Ended::Dropped),
         "slow consumer ended with {ended:?}"
     );
+    // The node ends the session once the client answered the close (or within a second).
+    common::wait_until("only the slow consumer to be disconnected", || {
+        node.metric("chat_connections_open") == 2.0
+    });
+}
+
+#[tokio::test]
+async fn the_handshake_follows_rfc_6455_and_refuses_what_it_cannot_serve() {
+    let node = Node::single(&[]);
+    // The RFC's own example key and the accept value it must produce.
+    let accepted =
+        ws_handshake(node.port, "/ws", &[("Sec-WebSocket-Protocol", "chat.v1")]).expect("answer");
+    assert_eq!(accepted.status, 101);
     assert_eq!(
-        node.metric("chat_connections_open"),
-        2.0,
-        "only the slow consumer was disconnected"
+        accepted.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
     );
+    assert_eq!(accepted.header("sec-websocket-protocol"), Some("chat.v1"));
+    let unnamed = ws_handshake(node.port, "/ws", &[]).expect("answer");
+    assert_eq!(unnamed.status, 101);
+    assert_eq!(
+        unnamed.header("sec-websocket-protocol"),
+        None,
+        "no subprotocol is chosen when none was offered"
+    );
+
+    let old_version = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Version", "8"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let (status, body) = http_get(node.port, "/ws", &old_version).expect("answer");
+    assert_eq!(status, 426, "only version 13 exists: {body}");
+
+    let keyless = &old_version[..2];
+    let (status, body) = http_get(
+        node.port,
+        "/ws",
+        &[keyless, &[("Sec-WebSocket-Version", "13")]].concat(),
+    )
+    .expect("answer");
+    assert_eq!(status, 400, "no key: {body}");
+    assert!(body.contains("Sec-WebSocket-Key"), "{body}");
+    let (status, _) = http_get(node.port, "/ws", &[("Upgrade", "websocket")]).expect("answer");
+    assert_eq!(status, 400, "not an upgrade");
+}
+
+#[tokio::test]
+async fn frames_sent_in_the_same_packet_as_the_handshake_are_read() {
+    let node = Node::single(&[]);
+    let ping = RawWebSocket::frame(0x1, br#"{"type":"ping","ref":7}"#, true);
+    let mut socket = RawWebSocket::open(node.port, "/ws", &ping);
+    let (_, welcome) = socket.next_frame().expect("welcome");
+    let welcome: serde_json::Value = serde_json::from_slice(&welcome).unwrap();
+    assert_eq!(welcome["type"], "userId");
+    let (_, pong) = socket.next_frame().expect("pong");
+    let pong: serde_json::Value = serde_json::from_slice(&pong).unwrap();
+    assert_eq!(
+        (pong["type"].as_str(), pong["ref"].as_i64()),
+        (Some("pong"), Some(7))
+    );
+}
+
+#[tokio::test]
+async fn broken_frames_close_with_the_rfc_codes() {
+    let node = Node::single(&[]);
+    // An unmasked frame from a client is a protocol error (RFC 6455 §5.1).
+    let mut unmasked = RawWebSocket::open(node.port, "/ws", &[]);
+    unmasked.send(&RawWebSocket::frame(0x1, br#"{"message":"hi"}"#, false));
+    assert_eq!(unmasked.texts_until_close().1, Some(1002));
+    // A text frame that is not UTF-8.
+    let mut garbled = RawWebSocket::open(node.port, "/ws", &[]);
+    garbled.send(&RawWebSocket::frame(0x1, &[0xff, 0xfe, 0x41], true));
+    assert_eq!(garbled.texts_until_close().1, Some(1007));
+    // A reserved opcode.
+    let mut reserved = RawWebSocket::open(node.port, "/ws", &[]);
+    reserved.send(&RawWebSocket::frame(0x3, b"?", true));
+    assert_eq!(reserved.texts_until_close().1, Some(1002));
+    // The node is fine afterwards.
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    client.say("lobby", "still here").await;
 }

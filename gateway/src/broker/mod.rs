@@ -12,7 +12,7 @@ mod redis;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 
 pub use in_process::InProcessBroker;
 pub use redis::{RedisBroker, RedisSettings};

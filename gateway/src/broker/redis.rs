@@ -13,7 +13,6 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::Message;
@@ -21,6 +20,7 @@ use fred::types::config::{PerformanceConfig, ReconnectPolicy};
 use fred::types::scripts::Script;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
+use tungstenite::Utf8Bytes;
 
 use super::{
     BrokerError, History, HistorySettings, Published, Retained, SharedInbox, decode_envelope,

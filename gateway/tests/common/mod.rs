@@ -668,3 +668,116 @@ impl Client {
         self.socket
     }
 }
+
+/// A WebSocket client that writes raw bytes: for what a well-behaved client library will not
+/// send (unmasked or malformed frames, frames in the same packet as the handshake).
+pub struct RawWebSocket {
+    stream: TcpStream,
+    buffered: Vec<u8>,
+}
+
+impl RawWebSocket {
+    /// Upgrades `path` on `port`, sending `first_frames` in the same write as the request.
+    /// Panics unless the server answers 101.
+    pub fn open(port: u16, path: &str, first_frames: &[u8]) -> RawWebSocket {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(first_frames);
+        stream.write_all(&request).expect("send handshake");
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let head_end = loop {
+            let read = stream.read(&mut buffer).expect("read handshake reply");
+            assert!(read > 0, "server closed during the handshake");
+            raw.extend_from_slice(&buffer[..read]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+        RawWebSocket {
+            stream,
+            buffered: raw[head_end + 4..].to_vec(),
+        }
+    }
+
+    /// A client frame: FIN set, the given opcode, masked with a fixed key unless `masked` is false.
+    pub fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+        assert!(payload.len() < 126, "short frames only");
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![
+            0x80 | opcode,
+            payload.len() as u8 | if masked { 0x80 } else { 0 },
+        ];
+        if masked {
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+        } else {
+            frame.extend_from_slice(payload);
+        }
+        frame
+    }
+
+    /// Writes raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// The next frame from the server as (opcode, payload); `None` once the connection ends.
+    pub fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((opcode, payload, used)) = parse_server_frame(&self.buffered) {
+                self.buffered.drain(..used);
+                return Some((opcode, payload));
+            }
+            let mut buffer = [0u8; 4096];
+            match self.stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => self.buffered.extend_from_slice(&buffer[..read]),
+            }
+        }
+    }
+
+    /// Text frames until the server's close frame: the texts and the close code, if any came.
+    pub fn texts_until_close(&mut self) -> (Vec<String>, Option<u16>) {
+        let mut texts = Vec::new();
+        while let Some((opcode, payload)) = self.next_frame() {
+            match opcode {
+                0x1 => texts.push(String::from_utf8_lossy(&payload).into_owned()),
+                0x8 => {
+                    return (
+                        texts,
+                        payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])),
+                    );
+                }
+                _ => {}
+            }
+        }
+        (texts, None)
+    }
+}
+
+/// Parses one unmasked server frame: opcode, payload and bytes used, if complete.
+fn parse_server_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    let opcode = bytes.first()? & 0x0f;
+    let (len, start) = match bytes.get(1)? & 0x7f {
+        126 => (
+            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        short => (short as usize, 2),
+    };
+    let payload = bytes.get(start..start + len)?.to_vec();
+    Some((opcode, payload, start + len))
+}

@@ -1,0 +1,526 @@
+//! One connection's outgoing side: frames are written straight to its socket by whoever sends
+//! them, in order, and wait in a bounded backlog only while the socket cannot take more.
+//!
+//! Writing directly from the fan-out (instead of queueing every frame for a per-connection
+//! writer task) means a delivery costs one write call and no task wake-up, and an idle
+//! connection owns no writer task at all. The connection's own task is woken only when a
+//! backlog forms, and then drains it with vectored writes, many frames per call. A backlog
+//! that reaches its capacity marks the connection as a slow consumer, so a stalled client never
+//! grows memory or holds up its rooms.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+
+use crate::lock;
+use crate::metrics;
+use crate::protocol::close_code;
+use crate::wire::WireFrame;
+
+/// Where an outbox's bytes go: the connection's socket (or memory, in tests).
+pub trait Transport: Send + Sync + 'static {
+    /// Writes what it can without blocking, like `writev`; `WouldBlock` when it can take nothing.
+    fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
+        tokio::net::TcpStream::try_write_vectored(self, frames)
+    }
+}
+
+/// Why the server is closing a connection: a WebSocket close code and a short reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Human-readable reason sent in the close frame.
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    /// The backlog overflowed.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: close_code::SLOW_CONSUMER,
+        reason: "slow consumer: outgoing queue full",
+    };
+    /// A write failed: the peer is gone, so nothing more (not even a close frame) can be sent.
+    /// 1006 is reserved for exactly this and never appears on the wire.
+    pub const CONNECTION_LOST: CloseReason = CloseReason {
+        code: 1006,
+        reason: "connection lost",
+    };
+}
+
+/// Why a frame could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The backlog was full; the connection has been told to close as a slow consumer.
+    #[error("outgoing queue full")]
+    Full,
+    /// The connection is gone or closing.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Most frames written by one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// The sending side of one connection. Cheap to clone; every clone writes to the same socket.
+#[derive(Clone)]
+pub struct Outbox(Arc<Link>);
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("capacity", &self.0.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Link {
+    transport: Arc<dyn Transport>,
+    /// Most frames the backlog may hold.
+    capacity: usize,
+    backlog: Mutex<Backlog>,
+    /// Set, and the connection's task woken, when a backlog formed or a close was requested.
+    /// A flag and a waker rather than a `Notify`: an idle connection's task then waits without
+    /// holding a waiter of its own.
+    wake: AtomicBool,
+    waker: AtomicWaker,
+    /// The first close request, if any.
+    close: OnceLock<CloseReason>,
+}
+
+#[derive(Default)]
+struct Backlog {
+    frames: VecDeque<WireFrame>,
+    /// Bytes of the front frame already written.
+    written: usize,
+    /// Frames wait without being written until [`Outbox::uncork`].
+    corked: bool,
+    /// Nothing more may be sent: the close frame is queued, or the socket failed.
+    sealed: bool,
+}
+
+impl Outbox {
+    /// An outbox writing to `transport`, holding at most `capacity` frames while it cannot.
+    /// It starts corked: frames wait until [`Outbox::uncork`], so a connection can queue its
+    /// greeting ahead of the traffic of the rooms it is joining.
+    pub fn new(transport: Arc<dyn Transport>, capacity: usize) -> Outbox {
+        Outbox(Arc::new(Link {
+            transport,
+            capacity: capacity.max(1),
+            backlog: Mutex::new(Backlog {
+                corked: true,
+                ..Backlog::default()
+            }),
+            wake: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            close: OnceLock::new(),
+        }))
+    }
+
+    /// Sends a frame now, or queues it behind what is waiting. A full backlog closes the
+    /// connection as a slow consumer.
+    pub fn push(&self, frame: &WireFrame) -> Result<(), QueueError> {
+        let mut backlog = self.backlog();
+        if backlog.sealed {
+            return Err(QueueError::Closed);
+        }
+        if backlog.frames.len() >= self.0.capacity {
+            drop(backlog);
+            self.close_slow();
+            return Err(QueueError::Full);
+        }
+        self.send(&mut backlog, frame)
+    }
+
+    /// Sends a control frame (ping, pong): like [`Outbox::push`] but never refused for space,
+    /// since the protocol requires it and it is tiny.
+    pub fn push_control(&self, frame: &WireFrame) -> Result<(), QueueError> {
+        let mut backlog = self.backlog();
+        if backlog.sealed {
+            return Err(QueueError::Closed);
+        }
+        self.send(&mut backlog, frame)
+    }
+
+    /// Queues the close frame after everything already waiting; nothing is sent after it.
+    pub fn push_close(&self, frame: &WireFrame) -> Result<(), QueueError> {
+        let mut backlog = self.backlog();
+        if backlog.sealed {
+            return Err(QueueError::Closed);
+        }
+        let sent = self.send(&mut backlog, frame);
+        backlog.sealed = true;
+        sent
+    }
+
+    /// Lets queued and future frames go out.
+    pub fn uncork(&self) {
+        let mut backlog = self.backlog();
+        backlog.corked = false;
+        if self.write_out(&mut backlog).is_ok_and(|drained| !drained) {
+            self.wake();
+        }
+    }
+
+    /// Whether frames are waiting for the socket to take them.
+    pub fn has_backlog(&self) -> bool {
+        let backlog = self.backlog();
+        !backlog.corked && !backlog.frames.is_empty()
+    }
+
+    /// Writes as much of the backlog as the socket takes now; `Ok(true)` once it is empty.
+    pub fn write_backlog(&self) -> io::Result<bool> {
+        let mut backlog = self.backlog();
+        self.write_out(&mut backlog)
+    }
+
+    /// Refuses everything from now on and drops what is waiting.
+    pub fn seal(&self) {
+        let mut backlog = self.backlog();
+        backlog.sealed = true;
+        backlog.frames.clear();
+    }
+
+    /// Ready when the connection's task has something to do: a backlog to drain or a close.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.waker.register(cx.waker());
+        if self.0.wake.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn wake(&self) {
+        self.0.wake.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+
+    /// The close requested for this connection, if any.
+    pub fn close_requested(&self) -> Option<CloseReason> {
+        self.0.close.get().copied()
+    }
+
+    /// Closes the connection as a slow consumer; returns whether this was the first close request.
+    pub fn close_slow(&self) -> bool {
+        let first = self.close_with(CloseReason::SLOW_CONSUMER);
+        if first {
+            metrics::slow_consumer_disconnect();
+        }
+        first
+    }
+
+    /// Asks the connection to close. Only the first request counts; returns whether it was this one.
+    pub fn close_with(&self, reason: CloseReason) -> bool {
+        let first = self.0.close.set(reason).is_ok();
+        if first {
+            self.wake();
+        }
+        first
+    }
+
+    fn backlog(&self) -> MutexGuard<'_, Backlog> {
+        lock(&self.0.backlog)
+    }
+
+    /// Writes `frame` directly when nothing is waiting, otherwise queues it.
+    fn send(&self, backlog: &mut Backlog, frame: &WireFrame) -> Result<(), QueueError> {
+        let idle = backlog.frames.is_empty();
+        backlog.frames.push_back(frame.clone());
+        if backlog.corked {
+            return Ok(());
+        }
+        if !idle {
+            // The connection's task was woken when the backlog formed and is draining it.
+            return Ok(());
+        }
+        match self.write_out(backlog) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.wake();
+                Ok(())
+            }
+            Err(_) => Err(QueueError::Closed),
+        }
+    }
+
+    /// Writes queued frames until the socket would block; `Ok(true)` when all are written.
+    /// A failed write seals the outbox and asks the connection to close as lost.
+    fn write_out(&self, backlog: &mut Backlog) -> io::Result<bool> {
+        while let Some(front) = backlog.frames.front() {
+            let front = IoSlice::new(&front.as_bytes()[backlog.written..]);
+            let result = if backlog.frames.len() == 1 {
+                // The common case: one frame straight out.
+                self.0.transport.try_write_vectored(&[front])
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+                slices[0] = front;
+                let mut count = 1;
+                for (slot, frame) in slices[1..].iter_mut().zip(backlog.frames.iter().skip(1)) {
+                    *slot = IoSlice::new(frame.as_bytes());
+                    count += 1;
+                }
+                self.0.transport.try_write_vectored(&slices[..count])
+            };
+            match result {
+                Ok(written) => backlog.consume(written),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    backlog.sealed = true;
+                    backlog.frames.clear();
+                    self.close_with(CloseReason::CONNECTION_LOST);
+                    return Err(error);
+                }
+            }
+        }
+        if backlog.frames.capacity() > MAX_BATCH {
+            // A drained burst should not keep its high-water mark per connection.
+            backlog.frames.shrink_to(MAX_BATCH);
+        }
+        Ok(true)
+    }
+}
+
+impl Backlog {
+    /// Drops `written` bytes from the front of the queue.
+    fn consume(&mut self, mut written: usize) {
+        while let Some(front) = self.frames.front() {
+            let left = front.as_bytes().len() - self.written;
+            if written < left {
+                self.written += written;
+                return;
+            }
+            written -= left;
+            self.written = 0;
+            self.frames.pop_front();
+        }
+    }
+}
+
+/// An outbox that writes into memory: for tests and benchmarks of the fan-out.
+pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
+    let socket = Arc::new(MemoryTransport::default());
+    let outbox = Outbox::new(socket.clone(), capacity);
+    outbox.uncork();
+    (
+        outbox.clone(),
+        MemorySocket {
+            transport: socket,
+            outbox,
+        },
+    )
+}
+
+/// The far end of an [`in_memory`] outbox.
+pub struct MemorySocket {
+    transport: Arc<MemoryTransport>,
+    outbox: Outbox,
+}
+
+#[derive(Default)]
+struct MemoryTransport {
+    bytes: Mutex<Vec<u8>>,
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl Transport for MemoryTransport {
+    fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let mut bytes = lock(&self.bytes);
+        let before = bytes.len();
+        for frame in frames {
+            bytes.extend_from_slice(frame);
+        }
+        Ok(bytes.len() - before)
+    }
+}
+
+impl MemorySocket {
+    /// The payloads of the text frames written so far, oldest first, removing them.
+    pub fn take_texts(&self) -> Vec<String> {
+        std::iter::from_fn(|| self.next_text()).collect()
+    }
+
+    /// The payload of the oldest text frame not taken yet, removing it.
+    pub fn next_text(&self) -> Option<String> {
+        let mut bytes = lock(&self.transport.bytes);
+        let (payload, rest) = split_frame(&bytes)?;
+        let text = String::from_utf8_lossy(payload).into_owned();
+        let taken = bytes.len() - rest.len();
+        bytes.drain(..taken);
+        Some(text)
+    }
+
+    /// Bytes written so far, removing them.
+    pub fn take_bytes(&self) -> Vec<u8> {
+        std::mem::take(&mut *lock(&self.transport.bytes))
+    }
+
+    /// Makes the socket take nothing (like a client that stopped reading), or take again.
+    pub fn stall(&self, stalled: bool) {
+        self.transport
+            .stalled
+            .store(stalled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The close requested for the connection, if any.
+    pub fn close_requested(&self) -> Option<CloseReason> {
+        self.outbox.close_requested()
+    }
+
+    /// Pretends the connection's task drained its backlog.
+    pub fn drain_backlog(&self) -> bool {
+        self.outbox.write_backlog().unwrap_or(false)
+    }
+}
+
+/// Splits one unmasked server frame off the front: its payload and what follows.
+fn split_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&_first, rest) = bytes.split_first()?;
+    let (&len_byte, rest) = rest.split_first()?;
+    let (len, rest) = match len_byte & 0x7f {
+        126 => {
+            let (len, rest) = rest.split_at_checked(2)?;
+            (u16::from_be_bytes([len[0], len[1]]) as usize, rest)
+        }
+        127 => {
+            let (len, rest) = rest.split_at_checked(8)?;
+            (u64::from_be_bytes(len.try_into().ok()?) as usize, rest)
+        }
+        short => (short as usize, rest),
+    };
+    rest.split_at_checked(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> WireFrame {
+        WireFrame::text(s)
+    }
+
+    #[test]
+    fn frames_go_straight_out_in_order() {
+        let (outbox, socket) = in_memory(4);
+        for word in ["one", "two", "three"] {
+            outbox.push(&text(word)).unwrap();
+        }
+        assert!(!outbox.has_backlog());
+        assert_eq!(socket.take_texts(), ["one", "two", "three"]);
+    }
+
+    #[test]
+    fn a_corked_outbox_holds_frames_until_uncorked() {
+        let transport = Arc::new(MemoryTransport::default());
+        let outbox = Outbox::new(transport.clone(), 4);
+        let socket = MemorySocket {
+            transport,
+            outbox: outbox.clone(),
+        };
+        outbox.push(&text("welcome")).unwrap();
+        assert!(socket.take_bytes().is_empty());
+        outbox.uncork();
+        outbox.push(&text("live")).unwrap();
+        assert_eq!(socket.take_texts(), ["welcome", "live"]);
+    }
+
+    #[test]
+    fn a_stalled_socket_builds_a_backlog_drained_in_order_then_overflows_as_slow() {
+        let (outbox, socket) = in_memory(3);
+        socket.stall(true);
+        for word in ["a", "b", "c"] {
+            outbox.push(&text(word)).unwrap();
+        }
+        assert!(outbox.has_backlog());
+        socket.stall(false);
+        assert!(socket.drain_backlog());
+        assert_eq!(socket.take_texts(), ["a", "b", "c"]);
+
+        socket.stall(true);
+        for word in ["d", "e", "f"] {
+            outbox.push(&text(word)).unwrap();
+        }
+        assert_eq!(outbox.push(&text("g")), Err(QueueError::Full));
+        assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn nothing_follows_the_close_frame() {
+        let (outbox, socket) = in_memory(4);
+        outbox.push(&text("last words")).unwrap();
+        outbox.push_close(&WireFrame::close(1000, "bye")).unwrap();
+        assert_eq!(outbox.push(&text("too late")), Err(QueueError::Closed));
+        let bytes = socket.take_bytes();
+        let (first, rest) = split_frame(&bytes).unwrap();
+        assert_eq!(first, b"last words");
+        assert_eq!(rest[0], 0x88, "then the close frame, and nothing after it");
+        assert_eq!(split_frame(rest).unwrap().1, b"");
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        /// Takes at most three bytes per call.
+        struct Trickle(Mutex<Vec<u8>>);
+        impl Transport for Trickle {
+            fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
+                let first = frames
+                    .iter()
+                    .find(|f| !f.is_empty())
+                    .expect("something to write");
+                let n = first.len().min(3);
+                lock(&self.0).extend_from_slice(&first[..n]);
+                Ok(n)
+            }
+        }
+        let trickle = Arc::new(Trickle(Mutex::new(Vec::new())));
+        let outbox = Outbox::new(trickle.clone(), 4);
+        outbox.uncork();
+        outbox.push(&text("hello")).unwrap();
+        outbox.push(&text("world")).unwrap();
+        let bytes = lock(&trickle.0).clone();
+        let (first, rest) = split_frame(&bytes).unwrap();
+        assert_eq!(
+            (first, split_frame(rest).unwrap().0),
+            (&b"hello"[..], &b"world"[..])
+        );
+    }
+
+    #[test]
+    fn a_failed_write_seals_the_outbox_and_reports_the_connection_lost() {
+        struct Broken;
+        impl Transport for Broken {
+            fn try_write_vectored(&self, _: &[IoSlice<'_>]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+        }
+        let outbox = Outbox::new(Arc::new(Broken), 4);
+        outbox.uncork();
+        assert_eq!(outbox.push(&text("x")), Err(QueueError::Closed));
+        assert_eq!(outbox.push(&text("y")), Err(QueueError::Closed));
+        assert_eq!(outbox.close_requested(), Some(CloseReason::CONNECTION_LOST));
+    }
+
+    #[test]
+    fn the_first_close_reason_wins() {
+        let (outbox, socket) = in_memory(1);
+        let other = CloseReason {
+            code: 1001,
+            reason: "going away",
+        };
+        assert!(outbox.close_with(other));
+        assert!(!outbox.close_slow());
+        assert_eq!(socket.close_requested(), Some(other));
+    }
+}
