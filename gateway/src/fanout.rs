@@ -15,7 +15,7 @@ use tungstenite::Utf8Bytes;
 use crate::broker::{Delivery, DeliveryKind, now_micros};
 use crate::lock;
 use crate::metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Batch, Outbox};
 use crate::protocol::{Offset, RoomName};
 use crate::wire::WireFrame;
 
@@ -56,7 +56,7 @@ struct RoomState {
 
 impl RoomState {
     /// Hands one delivery to every member that wants it; returns how many took it.
-    fn deliver_now(&mut self, delivery: &Delivery) -> usize {
+    fn deliver_now(&mut self, delivery: &Delivery, batch: &mut Batch) -> usize {
         if let DeliveryKind::Chat(offset) = delivery.kind {
             if self.last_offset.is_some_and(|last| last >= offset) {
                 return 0;
@@ -82,7 +82,7 @@ impl RoomState {
             {
                 return true;
             }
-            let queued = member.outbox.push(&frame).is_ok();
+            let queued = member.outbox.defer(&frame, batch).is_ok();
             delivered += usize::from(queued);
             queued
         });
@@ -155,19 +155,24 @@ impl Members {
         lock(&self.state).members.len()
     }
 
-    /// Queues a delivery for every member and returns how many took it. Members that are gone
-    /// or too slow are dropped from the room.
+    /// Writes a delivery to every member now and returns how many took it.
+    pub fn deliver(&self, delivery: &Delivery) -> usize {
+        self.deliver_into(delivery, &mut Batch::default())
+    }
+
+    /// Queues a delivery for every member, to be written when `batch` is flushed, and returns
+    /// how many took it. Members that are gone or too slow are dropped from the room.
     ///
     /// The lock is held for the whole pass on purpose: deliveries to one room never interleave,
     /// so every member sees the room's frames in the same order.
-    pub fn deliver(&self, delivery: &Delivery) -> usize {
+    pub fn deliver_into(&self, delivery: &Delivery, batch: &mut Batch) -> usize {
         let mut state = lock(&self.state);
         match &mut state.repair_hold {
             Some(held) => {
                 held.push(delivery.clone());
                 0
             }
-            None => state.deliver_now(delivery),
+            None => state.deliver_now(delivery, batch),
         }
     }
 
@@ -188,6 +193,7 @@ impl Members {
     pub fn finish_repair(&self, found: Vec<(Offset, Utf8Bytes)>) -> usize {
         let mut state = lock(&self.state);
         let held = state.repair_hold.take().unwrap_or_default();
+        let mut batch = Batch::default();
         let mut recovered = 0;
         for (offset, frame) in found {
             let delivery = Delivery {
@@ -195,12 +201,12 @@ impl Members {
                 frame,
                 published_at_micros: now_micros(),
             };
-            if state.deliver_now(&delivery) > 0 {
+            if state.deliver_now(&delivery, &mut batch) > 0 {
                 recovered += 1;
             }
         }
         for delivery in held {
-            state.deliver_now(&delivery);
+            state.deliver_now(&delivery, &mut batch);
         }
         recovered
     }
@@ -259,10 +265,16 @@ impl Registry {
         metrics::set_local_rooms(rooms.len());
     }
 
-    /// Queues a delivery for every local member of `room`; returns how many took it.
+    /// Writes a delivery to every local member of `room`; returns how many took it.
     pub fn deliver(&self, room: &str, delivery: &Delivery) -> usize {
+        self.deliver_into(room, delivery, &mut Batch::default())
+    }
+
+    /// Queues a delivery for every local member of `room`, written when `batch` is flushed;
+    /// returns how many took it.
+    pub fn deliver_into(&self, room: &str, delivery: &Delivery, batch: &mut Batch) -> usize {
         match self.get(room) {
-            Some(entry) => entry.members.deliver(delivery),
+            Some(entry) => entry.members.deliver_into(delivery, batch),
             None => 0,
         }
     }

@@ -21,21 +21,30 @@ use crate::broker::{
 use crate::fanout::{ConnId, Registry};
 use crate::lock;
 use crate::metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Batch, Outbox};
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
 struct FanoutInbox {
     registry: Arc<Registry>,
     gaps: Arc<Notify>,
+    /// What the broker delivered since its last flush.
+    batch: Mutex<Batch>,
 }
 
 impl Inbox for FanoutInbox {
     fn deliver(&self, room: &str, delivery: Delivery) {
-        let recipients = self.registry.deliver(room, &delivery);
+        let recipients = self
+            .registry
+            .deliver_into(room, &delivery, &mut lock(&self.batch));
         let latency =
             Duration::from_micros(now_micros().saturating_sub(delivery.published_at_micros));
         metrics::fanned_out(recipients, latency);
+    }
+
+    fn flush(&self) {
+        let mut batch = std::mem::take(&mut *lock(&self.batch));
+        batch.flush();
     }
 
     fn gap(&self) {
@@ -94,6 +103,7 @@ impl Hub {
         let inbox = Arc::new(FanoutInbox {
             registry: registry.clone(),
             gaps: gaps.clone(),
+            batch: Mutex::new(Batch::default()),
         });
         let broker = match redis {
             Some(redis) => Broker::Redis(Box::new(RedisBroker::start(redis, inbox)?)),

@@ -105,6 +105,8 @@ struct Backlog {
     corked: bool,
     /// Nothing more may be sent: the close frame is queued, or the socket failed.
     sealed: bool,
+    /// Frames were deferred and a [`Batch`] will write them.
+    scheduled: bool,
 }
 
 impl Outbox {
@@ -161,6 +163,39 @@ impl Outbox {
         sent
     }
 
+    /// Queues a frame for `batch` to write when it is flushed, so several frames for this
+    /// connection in one batch leave in one write. A full backlog closes the connection as a
+    /// slow consumer.
+    pub fn defer(&self, frame: &WireFrame, batch: &mut Batch) -> Result<(), QueueError> {
+        let mut backlog = self.backlog();
+        if backlog.sealed {
+            return Err(QueueError::Closed);
+        }
+        if backlog.frames.len() >= self.0.capacity {
+            drop(backlog);
+            self.close_slow();
+            return Err(QueueError::Full);
+        }
+        let idle = backlog.frames.is_empty();
+        backlog.frames.push_back(frame.clone());
+        // A corked outbox, or one whose backlog its task is draining, needs no flush; one
+        // already scheduled is in the batch.
+        if idle && !backlog.corked {
+            backlog.scheduled = true;
+            batch.pending.push(self.clone());
+        }
+        Ok(())
+    }
+
+    /// Writes what was deferred; what the socket cannot take is left to the connection's task.
+    fn flush_deferred(&self) {
+        let mut backlog = self.backlog();
+        backlog.scheduled = false;
+        if self.write_out(&mut backlog).is_ok_and(|drained| !drained) {
+            self.wake();
+        }
+    }
+
     /// Lets queued and future frames go out.
     pub fn uncork(&self) {
         let mut backlog = self.backlog();
@@ -170,10 +205,10 @@ impl Outbox {
         }
     }
 
-    /// Whether frames are waiting for the socket to take them.
+    /// Whether frames are waiting for the socket to take them (and no batch will write them).
     pub fn has_backlog(&self) -> bool {
         let backlog = self.backlog();
-        !backlog.corked && !backlog.frames.is_empty()
+        !backlog.corked && !backlog.scheduled && !backlog.frames.is_empty()
     }
 
     /// Writes as much of the backlog as the socket takes now; `Ok(true)` once it is empty.
@@ -239,7 +274,8 @@ impl Outbox {
             return Ok(());
         }
         if !idle {
-            // The connection's task was woken when the backlog formed and is draining it.
+            // Whoever queued the first waiting frame writes this one after it: the
+            // connection's task (woken when the backlog formed) or a batch.
             return Ok(());
         }
         match self.write_out(backlog) {
@@ -287,6 +323,31 @@ impl Outbox {
             backlog.frames.shrink_to(MAX_BATCH);
         }
         Ok(true)
+    }
+}
+
+/// Outboxes with deferred frames, written together when the batch is flushed (or dropped).
+///
+/// A node delivers everything its broker has ready as one batch: under load several messages
+/// for the same connection then leave in one write, which is what keeps the cost per delivery
+/// from growing with the rate. An idle node's batches hold one message, so nothing waits.
+#[derive(Default)]
+pub struct Batch {
+    pending: Vec<Outbox>,
+}
+
+impl Batch {
+    /// Writes every deferred frame.
+    pub fn flush(&mut self) {
+        for outbox in self.pending.drain(..) {
+            outbox.flush_deferred();
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -454,6 +515,46 @@ mod tests {
         }
         assert_eq!(outbox.push(&text("g")), Err(QueueError::Full));
         assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn a_batch_writes_each_connection_once_in_order() {
+        /// Counts write calls.
+        #[derive(Default)]
+        struct Counting(Mutex<(usize, Vec<u8>)>);
+        impl Transport for Counting {
+            fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
+                let mut state = lock(&self.0);
+                state.0 += 1;
+                let before = state.1.len();
+                for frame in frames {
+                    state.1.extend_from_slice(frame);
+                }
+                Ok(state.1.len() - before)
+            }
+        }
+        let socket = Arc::new(Counting::default());
+        let outbox = Outbox::new(socket.clone(), 8);
+        outbox.uncork();
+        let mut batch = Batch::default();
+        for word in ["a", "b", "c"] {
+            outbox.defer(&text(word), &mut batch).unwrap();
+        }
+        outbox.push(&text("reply")).unwrap();
+        assert_eq!(lock(&socket.0).0, 0, "nothing is written before the flush");
+        assert!(
+            !outbox.has_backlog(),
+            "the batch, not the task, owes the write"
+        );
+        batch.flush();
+        let (writes, bytes) = lock(&socket.0).clone();
+        assert_eq!(writes, 1, "one write for the whole batch");
+        let mut rest = bytes.as_slice();
+        for expected in ["a", "b", "c", "reply"] {
+            let (payload, next) = split_frame(rest).unwrap();
+            assert_eq!(payload, expected.as_bytes());
+            rest = next;
+        }
     }
 
     #[test]

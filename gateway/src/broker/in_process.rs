@@ -88,6 +88,7 @@ impl InProcessBroker {
                 published_at_micros: now_micros(),
             },
         );
+        self.inbox.flush();
         Published { offset }
     }
 
@@ -189,5 +190,6 @@ impl InProcessBroker {
             published_at_micros: now_micros(),
         };
         self.inbox.deliver(room.as_str(), delivery);
+        self.inbox.flush();
     }
 }

@@ -41,8 +41,10 @@ pub enum DeliveryKind {
 
 /// Where a broker hands what it receives.
 pub trait Inbox: Send + Sync + 'static {
-    /// One delivery for `room`.
+    /// One delivery for `room`. It may wait to be written until [`Inbox::flush`].
     fn deliver(&self, room: &str, delivery: Delivery);
+    /// The broker has handed over everything it has for now: write it out.
+    fn flush(&self);
     /// Messages may have been missed (the subscriber lagged or reconnected): repair from history.
     fn gap(&self);
 }

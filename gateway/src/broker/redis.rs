@@ -18,7 +18,7 @@ use fred::prelude::*;
 use fred::types::Message;
 use fred::types::config::{PerformanceConfig, ReconnectPolicy};
 use fred::types::scripts::Script;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
 use tungstenite::Utf8Bytes;
 
@@ -351,35 +351,57 @@ impl RedisBroker {
     }
 }
 
-/// Reads every pub/sub message and hands it to the inbox, surviving lag.
+/// Most pub/sub messages delivered as one batch before their frames are written.
+const MAX_BATCH: usize = 256;
+
+/// Reads every pub/sub message and hands it to the inbox, surviving lag. Whatever has arrived
+/// by the time one message is read is delivered with it as one batch (see `outbox::Batch`).
 fn receive_loop(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
     inbox: SharedInbox,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            match messages.recv().await {
-                Ok(message) => {
-                    let Some(room) = message.channel.strip_prefix(CHANNEL_PREFIX) else {
-                        continue;
-                    };
-                    let delivery = message.value.as_bytes().and_then(decode_envelope);
-                    match delivery {
-                        Some(delivery) => inbox.deliver(room, delivery),
-                        None => {
-                            tracing::warn!(room, "ignored a malformed message on a room channel")
-                        }
+            let first = messages.recv().await;
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(received) = next.take() {
+                match received {
+                    Ok(message) => deliver(&message, &inbox),
+                    Err(RecvError::Lagged(skipped)) => {
+                        metrics::broker_lagged(skipped);
+                        tracing::warn!(skipped, "redis subscriber lagged; repairing from history");
+                        inbox.gap();
+                    }
+                    Err(RecvError::Closed) => {
+                        inbox.flush();
+                        return;
                     }
                 }
-                Err(RecvError::Lagged(skipped)) => {
-                    metrics::broker_lagged(skipped);
-                    tracing::warn!(skipped, "redis subscriber lagged; repairing from history");
-                    inbox.gap();
+                taken += 1;
+                if taken < MAX_BATCH {
+                    next = match messages.try_recv() {
+                        Ok(message) => Some(Ok(message)),
+                        Err(TryRecvError::Lagged(skipped)) => Some(Err(RecvError::Lagged(skipped))),
+                        Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                        Err(TryRecvError::Empty) => None,
+                    };
                 }
-                Err(RecvError::Closed) => break,
             }
+            inbox.flush();
         }
     })
+}
+
+/// Hands one pub/sub message on a room channel to the inbox.
+fn deliver(message: &Message, inbox: &SharedInbox) {
+    let Some(room) = message.channel.strip_prefix(CHANNEL_PREFIX) else {
+        return;
+    };
+    match message.value.as_bytes().and_then(decode_envelope) {
+        Some(delivery) => inbox.deliver(room, delivery),
+        None => tracing::warn!(room, "ignored a malformed message on a room channel"),
+    }
 }
 
 /// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current. For
