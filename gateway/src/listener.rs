@@ -24,6 +24,25 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+/// Connections the kernel may hold completed but not yet accepted (it caps this at
+/// `net.core.somaxconn`). A reconnect storm after a node restart arrives faster than any
+/// accept loop; a short queue drops SYNs, and each dropped one costs its client a one-second
+/// retransmission.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with a backlog sized for reconnect storms.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted node can bind while its predecessor's connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets HTTP requests in flight finish.
 /// Requests carry `ConnectInfo<SocketAddr>` with the TCP peer.
 pub async fn serve(

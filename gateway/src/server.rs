@@ -222,12 +222,10 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
 ) -> Result<(), ServerError> {
     let hub = Hub::start(config.hub_settings(), config.redis(&node_id).as_ref())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = crate::listener::bind(config.listen).map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let shutdown = CancellationToken::new();
     let shutdown_reason = Arc::new(OnceLock::new());
     let gate = Arc::new(Gate::new(&config.security)?);
