@@ -253,8 +253,10 @@ scenario_memory() {
 scenario_bigroom() {
   local stack="$1"
   start_cluster "$stack" bigroom
+  # Two load generator threads: every message arrives on 2,000 sockets at once, and one thread
+  # receiving them all in turn would add its own queue to every stack's latency.
   run_loadgen "$stack" bigroom fanout --clients "$BIGROOM_CLIENTS" --rooms 1 --senders 1 \
-    --rates 20 --size 64 --duration "$BIGROOM_DURATION" --drain 3s --settle 2s
+    --rates 20 --size 64 --duration "$BIGROOM_DURATION" --drain 3s --settle 2s --threads 2
   stop_cluster
 }
 

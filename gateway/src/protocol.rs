@@ -31,8 +31,6 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// The node is restarting (SIGTERM); reconnect and resume on another node.
     pub const SERVICE_RESTART: u16 = 1012;
-    /// An unexpected server-side failure.
-    pub const INTERNAL_ERROR: u16 = 1011;
     /// The connection's outgoing queue was full.
     pub const SLOW_CONSUMER: u16 = 4000;
     /// Nothing was heard from the client within the idle timeout.
