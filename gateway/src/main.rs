@@ -12,6 +12,7 @@ fn main() -> anyhow::Result<()> {
     let node_id = config.node_id();
     init_tracing(config.log_format);
     let metrics = gateway::metrics::install(&node_id).context("installing the metrics recorder")?;
+    count_panics();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -20,6 +21,17 @@ fn main() -> anyhow::Result<()> {
     let span = tracing::info_span!("node", id = %node_id);
     runtime.block_on(gateway::server::run(config, node_id, Some(metrics)).instrument(span))?;
     Ok(())
+}
+
+/// Logs and counts every panic. The runtime contains a panicking task (for a connection, that
+/// connection ends), so without this a bug would show only as a client that was dropped.
+fn count_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        gateway::metrics::panicked();
+        tracing::error!(%info, "panic");
+        default_hook(info);
+    }));
 }
 
 fn init_tracing(format: LogFormat) {

@@ -24,6 +24,7 @@ const CLIENT_ERRORS: &str = "chat_client_errors_total";
 const HANDSHAKES_REFUSED: &str = "chat_handshakes_refused_total";
 const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
 const POLICY_CLOSES: &str = "chat_policy_closes_total";
+const PANICS: &str = "chat_panics_total";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,7 +57,7 @@ fn describe() {
     describe_counter!(MESSAGES_PUBLISHED, "Chat messages the broker accepted");
     describe_counter!(
         MESSAGES_DELIVERED,
-        "Frames queued to local clients by fan-out"
+        "Frames fan-out wrote (or queued) to local clients"
     );
     describe_histogram!(
         BROKER_PUBLISH_SECONDS,
@@ -95,6 +96,10 @@ fn describe() {
         POLICY_CLOSES,
         "Connections closed by a security policy, by reason (rate_limit, token_expired)"
     );
+    describe_counter!(
+        PANICS,
+        "Panics in the node's tasks: each is a bug that ended a connection or a background task"
+    );
 }
 
 /// Creates the series that only move on rare events, so dashboards and `rate()` see them from
@@ -108,6 +113,7 @@ fn register_at_zero() {
         SLOW_CONSUMER_DISCONNECTS,
         BROKER_LAG_EVENTS,
         BROKER_LAGGED_MESSAGES,
+        PANICS,
     ] {
         counter!(name).absolute(0);
     }
@@ -182,4 +188,9 @@ pub fn rate_limited(scope: &'static str) {
 /// A connection was closed by a security policy.
 pub fn policy_close(reason: &'static str) {
     counter!(POLICY_CLOSES, "reason" => reason).increment(1);
+}
+
+/// A task panicked.
+pub fn panicked() {
+    counter!(PANICS).increment(1);
 }

@@ -198,7 +198,7 @@ enum Wake {
     Lost,
 }
 
-/// The reader side's state: which rooms this connection is in and how to reach the hub.
+/// One connection's state: who it is, its rooms, and the ways to the hub and to its socket.
 struct Session {
     conn: ConnId,
     identity: Identity,

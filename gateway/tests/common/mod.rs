@@ -271,6 +271,29 @@ impl Node {
     }
 }
 
+/// Every test that ran a node also checks the node never panicked: the runtime contains a
+/// panicking task, so a bug in a connection would otherwise pass as a dropped client.
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // A node the test stopped or killed has nothing to say.
+        if let Some((200, body)) = self.get("/metrics") {
+            let panics = body
+                .lines()
+                .find_map(|line| line.strip_prefix("chat_panics_total"))
+                .and_then(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok());
+            assert_eq!(
+                panics,
+                Some(0.0),
+                "node {} panicked (see its stderr)",
+                self.id
+            );
+        }
+    }
+}
+
 /// A minimal HTTP/1.1 GET over loopback, so tests need no HTTP client crate.
 pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
