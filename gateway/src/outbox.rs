@@ -69,7 +69,7 @@ pub enum QueueError {
 
 /// Whether a frame counts against the backlog's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Room {
+enum Admission {
     /// Data frames: a full backlog refuses them and closes the connection as slow.
     Bounded,
     /// Control and close frames: always admitted while the connection is open.
@@ -139,20 +139,20 @@ impl Outbox {
     /// Sends a frame now, or queues it behind what is waiting. A full backlog closes the
     /// connection as a slow consumer.
     pub fn push(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Room::Bounded)?;
+        let mut backlog = self.admit(Admission::Bounded)?;
         self.send(&mut backlog, frame)
     }
 
     /// Sends a control frame (ping, pong): like [`Outbox::push`] but never refused for space,
     /// since the protocol requires it and it is tiny.
     pub fn push_control(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Room::Always)?;
+        let mut backlog = self.admit(Admission::Always)?;
         self.send(&mut backlog, frame)
     }
 
     /// Queues the close frame after everything already waiting; nothing is sent after it.
     pub fn push_close(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Room::Always)?;
+        let mut backlog = self.admit(Admission::Always)?;
         let sent = self.send(&mut backlog, frame);
         backlog.sealed = true;
         sent
@@ -162,7 +162,7 @@ impl Outbox {
     /// connection in one batch leave in one write. A full backlog closes the connection as a
     /// slow consumer.
     pub fn defer(&self, frame: &WireFrame, batch: &mut Batch) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Room::Bounded)?;
+        let mut backlog = self.admit(Admission::Bounded)?;
         let idle = backlog.frames.is_empty();
         backlog.frames.push_back(frame.clone());
         // A corked outbox, or one whose backlog its task is draining, needs no flush; one
@@ -254,13 +254,13 @@ impl Outbox {
     }
 
     /// The backlog, if one more frame may join it: not after the close frame, and (for
-    /// [`Room::Bounded`] frames) not past capacity, which closes the connection as slow.
-    fn admit(&self, room: Room) -> Result<MutexGuard<'_, Backlog>, QueueError> {
+    /// [`Admission::Bounded`] frames) not past capacity, which closes the connection as slow.
+    fn admit(&self, admission: Admission) -> Result<MutexGuard<'_, Backlog>, QueueError> {
         let backlog = self.backlog();
         if backlog.sealed {
             return Err(QueueError::Closed);
         }
-        if room == Room::Bounded && backlog.frames.len() >= self.0.capacity {
+        if admission == Admission::Bounded && backlog.frames.len() >= self.0.capacity {
             drop(backlog);
             self.close_slow();
             return Err(QueueError::Full);
