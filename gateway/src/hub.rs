@@ -43,8 +43,8 @@ impl Inbox for FanoutInbox {
     }
 
     fn flush(&self) {
-        let mut batch = std::mem::take(&mut *lock(&self.batch));
-        batch.flush();
+        // Flushed in place so the batch keeps its allocation from one batch to the next.
+        lock(&self.batch).flush();
     }
 
     fn gap(&self) {

@@ -178,18 +178,16 @@ impl Outbox {
     fn flush_deferred(&self) {
         let mut backlog = self.backlog();
         backlog.scheduled = false;
-        if self.write_out(&mut backlog).is_ok_and(|drained| !drained) {
-            self.wake();
-        }
+        // A failed write has already asked the connection to close.
+        let _ = self.write_or_hand_over(&mut backlog);
     }
 
     /// Lets queued and future frames go out.
     pub fn uncork(&self) {
         let mut backlog = self.backlog();
         backlog.corked = false;
-        if self.write_out(&mut backlog).is_ok_and(|drained| !drained) {
-            self.wake();
-        }
+        // A failed write has already asked the connection to close.
+        let _ = self.write_or_hand_over(&mut backlog);
     }
 
     /// Whether frames are waiting for the socket to take them (and no batch will write them).
@@ -280,6 +278,12 @@ impl Outbox {
             // connection's task (woken when the backlog formed) or a batch.
             return Ok(());
         }
+        self.write_or_hand_over(backlog)
+    }
+
+    /// Writes what the socket takes now and leaves the rest to the connection's task, woken to
+    /// drain it once the socket is writable again.
+    fn write_or_hand_over(&self, backlog: &mut Backlog) -> Result<(), QueueError> {
         match self.write_out(backlog) {
             Ok(true) => Ok(()),
             Ok(false) => {

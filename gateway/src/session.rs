@@ -323,11 +323,7 @@ impl Session {
                 Wake::Readable => loop {
                     let message = match websocket.read() {
                         Ok(message) => message,
-                        Err(tungstenite::Error::Io(error))
-                            if error.kind() == std::io::ErrorKind::WouldBlock =>
-                        {
-                            break;
-                        }
+                        Err(error) if would_block(&error) => break,
                         Err(error) => return read_failed(&error),
                     };
                     last_heard = Instant::now();
@@ -641,9 +637,7 @@ async fn await_close_reply(websocket: &mut WebSocket<SocketIo>, socket: &TcpStre
         match websocket.read() {
             Ok(Message::Close(_)) => return,
             Ok(_) => {}
-            Err(tungstenite::Error::Io(error))
-                if error.kind() == std::io::ErrorKind::WouldBlock =>
-            {
+            Err(error) if would_block(&error) => {
                 if socket.readable().await.is_err() {
                     return;
                 }
@@ -651,6 +645,11 @@ async fn await_close_reply(websocket: &mut WebSocket<SocketIo>, socket: &TcpStre
             Err(_) => return,
         }
     }
+}
+
+/// Whether a read only found no complete frame yet (the socket has nothing more for now).
+fn would_block(error: &tungstenite::Error) -> bool {
+    matches!(error, tungstenite::Error::Io(error) if error.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Why a failed read ends the connection.

@@ -362,11 +362,10 @@ fn receive_loop(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let first = messages.recv().await;
-            let mut next = Some(first);
+            let mut received = Some(messages.recv().await);
             let mut taken = 0;
-            while let Some(received) = next.take() {
-                match received {
+            while let Some(result) = received {
+                match result {
                     Ok(message) => deliver(&message, &inbox),
                     Err(RecvError::Lagged(skipped)) => {
                         metrics::broker_lagged(skipped);
@@ -379,18 +378,27 @@ fn receive_loop(
                     }
                 }
                 taken += 1;
-                if taken < MAX_BATCH {
-                    next = match messages.try_recv() {
-                        Ok(message) => Some(Ok(message)),
-                        Err(TryRecvError::Lagged(skipped)) => Some(Err(RecvError::Lagged(skipped))),
-                        Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-                        Err(TryRecvError::Empty) => None,
-                    };
-                }
+                received = if taken < MAX_BATCH {
+                    already_waiting(&mut messages)
+                } else {
+                    None
+                };
             }
             inbox.flush();
         }
     })
+}
+
+/// The next message if one is already waiting, as `recv` would have returned it.
+fn already_waiting(
+    messages: &mut tokio::sync::broadcast::Receiver<Message>,
+) -> Option<Result<Message, RecvError>> {
+    match messages.try_recv() {
+        Ok(message) => Some(Ok(message)),
+        Err(TryRecvError::Lagged(skipped)) => Some(Err(RecvError::Lagged(skipped))),
+        Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+        Err(TryRecvError::Empty) => None,
+    }
 }
 
 /// Hands one pub/sub message on a room channel to the inbox.
