@@ -146,6 +146,15 @@ fn emit_report(
     report::emit(&report, args.output.json, IdleReport::human);
 }
 
+/// Waits `--settle`, reads the watched processes, holds for `--hold` and reads them again:
+/// the readings memory and idle CPU are measured between.
+async fn settle_and_hold(args: &IdleArgs) -> (Snapshot, Snapshot) {
+    tokio::time::sleep(args.settle).await;
+    let settled = sys::snapshot(&args.output.pids);
+    tokio::time::sleep(args.hold).await;
+    (settled, sys::snapshot(&args.output.pids))
+}
+
 /// All connections in this process.
 async fn run_local(args: IdleArgs) -> Result<()> {
     let target = target_from(&args.target).await?;
@@ -176,10 +185,7 @@ async fn run_local(args: IdleArgs) -> Result<()> {
             ))
         })
     };
-    tokio::time::sleep(args.settle).await;
-    let settled = sys::snapshot(&args.output.pids);
-    tokio::time::sleep(args.hold).await;
-    let held_snapshot = sys::snapshot(&args.output.pids);
+    let (settled, held_snapshot) = settle_and_hold(&args).await;
     drop(guard);
 
     let open_at_end = connected - disconnects.total().min(connected);
@@ -396,10 +402,7 @@ async fn run_workers(args: IdleArgs, workers: usize) -> Result<()> {
             t.as_secs_f64()
         ))
     });
-    tokio::time::sleep(args.settle).await;
-    let settled = sys::snapshot(&args.output.pids);
-    tokio::time::sleep(args.hold).await;
-    let held = sys::snapshot(&args.output.pids);
+    let (settled, held) = settle_and_hold(&args).await;
     drop(guard);
 
     for w in &mut pool {
