@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::slow_link::SlowSubscriptions;
 use common::{Client, Node, Redis, wait_until};
 use serde_json::json;
 
@@ -33,6 +34,23 @@ async fn a_message_sent_on_one_node_reaches_members_on_every_node_exactly_once()
         assert_eq!(client.recv_type("message").await["message"], "sentinel");
         assert_eq!(client.recv_within(Duration::from_millis(200)).await, None);
     }
+}
+
+#[tokio::test]
+async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_slowly() {
+    let redis = Redis::start();
+    // The member's node reaches Redis through a link that holds its subscriptions back, so
+    // the member would be welcomed long before Redis knew the node is in the room.
+    let slow_link = SlowSubscriptions::start(redis.port, Duration::from_millis(400));
+    let slow = Node::start("slow", Some(&slow_link.url()), &[]);
+    let fast = Node::clustered("fast", &redis, &[]);
+    let mut sender = Client::connect(&fast.ws_url("/ws?room=general")).await;
+    let mut member = Client::connect(&slow.ws_url("/ws?room=general")).await;
+    sender.say("general", "sent right after the welcome").await;
+    assert_eq!(
+        member.recv_type("message").await["message"],
+        "sent right after the welcome"
+    );
 }
 
 #[tokio::test]

@@ -120,9 +120,9 @@ impl RedisBroker {
 
         let tasks = vec![
             receive_loop(subscriber.message_rx(), inbox.clone()),
-            subscriber.manage_subscriptions(),
-            watch_connection("publisher", &publisher, None),
-            watch_connection("subscriber", &subscriber, Some(inbox)),
+            resubscribe_after_reconnects(subscriber.clone(), inbox),
+            watch_connection("publisher", &publisher),
+            watch_connection("subscriber", &subscriber),
         ];
         drop(publisher.connect());
         drop(subscriber.connect());
@@ -232,14 +232,16 @@ impl RedisBroker {
         .judge_since_if(replay, retained))
     }
 
+    /// Subscribes to the room's channel and returns once Redis has processed the subscription,
+    /// so every message published from then on reaches this node.
     pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
         if !self.subscriber.is_connected() {
             return Err(BrokerError::Unavailable("redis is not connected"));
         }
-        Ok(self
-            .subscriber
+        self.subscriber
             .subscribe(RoomKeys::of(room).channel)
-            .await?)
+            .await?;
+        confirm_subscriptions(&self.subscriber).await
     }
 
     pub(super) async fn unsubscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
@@ -412,17 +414,71 @@ fn deliver(message: &Message, inbox: &SharedInbox) {
     }
 }
 
-/// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current. For
-/// the subscriber, a reconnect means messages may have been missed: the inbox repairs them.
+/// Waits until Redis has processed every subscription command sent so far on `subscriber`.
+///
+/// fred answers `SUBSCRIBE` as soon as the command is queued, before it is even written, since
+/// Redis confirms subscriptions out of band. A `PING` on the same connection is answered only
+/// after Redis has run every command sent before it, so its reply proves the subscription is in
+/// effect. Without this, a member could be told it joined while a message published at that
+/// moment still missed the node.
+async fn confirm_subscriptions(subscriber: &SubscriberClient) -> Result<(), BrokerError> {
+    // While subscribed, Redis answers PING with ["pong", ""] rather than PONG: take either.
+    let _: fred::types::Value = subscriber.ping(None).await?;
+    Ok(())
+}
+
+/// After every reconnect, subscribes the new connection to the rooms the node was in, then has
+/// the inbox repair what was published meanwhile (in that order, so nothing falls between).
+///
+/// fred's own `manage_subscriptions` is not used: on every connect it sends `SUBSCRIBE` and
+/// `PSUBSCRIBE` without arguments when nothing is tracked, which Redis rejects, and those error
+/// replies would be taken as the answer to a confirming `PING` in flight.
+fn resubscribe_after_reconnects(
+    subscriber: SubscriberClient,
+    inbox: SharedInbox,
+) -> JoinHandle<()> {
+    let mut reconnects = subscriber.reconnect_rx();
+    tokio::spawn(async move {
+        let mut connected_before = false;
+        // A lagged receiver still means "reconnected": only a closed one ends the task.
+        while !matches!(reconnects.recv().await, Err(RecvError::Closed)) {
+            while let Err(error) = resubscribe(&subscriber).await {
+                tracing::warn!(%error, "could not resubscribe after a reconnect; retrying");
+                tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+            }
+            if connected_before {
+                inbox.gap();
+            }
+            connected_before = true;
+        }
+    })
+}
+
+/// How long to wait before trying a failed resubscription again.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
+
+/// Subscribes `subscriber`'s connection to every channel it tracks, if any.
+async fn resubscribe(subscriber: &SubscriberClient) -> Result<(), BrokerError> {
+    let channels: Vec<String> = subscriber
+        .tracked_channels()
+        .iter()
+        .map(|channel| channel.to_string())
+        .collect();
+    if channels.is_empty() {
+        return Ok(());
+    }
+    subscriber.subscribe(channels).await?;
+    confirm_subscriptions(subscriber).await
+}
+
+/// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current.
 fn watch_connection<C: EventInterface + ClientLike>(
     role: &'static str,
     client: &C,
-    inbox: Option<SharedInbox>,
 ) -> JoinHandle<()> {
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
     tokio::spawn(async move {
-        let mut connected_before = false;
         loop {
             tokio::select! {
                 error = errors.recv() => match error {
@@ -434,13 +490,7 @@ fn watch_connection<C: EventInterface + ClientLike>(
                     Err(RecvError::Closed) => break,
                 },
                 server = reconnects.recv() => match server {
-                    Ok(server) => {
-                        tracing::info!(role, %server, "redis connected");
-                        if let (true, Some(inbox)) = (connected_before, &inbox) {
-                            inbox.gap();
-                        }
-                        connected_before = true;
-                    }
+                    Ok(server) => tracing::info!(role, %server, "redis connected"),
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 },
