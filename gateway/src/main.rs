@@ -1,5 +1,7 @@
 //! `chat-gateway`: runs one gateway node. Configuration errors and start-up failures end here.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use gateway::config::{Config, LogFormat};
@@ -38,6 +40,8 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in files or log collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
