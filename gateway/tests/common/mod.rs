@@ -195,11 +195,12 @@ impl Redis {
     }
 }
 
-/// A `chat-gateway` process.
+/// A `chat-gateway` process. Its log goes to a file, printed when the test fails.
 pub struct Node {
     pub port: u16,
     pub id: String,
     pub process: Process,
+    log: tempdir::TempDir,
 }
 
 impl Node {
@@ -237,16 +238,21 @@ impl Node {
             .env("GATEWAY_IP_CONNECT_RATE", "0")
             .env(
                 "RUST_LOG",
-                std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
+                std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "info".into()),
             );
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
         }
+        let log = tempdir::TempDir::new("node-log");
+        let file = std::fs::File::create(log.path().join("log")).expect("create the node's log");
+        command.stderr(file.try_clone().expect("clone the log file"));
+        command.stdout(file);
         let process = Process::spawn("chat-gateway", &mut command);
         let node = Node {
             port,
             id: id.to_owned(),
             process,
+            log,
         };
         wait_until("the node to listen", || node.get("/healthz").is_some());
         node
@@ -273,11 +279,32 @@ impl Node {
     }
 }
 
+/// Lines of a node's log shown when its test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+impl Node {
+    /// Prints the end of the node's log to the test's output.
+    fn show_log(&self) {
+        let log = std::fs::read_to_string(self.log.path().join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        eprintln!(
+            "--- node {} (port {}): last lines of its log ---",
+            self.id, self.port
+        );
+        for line in tail {
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Every test that ran a node also checks the node never panicked: the runtime contains a
-/// panicking task, so a bug in a connection would otherwise pass as a dropped client.
+/// panicking task, so a bug in a connection would otherwise pass as a dropped client. When the
+/// test failed, the node's log is shown.
 impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            self.show_log();
             return;
         }
         // A node the test stopped or killed has nothing to say.
@@ -286,12 +313,10 @@ impl Drop for Node {
                 .lines()
                 .find_map(|line| line.strip_prefix("chat_panics_total"))
                 .and_then(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok());
-            assert_eq!(
-                panics,
-                Some(0.0),
-                "node {} panicked (see its stderr)",
-                self.id
-            );
+            if panics != Some(0.0) {
+                self.show_log();
+                panic!("node {} panicked (its log is above)", self.id);
+            }
         }
     }
 }
