@@ -54,6 +54,32 @@ async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_
 }
 
 #[tokio::test]
+async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns() {
+    let redis = Redis::start();
+    let port = redis.port;
+    let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
+    let stays = Client::connect(&node.ws_url("/ws?room=stays")).await;
+    let leaves = Client::connect(&node.ws_url("/ws?room=gone")).await;
+
+    redis.kill();
+    wait_until("the node to notice", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 503)
+    });
+    leaves.close().await;
+    wait_until("the node to drop the room", || {
+        node.metric("chat_rooms_local") == 1.0
+    });
+
+    let redis = Redis::start_on(port);
+    // The node resubscribes all its rooms with one command: once one is back, all are.
+    wait_until("the node to resubscribe", || {
+        !redis.room_channels().is_empty()
+    });
+    assert_eq!(redis.room_channels(), ["chat:room:stays"]);
+    drop(stays);
+}
+
+#[tokio::test]
 async fn concurrent_senders_on_different_nodes_see_one_order_everywhere() {
     let redis = Redis::start();
     let nodes = three_nodes(&redis);

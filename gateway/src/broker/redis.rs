@@ -11,6 +11,8 @@
 //! the broadcast channel dropped messages) is counted and logged, reading goes on, and the inbox
 //! is told to repair the gap from history; so is a reconnect.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fred::clients::SubscriberClient;
@@ -26,8 +28,8 @@ use super::{
     BrokerError, History, HistorySettings, Published, Retained, SharedInbox, decode_envelope,
     new_epoch, now_micros,
 };
-use crate::metrics;
 use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
+use crate::{lock, metrics};
 
 /// Prefix of every room's pub/sub channel: room `lobby` is channel `chat:room:lobby`.
 pub const CHANNEL_PREFIX: &str = "chat:room:";
@@ -65,7 +67,7 @@ struct Scripts {
 /// Redis broker.
 pub struct RedisBroker {
     publisher: Client,
-    subscriber: SubscriberClient,
+    subscriptions: Arc<Subscriptions>,
     settings: RedisSettings,
     scripts: Scripts,
     tasks: Vec<JoinHandle<()>>,
@@ -118,9 +120,13 @@ impl RedisBroker {
         let publisher = builder.build()?;
         let subscriber = builder.build_subscriber_client()?;
 
+        let subscriptions = Arc::new(Subscriptions {
+            client: subscriber.clone(),
+            wanted: Mutex::default(),
+        });
         let tasks = vec![
             receive_loop(subscriber.message_rx(), inbox.clone()),
-            resubscribe_after_reconnects(subscriber.clone(), inbox),
+            resubscribe_after_reconnects(subscriptions.clone(), inbox),
             watch_connection("publisher", &publisher),
             watch_connection("subscriber", &subscriber),
         ];
@@ -134,7 +140,7 @@ impl RedisBroker {
         };
         Ok(RedisBroker {
             publisher,
-            subscriber,
+            subscriptions,
             settings: settings.clone(),
             scripts,
             tasks,
@@ -235,20 +241,11 @@ impl RedisBroker {
     /// Subscribes to the room's channel and returns once Redis has processed the subscription,
     /// so every message published from then on reaches this node.
     pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
-        if !self.subscriber.is_connected() {
-            return Err(BrokerError::Unavailable("redis is not connected"));
-        }
-        self.subscriber
-            .subscribe(RoomKeys::of(room).channel)
-            .await?;
-        confirm_subscriptions(&self.subscriber).await
+        self.subscriptions.add(RoomKeys::of(room).channel).await
     }
 
     pub(super) async fn unsubscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
-        Ok(self
-            .subscriber
-            .unsubscribe(RoomKeys::of(room).channel)
-            .await?)
+        self.subscriptions.remove(RoomKeys::of(room).channel).await
     }
 
     pub(super) async fn presence_upsert(
@@ -338,7 +335,7 @@ impl RedisBroker {
     }
 
     pub(super) fn is_ready(&self) -> bool {
-        let ready = self.publisher.is_connected() && self.subscriber.is_connected();
+        let ready = self.publisher.is_connected() && self.subscriptions.client.is_connected();
         metrics::set_redis_connected(ready);
         ready
     }
@@ -348,7 +345,7 @@ impl RedisBroker {
             task.abort();
         }
         // Best effort: the process is exiting either way.
-        let _ = self.subscriber.quit().await;
+        let _ = self.subscriptions.client.quit().await;
         let _ = self.publisher.quit().await;
     }
 }
@@ -414,35 +411,82 @@ fn deliver(message: &Message, inbox: &SharedInbox) {
     }
 }
 
-/// Waits until Redis has processed every subscription command sent so far on `subscriber`.
+/// This node's room subscriptions: the channels it wants, and the commands that make Redis's
+/// subscriber connection agree.
 ///
-/// fred answers `SUBSCRIBE` as soon as the command is queued, before it is even written, since
-/// Redis confirms subscriptions out of band. A `PING` on the same connection is answered only
-/// after Redis has run every command sent before it, so its reply proves the subscription is in
-/// effect. Without this, a member could be told it joined while a message published at that
-/// moment still missed the node.
-async fn confirm_subscriptions(subscriber: &SubscriberClient) -> Result<(), BrokerError> {
-    // While subscribed, Redis answers PING with ["pong", ""] rather than PONG: take either.
-    let _: fred::types::Value = subscriber.ping(None).await?;
-    Ok(())
+/// The wanted set is kept here rather than taken from fred's tracking, which keeps a channel
+/// whose `UNSUBSCRIBE` failed (during an outage, say) and would subscribe it again after every
+/// reconnect.
+struct Subscriptions {
+    client: SubscriberClient,
+    wanted: Mutex<BTreeSet<String>>,
 }
 
-/// After every reconnect, subscribes the new connection to the rooms the node was in, then has
+impl Subscriptions {
+    /// Subscribes to `channel`, returning once Redis has processed it.
+    async fn add(&self, channel: String) -> Result<(), BrokerError> {
+        if !self.client.is_connected() {
+            return Err(BrokerError::Unavailable("redis is not connected"));
+        }
+        // Wanted before it is sent: a reconnect in between then subscribes it again.
+        lock(&self.wanted).insert(channel.clone());
+        let subscribed = match self.client.subscribe(channel.clone()).await {
+            Ok(()) => self.confirm().await,
+            Err(error) => Err(error.into()),
+        };
+        if subscribed.is_err() {
+            lock(&self.wanted).remove(&channel);
+        }
+        subscribed
+    }
+
+    /// Unsubscribes from `channel`; a failure leaves nothing to retry, since a reconnect
+    /// does not subscribe it again.
+    async fn remove(&self, channel: String) -> Result<(), BrokerError> {
+        lock(&self.wanted).remove(&channel);
+        Ok(self.client.unsubscribe(channel).await?)
+    }
+
+    /// Subscribes a new connection to every wanted channel.
+    async fn restore(&self) -> Result<(), BrokerError> {
+        let channels: Vec<String> = lock(&self.wanted).iter().cloned().collect();
+        if channels.is_empty() {
+            return Ok(());
+        }
+        self.client.subscribe(channels).await?;
+        self.confirm().await
+    }
+
+    /// Waits until Redis has processed every subscription command sent so far.
+    ///
+    /// fred answers `SUBSCRIBE` as soon as the command is queued, before it is even written,
+    /// since Redis confirms subscriptions out of band. A `PING` on the same connection is
+    /// answered only after Redis has run every command sent before it, so its reply proves the
+    /// subscription is in effect. Without this, a member could be told it joined while a
+    /// message published at that moment still missed the node.
+    async fn confirm(&self) -> Result<(), BrokerError> {
+        // While subscribed, Redis answers PING with ["pong", ""] rather than PONG: take either.
+        let _: fred::types::Value = self.client.ping(None).await?;
+        Ok(())
+    }
+}
+
+/// After every reconnect, subscribes the new connection to the rooms the node is in, then has
 /// the inbox repair what was published meanwhile (in that order, so nothing falls between).
 ///
 /// fred's own `manage_subscriptions` is not used: on every connect it sends `SUBSCRIBE` and
 /// `PSUBSCRIBE` without arguments when nothing is tracked, which Redis rejects, and those error
 /// replies would be taken as the answer to a confirming `PING` in flight.
 fn resubscribe_after_reconnects(
-    subscriber: SubscriberClient,
+    subscriptions: Arc<Subscriptions>,
     inbox: SharedInbox,
 ) -> JoinHandle<()> {
-    let mut reconnects = subscriber.reconnect_rx();
+    let mut reconnects = subscriptions.client.reconnect_rx();
     tokio::spawn(async move {
         let mut connected_before = false;
         // A lagged receiver still means "reconnected": only a closed one ends the task.
         while !matches!(reconnects.recv().await, Err(RecvError::Closed)) {
-            while let Err(error) = resubscribe(&subscriber).await {
+            while let Err(error) = subscriptions.restore().await {
                 tracing::warn!(%error, "could not resubscribe after a reconnect; retrying");
                 tokio::time::sleep(RESUBSCRIBE_RETRY).await;
             }
@@ -456,20 +500,6 @@ fn resubscribe_after_reconnects(
 
 /// How long to wait before trying a failed resubscription again.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
-
-/// Subscribes `subscriber`'s connection to every channel it tracks, if any.
-async fn resubscribe(subscriber: &SubscriberClient) -> Result<(), BrokerError> {
-    let channels: Vec<String> = subscriber
-        .tracked_channels()
-        .iter()
-        .map(|channel| channel.to_string())
-        .collect();
-    if channels.is_empty() {
-        return Ok(());
-    }
-    subscriber.subscribe(channels).await?;
-    confirm_subscriptions(subscriber).await
-}
 
 /// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current.
 fn watch_connection<C: EventInterface + ClientLike>(
