@@ -457,6 +457,21 @@ impl Subscriptions {
         self.confirm().await
     }
 
+    /// Restores the subscriptions, retrying while the connection stays up; returns whether
+    /// they were restored.
+    async fn restore_while_connected(&self) -> bool {
+        loop {
+            match self.restore().await {
+                Ok(()) => return true,
+                Err(_) if !self.client.is_connected() => return false,
+                Err(error) => {
+                    tracing::warn!(%error, "could not resubscribe after a reconnect; retrying");
+                    tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+                }
+            }
+        }
+    }
+
     /// Waits until Redis has processed every subscription command sent so far.
     ///
     /// fred answers `SUBSCRIBE` as soon as the command is queued, before it is even written,
@@ -486,9 +501,9 @@ fn resubscribe_after_reconnects(
         let mut connected_before = false;
         // A lagged receiver still means "reconnected": only a closed one ends the task.
         while !matches!(reconnects.recv().await, Err(RecvError::Closed)) {
-            while let Err(error) = subscriptions.restore().await {
-                tracing::warn!(%error, "could not resubscribe after a reconnect; retrying");
-                tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+            if !subscriptions.restore_while_connected().await {
+                // Lost again: the next reconnect restores them and repairs the gap.
+                continue;
             }
             if connected_before {
                 inbox.gap();
