@@ -183,43 +183,37 @@ impl<'a> Parser<'a> {
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
             b'-' | b'0'..=b'9' => self.skip_number(),
-            b'[' => {
-                self.i += 1;
-                self.ws();
-                if self.eat_if(b']') {
-                    return Some(());
-                }
-                loop {
-                    self.skip_value(depth + 1)?;
-                    self.ws();
-                    if self.eat_if(b']') {
-                        return Some(());
-                    }
-                    self.eat(b',')?;
-                    self.ws();
-                }
-            }
-            b'{' => {
-                self.i += 1;
-                self.ws();
-                if self.eat_if(b'}') {
-                    return Some(());
-                }
-                loop {
-                    self.skip_string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
-                    self.skip_value(depth + 1)?;
-                    self.ws();
-                    if self.eat_if(b'}') {
-                        return Some(());
-                    }
-                    self.eat(b',')?;
-                    self.ws();
-                }
-            }
+            b'[' => self.skip_items(b']', |this| this.skip_value(depth + 1)),
+            b'{' => self.skip_items(b'}', |this| {
+                this.skip_string()?;
+                this.ws();
+                this.eat(b':')?;
+                this.ws();
+                this.skip_value(depth + 1)
+            }),
             _ => None,
+        }
+    }
+
+    /// Skips an array or object from its opening byte: comma-separated `item`s until `close`.
+    fn skip_items(
+        &mut self,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.i += 1;
+        self.ws();
+        if self.eat_if(close) {
+            return Some(());
+        }
+        loop {
+            item(self)?;
+            self.ws();
+            if self.eat_if(close) {
+                return Some(());
+            }
+            self.eat(b',')?;
+            self.ws();
         }
     }
 }
