@@ -619,30 +619,14 @@ impl HttpReply {
 pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<HttpReply> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(PATIENCE)).ok()?;
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
+    stream
+        .write_all(upgrade_request(port, path, headers).as_bytes())
+        .ok()?;
     let mut raw = Vec::new();
     let mut buffer = [0u8; 4096];
     // Read the head; a refusal also carries a short body, read until the server closes or the
     // announced length arrived. A 101 is left open: nothing more is read.
-    let head_end = loop {
-        let read = stream.read(&mut buffer).ok()?;
-        if read == 0 {
-            break raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-        }
-        raw.extend_from_slice(&buffer[..read]);
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end;
-        }
-    };
+    let head_end = read_head(&mut stream, &mut raw)?;
     let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
@@ -668,6 +652,36 @@ pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<H
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+/// A WebSocket upgrade request for `path` with extra `headers` (and the RFC 6455 example key).
+fn upgrade_request(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request
+}
+
+/// Reads from `stream` into `raw` until it holds a whole HTTP response head, and returns where
+/// the head ends (before its blank line); `None` if the stream ends or fails first.
+fn read_head(stream: &mut TcpStream, raw: &mut Vec<u8>) -> Option<usize> {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = stream.read(&mut buffer).ok()?;
+        if read == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buffer[..read]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end);
+        }
+    }
 }
 
 impl Client {
@@ -732,24 +746,11 @@ impl RawWebSocket {
     pub fn open(port: u16, path: &str, first_frames: &[u8]) -> RawWebSocket {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
-        let mut request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .into_bytes();
+        let mut request = upgrade_request(port, path, &[]).into_bytes();
         request.extend_from_slice(first_frames);
         stream.write_all(&request).expect("send handshake");
         let mut raw = Vec::new();
-        let mut buffer = [0u8; 4096];
-        let head_end = loop {
-            let read = stream.read(&mut buffer).expect("read handshake reply");
-            assert!(read > 0, "server closed during the handshake");
-            raw.extend_from_slice(&buffer[..read]);
-            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end;
-            }
-        };
+        let head_end = read_head(&mut stream, &mut raw).expect("the server answered the handshake");
         let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
         RawWebSocket {
