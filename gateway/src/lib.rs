@@ -29,3 +29,15 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The items of comma-separated header values (`Connection`, `Sec-WebSocket-Protocol`,
+/// `X-Forwarded-For`, ...), trimmed, in order; values that are not text are skipped.
+pub(crate) fn header_list<'a>(
+    values: impl IntoIterator<Item = &'a axum::http::HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    values
+        .into_iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+}

@@ -18,6 +18,8 @@ use axum::http::HeaderMap;
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 
+use crate::header_list;
+
 /// The limit flags (all per node; `0` turns a rate or count limit off).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
@@ -400,12 +402,7 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        let entries: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .collect();
+        let entries: Vec<&str> = header_list(headers.get_all("x-forwarded-for")).collect();
         let mut client = peer;
         for entry in entries.iter().rev() {
             if !self.trusts(client) {

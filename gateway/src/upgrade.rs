@@ -14,6 +14,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::header_list;
+
 /// A valid WebSocket upgrade request, not yet answered.
 pub struct WebSocketRequest {
     accept_key: HeaderValue,
@@ -107,13 +109,7 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketRequest {
 impl WebSocketRequest {
     /// Whether the client offered `protocol` in `Sec-WebSocket-Protocol`.
     pub fn offers_protocol(&self, protocol: &str) -> bool {
-        self.offered_protocols.as_ref().is_some_and(|offered| {
-            offered
-                .to_str()
-                .unwrap_or_default()
-                .split(',')
-                .any(|candidate| candidate.trim() == protocol)
-        })
+        header_list(&self.offered_protocols).any(|candidate| candidate == protocol)
     }
 
     /// Answers `101 Switching Protocols` (echoing `protocol` when given) and runs `session`
@@ -163,11 +159,5 @@ impl WebSocketRequest {
 
 /// Whether a comma-separated header contains `token`, ignoring case.
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .any(|candidate| candidate.trim().eq_ignore_ascii_case(token))
-    })
+    header_list(headers.get_all(name)).any(|candidate| candidate.eq_ignore_ascii_case(token))
 }
