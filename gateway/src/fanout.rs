@@ -265,7 +265,9 @@ impl Registry {
         metrics::set_local_rooms(rooms.len());
     }
 
-    /// Writes a delivery to every local member of `room`; returns how many took it.
+    /// Writes a delivery to every local member of `room`; returns how many took it. (The node
+    /// itself always delivers in batches, through [`Registry::deliver_into`].)
+    #[cfg(test)]
     pub fn deliver(&self, room: &str, delivery: &Delivery) -> usize {
         self.deliver_into(room, delivery, &mut Batch::default())
     }
