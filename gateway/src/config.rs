@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::broker::{HistorySettings, RedisSettings};
+use crate::connection::SessionLimits;
 use crate::hub::HubSettings;
-use crate::session::SessionLimits;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -58,6 +58,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub outbox_capacity: u32,
 
+    /// Bytes queued for one connection before it is closed as a slow consumer (4000), however
+    /// few frames they are.
+    #[arg(long, env = "GATEWAY_OUTBOX_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024 * 1024))]
+    pub outbox_bytes: u32,
+
     /// Interval between server pings.
     #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
@@ -92,6 +98,17 @@ pub struct Config {
     /// How long a room's messages are kept for resume.
     #[arg(long, env = "GATEWAY_HISTORY_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
+
+    /// How long a message's client id (`cid`) is remembered, at least: a retry within it is
+    /// not stored or delivered again (it may be remembered up to twice as long).
+    #[arg(long, env = "GATEWAY_DEDUP_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// How long a node may keep failing to repair a gap from history (after its Redis
+    /// subscriber lost messages) before it closes the room's members with 4002 so they resume
+    /// elsewhere. Live messages of the room wait meanwhile.
+    #[arg(long, env = "GATEWAY_REPAIR_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub repair_timeout: Duration,
 
     /// How long a presence entry outlives its node's last heartbeat (heartbeats come every third
     /// of it): a crashed node's users are gone from presence within this time.
@@ -128,6 +145,8 @@ impl Config {
             ("redis-timeout", self.redis_timeout),
             ("history-max-age", self.history_max_age),
             ("presence-ttl", self.presence_ttl),
+            ("dedup-window", self.dedup_window),
+            ("repair-timeout", self.repair_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -156,6 +175,7 @@ impl Config {
             max_chat_bytes: self.max_chat_bytes as usize,
             max_rooms: self.max_rooms_per_connection as usize,
             outbox_capacity: self.outbox_capacity as usize,
+            outbox_bytes: self.outbox_bytes as usize,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             flush_deadline: self.shutdown_grace,
@@ -176,6 +196,7 @@ impl Config {
         HubSettings {
             history: self.history(),
             presence_ttl: self.presence_ttl,
+            repair_timeout: self.repair_timeout,
         }
     }
 
@@ -183,6 +204,7 @@ impl Config {
         HistorySettings {
             max_len: self.history_max_len as usize,
             max_age: self.history_max_age,
+            dedup_window: self.dedup_window,
         }
     }
 

@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use tungstenite::Utf8Bytes;
 
 use crate::broker::{Delivery, DeliveryKind, now_micros};
 use crate::lock;
 use crate::metrics;
-use crate::outbox::{Batch, Outbox};
-use crate::protocol::{Offset, RoomName};
+use crate::outbox::{Batch, CloseReason, Outbox};
+use crate::protocol::{Epoch, Offset, Position, RoomName};
 use crate::wire::WireFrame;
 
 /// Identifies one connection on this node.
@@ -36,32 +37,73 @@ struct Member {
     /// Receives `presence_event` frames.
     presence: bool,
     /// While its replay is read from history, live traffic waits here.
-    held: Option<Vec<Delivery>>,
-    /// Chat messages at or below this offset were already sent to it by a replay.
-    floor: Option<Offset>,
+    held: Option<Held>,
+    /// Chat messages at or before this position were already sent to it by a replay.
+    floor: Option<Position>,
 }
 
-/// Most deliveries held for one member while its replay is read; past this it is a slow consumer.
+/// Deliveries waiting while history is read, bounded in count and bytes.
+#[derive(Debug, Default)]
+struct Held {
+    deliveries: Vec<Delivery>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds one more delivery; `false` (and nothing held) once that would pass the bounds.
+    fn push(&mut self, delivery: &Delivery, max_bytes: usize) -> bool {
+        let bytes = self.bytes + delivery.frame.len();
+        if self.deliveries.len() >= MAX_HELD || bytes > max_bytes {
+            return false;
+        }
+        self.bytes = bytes;
+        self.deliveries.push(delivery.clone());
+        true
+    }
+}
+
+/// Most deliveries held for one member while its replay is read, or for a room while it
+/// repairs a gap.
 const MAX_HELD: usize = 10_000;
+
+/// Most bytes a room holds while it repairs a gap; past that it resyncs its members.
+const MAX_REPAIR_HOLD_BYTES: usize = 16 << 20;
+
+/// A gap the room is repairing: live traffic waits until history has filled it.
+#[derive(Debug, Default)]
+struct Repair {
+    held: Held,
+    /// When the first attempt to read history began: the repair bound counts from there, not
+    /// from the gap, so an outage of Redis itself does not count against it.
+    first_attempt: Option<Instant>,
+}
 
 /// A room's members on this node and what has been delivered to them.
 #[derive(Debug, Default)]
 struct RoomState {
     members: HashMap<ConnId, Member>,
-    /// The newest chat offset delivered here; anything at or below it is a duplicate.
-    last_offset: Option<Offset>,
+    /// The newest chat message delivered here (or, before any, where the history ended when
+    /// the node subscribed). A message at or before it in the same epoch is a duplicate.
+    last: Option<Position>,
     /// While the room repairs a gap from history, live traffic waits here.
-    repair_hold: Option<Vec<Delivery>>,
+    repair: Option<Repair>,
+}
+
+/// Whether `position` was already passed by `mark` (same history, not later).
+fn already_passed(mark: Option<Position>, position: Position) -> bool {
+    mark.is_some_and(|mark| mark.epoch == position.epoch && position.offset <= mark.offset)
 }
 
 impl RoomState {
     /// Hands one delivery to every member that wants it; returns how many took it.
     fn deliver_now(&mut self, delivery: &Delivery, batch: &mut Batch) -> usize {
-        if let DeliveryKind::Chat(offset) = delivery.kind {
-            if self.last_offset.is_some_and(|last| last >= offset) {
+        if let DeliveryKind::Chat(position) = delivery.kind {
+            if already_passed(self.last, position) {
                 return 0;
             }
-            self.last_offset = Some(offset);
+            // A new epoch on a live subscription means the history expired and started
+            // again; nothing was missed, so its offsets simply start a new sequence.
+            self.last = Some(position);
         }
         let frame = WireFrame::text(&delivery.frame);
         let mut delivered = 0;
@@ -70,15 +112,14 @@ impl RoomState {
                 return true;
             }
             if let Some(held) = &mut member.held {
-                held.push(delivery.clone());
-                if held.len() > MAX_HELD {
+                if !held.push(delivery, member.outbox.max_bytes()) {
                     member.outbox.close_slow();
                     return false;
                 }
                 return true;
             }
-            if let (DeliveryKind::Chat(offset), Some(floor)) = (delivery.kind, member.floor)
-                && offset <= floor
+            if let DeliveryKind::Chat(position) = delivery.kind
+                && already_passed(member.floor, position)
             {
                 return true;
             }
@@ -88,6 +129,29 @@ impl RoomState {
         });
         delivered
     }
+
+    /// Closes every member so it resumes elsewhere, and forgets what was held and delivered.
+    fn resync(&mut self) -> usize {
+        let closed = self.members.len();
+        for member in self.members.values() {
+            member.outbox.close_with(CloseReason::RESYNC);
+        }
+        self.members.clear();
+        self.repair = None;
+        self.last = None;
+        closed
+    }
+}
+
+/// Where a room's repair reads history from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairFrom {
+    /// Everything after this offset is wanted.
+    pub since: Offset,
+    /// The history that offset belongs to; `None` when the room had no history yet.
+    pub epoch: Option<Epoch>,
+    /// When the first attempt of this repair began.
+    pub first_attempt: Instant,
 }
 
 /// The members of one room on this node.
@@ -102,33 +166,41 @@ impl Members {
         let member = Member {
             outbox,
             presence,
-            held: hold.then(Vec::new),
+            held: hold.then(Held::default),
             floor: None,
         };
         lock(&self.state).members.insert(conn, member);
     }
 
+    /// Sets where the room's history ended before this node subscribed to it: a repair before
+    /// any delivery starts there.
+    pub fn set_head(&self, head: Option<Position>) {
+        lock(&self.state).last = head;
+    }
+
     /// Sends a member its replay, then what was held for it meanwhile, without a gap or a
     /// duplicate at the seam; from then on it gets live traffic directly.
-    pub fn release(&self, conn: ConnId, replay: Vec<(Offset, Utf8Bytes)>) {
+    pub fn release(&self, conn: ConnId, epoch: Option<Epoch>, replay: Vec<(Offset, Utf8Bytes)>) {
         let mut state = lock(&self.state);
         let Some(member) = state.members.get_mut(&conn) else {
             return;
         };
         let held = member.held.take().unwrap_or_default();
         let mut floor = member.floor;
-        let replayed = replay
-            .into_iter()
-            .map(|(offset, frame)| (DeliveryKind::Chat(offset), frame));
+        let replayed = replay.into_iter().filter_map(|(offset, frame)| {
+            let epoch = epoch?;
+            Some((DeliveryKind::Chat(Position { offset, epoch }), frame))
+        });
         let live = held
+            .deliveries
             .into_iter()
             .map(|delivery| (delivery.kind, delivery.frame));
         for (kind, frame) in replayed.chain(live) {
-            if let DeliveryKind::Chat(offset) = kind {
-                if floor.is_some_and(|floor| offset <= floor) {
+            if let DeliveryKind::Chat(position) = kind {
+                if already_passed(floor, position) {
                     continue;
                 }
-                floor = Some(offset);
+                floor = Some(position);
             }
             if member.outbox.push(&WireFrame::text(&frame)).is_err() {
                 state.members.remove(&conn);
@@ -156,6 +228,7 @@ impl Members {
     }
 
     /// Writes a delivery to every member now and returns how many took it.
+    #[cfg(test)]
     pub fn deliver(&self, delivery: &Delivery) -> usize {
         self.deliver_into(delivery, &mut Batch::default())
     }
@@ -167,37 +240,56 @@ impl Members {
     /// so every member sees the room's frames in the same order.
     pub fn deliver_into(&self, delivery: &Delivery, batch: &mut Batch) -> usize {
         let mut state = lock(&self.state);
-        match &mut state.repair_hold {
-            Some(held) => {
-                held.push(delivery.clone());
+        match &mut state.repair {
+            Some(repair) => {
+                if !repair.held.push(delivery, MAX_REPAIR_HOLD_BYTES) {
+                    // The gap is not closing fast enough to keep holding: let the members
+                    // resume elsewhere rather than grow without bound.
+                    let closed = state.resync();
+                    tracing::warn!(closed, "repair hold overflowed; members resync");
+                    metrics::repair("resync");
+                }
                 0
             }
             None => state.deliver_now(delivery, batch),
         }
     }
 
-    /// Starts repairing a gap: holds live traffic and returns the offset to repair from, or
-    /// `None` when there is nothing to repair from (or a repair is already running).
-    pub fn begin_repair(&self) -> Option<Offset> {
+    /// Starts holding live traffic because messages may be missing from here on (a repair
+    /// already under way keeps its place).
+    pub fn hold(&self) {
         let mut state = lock(&self.state);
-        if state.repair_hold.is_some() {
-            return None;
+        if state.repair.is_none() {
+            state.repair = Some(Repair::default());
         }
-        let since = state.last_offset?;
-        state.repair_hold = Some(Vec::new());
-        Some(since)
     }
 
-    /// Delivers what the repair found in history, then the held live traffic, skipping
-    /// anything already delivered. Returns how many messages the repair recovered.
-    pub fn finish_repair(&self, found: Vec<(Offset, Utf8Bytes)>) -> usize {
+    /// Where to repair from, when the room holds traffic for a repair.
+    pub fn repair_from(&self) -> Option<RepairFrom> {
         let mut state = lock(&self.state);
-        let held = state.repair_hold.take().unwrap_or_default();
+        let last = state.last;
+        let repair = state.repair.as_mut()?;
+        let first_attempt = *repair.first_attempt.get_or_insert_with(Instant::now);
+        Some(RepairFrom {
+            since: last.map_or(Offset::ZERO, |last| last.offset),
+            epoch: last.map(|last| last.epoch),
+            first_attempt,
+        })
+    }
+
+    /// Delivers what the repair found in history (all of `epoch`), then the held live
+    /// traffic, skipping anything already delivered. Returns how many messages it recovered.
+    pub fn finish_repair(&self, epoch: Option<Epoch>, found: Vec<(Offset, Utf8Bytes)>) -> usize {
+        let mut state = lock(&self.state);
+        let Some(repair) = state.repair.take() else {
+            return 0;
+        };
         let mut batch = Batch::default();
         let mut recovered = 0;
         for (offset, frame) in found {
+            let Some(epoch) = epoch else { break };
             let delivery = Delivery {
-                kind: DeliveryKind::Chat(offset),
+                kind: DeliveryKind::Chat(Position { offset, epoch }),
                 frame,
                 published_at_micros: now_micros(),
             };
@@ -205,10 +297,24 @@ impl Members {
                 recovered += 1;
             }
         }
-        for delivery in held {
+        for delivery in repair.held.deliveries {
             state.deliver_now(&delivery, &mut batch);
         }
         recovered
+    }
+
+    /// Gives up a repair: closes every member with [`CloseReason::RESYNC`] so it resumes
+    /// (from its own last offset, on any node) and learns whether history is complete.
+    /// Returns how many members were closed.
+    pub fn resync(&self) -> usize {
+        lock(&self.state).resync()
+    }
+}
+
+impl RepairFrom {
+    /// Whether the repair has been failing for `bound` or longer.
+    pub fn overdue(&self, bound: Duration) -> bool {
+        self.first_attempt.elapsed() >= bound
     }
 }
 
@@ -286,6 +392,11 @@ impl Registry {
         self.read().keys().cloned().collect()
     }
 
+    /// Every room with a local member.
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.read().values().cloned().collect()
+    }
+
     // The map stays consistent after any single insert or remove, so a poisoned lock (a panic
     // elsewhere while it was held) carries no information: recover the data, as `lock` does.
     fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, Arc<Room>>> {
@@ -314,12 +425,30 @@ mod tests {
         }
     }
 
-    fn chat(ms: u64) -> Delivery {
+    fn epoch(name: &str) -> Epoch {
+        Epoch::parse(name).unwrap()
+    }
+
+    fn chat_in(epoch_name: &str, ms: u64) -> Delivery {
         Delivery {
-            kind: DeliveryKind::Chat(Offset { ms, seq: 0 }),
+            kind: DeliveryKind::Chat(Position {
+                offset: Offset { ms, seq: 0 },
+                epoch: epoch(epoch_name),
+            }),
             frame: Utf8Bytes::from(ms.to_string()),
             published_at_micros: 0,
         }
+    }
+
+    fn chat(ms: u64) -> Delivery {
+        chat_in("e1", ms)
+    }
+
+    fn stored(offsets: &[u64]) -> Vec<(Offset, Utf8Bytes)> {
+        offsets
+            .iter()
+            .map(|&ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())))
+            .collect()
     }
 
     #[test]
@@ -389,15 +518,98 @@ mod tests {
             "a redelivered offset is not sent twice"
         );
         // Messages 2 and 3 were missed; 4 arrives live while the repair reads history.
-        assert_eq!(members.begin_repair(), Some(Offset { ms: 1, seq: 0 }));
+        members.hold();
+        let from = members.repair_from().unwrap();
+        assert_eq!(
+            (from.since, from.epoch),
+            (Offset { ms: 1, seq: 0 }, Some(epoch("e1")))
+        );
         members.deliver(&chat(4));
         assert!(
             socket.take_texts().is_empty(),
             "live traffic waits during a repair"
         );
-        let found = [2, 3, 4].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
-        assert_eq!(members.finish_repair(found.to_vec()), 3);
+        assert_eq!(
+            members.finish_repair(Some(epoch("e1")), stored(&[2, 3, 4])),
+            3
+        );
         assert_eq!(socket.take_texts(), ["2", "3", "4"]);
+        assert_eq!(members.repair_from(), None, "the repair is over");
+    }
+
+    #[test]
+    fn a_repair_that_fails_keeps_holding_until_it_succeeds() {
+        let members = Members::default();
+        let (outbox, socket) = in_memory(16);
+        members.insert(1, outbox, false, false);
+        members.set_head(Some(Position {
+            offset: Offset { ms: 3, seq: 0 },
+            epoch: epoch("e1"),
+        }));
+        members.hold();
+        // The history read failed: nothing is finished, the hold stays, and the next attempt
+        // asks for the same range, counted from the first attempt.
+        let first = members.repair_from().unwrap();
+        members.deliver(&chat(6));
+        let second = members.repair_from().unwrap();
+        assert_eq!(first, second);
+        assert_eq!(
+            second.since,
+            Offset { ms: 3, seq: 0 },
+            "from the head read at subscribe"
+        );
+        assert!(socket.take_texts().is_empty());
+        members.finish_repair(Some(epoch("e1")), stored(&[4, 5, 6]));
+        assert_eq!(socket.take_texts(), ["4", "5", "6"]);
+    }
+
+    #[test]
+    fn a_resync_closes_every_member_to_resume_elsewhere() {
+        let members = Members::default();
+        let (a, a_socket) = in_memory(4);
+        let (b, b_socket) = in_memory(4);
+        members.insert(1, a, false, false);
+        members.insert(2, b, false, false);
+        members.hold();
+        assert_eq!(members.resync(), 2);
+        assert!(members.is_empty());
+        for socket in [a_socket, b_socket] {
+            assert_eq!(socket.close_requested(), Some(CloseReason::RESYNC));
+        }
+        assert_eq!(members.repair_from(), None, "nothing left to repair");
+    }
+
+    #[test]
+    fn a_repair_hold_that_overflows_resyncs_instead_of_growing() {
+        let members = Members::default();
+        let (outbox, socket) = in_memory(4);
+        members.insert(1, outbox, false, false);
+        members.hold();
+        let big = Utf8Bytes::from("x".repeat(1 << 20));
+        for ms in 0..17 {
+            let delivery = Delivery {
+                frame: big.clone(),
+                ..chat(ms)
+            };
+            members.deliver(&delivery);
+        }
+        assert!(
+            members.is_empty(),
+            "members resync once more than 16 MiB would be held"
+        );
+        assert_eq!(socket.close_requested(), Some(CloseReason::RESYNC));
+    }
+
+    #[test]
+    fn a_new_epoch_on_a_live_subscription_is_delivered_from_its_first_offset() {
+        let members = Members::default();
+        let (outbox, socket) = in_memory(16);
+        members.insert(1, outbox, false, false);
+        members.deliver(&chat_in("e1", 50));
+        // The history expired and began again: lower offsets of another epoch are new.
+        members.deliver(&chat_in("e2", 10));
+        members.deliver(&chat_in("e2", 10));
+        assert_eq!(socket.take_texts(), ["50", "10"]);
     }
 
     #[test]
@@ -409,8 +621,7 @@ mod tests {
         members.deliver(&chat(6));
         assert!(socket.take_texts().is_empty());
         // The replay read history up to 5; 5 arrived live too and must not repeat.
-        let replay = [4, 5].map(|ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())));
-        members.release(1, replay.to_vec());
+        members.release(1, Some(epoch("e1")), stored(&[4, 5]));
         assert_eq!(socket.take_texts(), ["4", "5", "6"]);
         members.deliver(&chat(7));
         assert_eq!(socket.take_texts(), ["7"]);

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::broker::{
-    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Published,
-    RedisBroker, RedisSettings, now_micros,
+    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Outgoing,
+    Published, RedisBroker, RedisSettings, now_micros,
 };
 use crate::fanout::{ConnId, Registry};
 use crate::lock;
@@ -27,7 +27,8 @@ use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
 /// Hands broker deliveries to the local registry and records fan-out metrics.
 struct FanoutInbox {
     registry: Arc<Registry>,
-    gaps: Arc<Notify>,
+    /// Wakes the repair task.
+    repairs: Arc<Notify>,
     /// What the broker delivered since its last flush.
     batch: Mutex<Batch>,
 }
@@ -47,8 +48,18 @@ impl Inbox for FanoutInbox {
         lock(&self.batch).flush();
     }
 
-    fn gap(&self) {
-        self.gaps.notify_one();
+    fn hold(&self) {
+        // What was batched arrived before the gap: out it goes first.
+        lock(&self.batch).flush();
+        let rooms = self.registry.rooms();
+        tracing::debug!(rooms = rooms.len(), "holding room traffic for a repair");
+        for room in rooms {
+            room.members.hold();
+        }
+    }
+
+    fn repair(&self) {
+        self.repairs.notify_one();
     }
 }
 
@@ -75,6 +86,8 @@ pub struct Joined {
 pub struct Hub {
     registry: Arc<Registry>,
     broker: Broker,
+    /// How long a repair may keep failing before the room's members are resynced.
+    repair_timeout: Duration,
     /// Local connections per (room, user): presence is per user, not per connection.
     presence: Mutex<HashMap<(RoomName, String), LocalPresence>>,
 }
@@ -89,6 +102,9 @@ pub struct HubSettings {
     pub history: HistorySettings,
     /// How long a presence entry lives without a heartbeat; heartbeats come every third of it.
     pub presence_ttl: Duration,
+    /// How long a room may try to repair a gap from history before its members are closed to
+    /// resume elsewhere.
+    pub repair_timeout: Duration,
 }
 
 impl Hub {
@@ -99,10 +115,10 @@ impl Hub {
         redis: Option<&RedisSettings>,
     ) -> Result<Arc<Hub>, BrokerError> {
         let registry = Arc::new(Registry::default());
-        let gaps = Arc::new(Notify::new());
+        let repairs = Arc::new(Notify::new());
         let inbox = Arc::new(FanoutInbox {
             registry: registry.clone(),
-            gaps: gaps.clone(),
+            repairs: repairs.clone(),
             batch: Mutex::new(Batch::default()),
         });
         let broker = match redis {
@@ -112,9 +128,10 @@ impl Hub {
         let hub = Arc::new(Hub {
             registry,
             broker,
+            repair_timeout: settings.repair_timeout,
             presence: Mutex::default(),
         });
-        tokio::spawn(repair_gaps(Arc::downgrade(&hub), gaps));
+        tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs));
         tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
         Ok(hub)
     }
@@ -138,7 +155,16 @@ impl Hub {
                 continue;
             }
             if !subscription.subscribed {
-                if let Err(error) = self.broker.subscribe(room).await {
+                // Where the history ends before the subscription: should the node miss
+                // messages before it delivers any, it repairs from there.
+                let subscribed = match self.broker.head(room).await {
+                    Ok(head) => {
+                        entry.members.set_head(head);
+                        self.broker.subscribe(room).await
+                    }
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = subscribed {
                     if entry.members.is_empty() {
                         subscription.retired = true;
                         self.registry.remove(room, &entry);
@@ -170,7 +196,7 @@ impl Hub {
     /// Sends a joined member its replay, then the live messages held meanwhile.
     pub fn release(&self, room: &RoomName, conn: ConnId, history: History) {
         if let Some(entry) = self.registry.get(room.as_str()) {
-            entry.members.release(conn, history.entries);
+            entry.members.release(conn, history.epoch, history.entries);
         }
     }
 
@@ -196,9 +222,13 @@ impl Hub {
         self.registry.remove(room, &entry);
     }
 
-    /// Stores and publishes a chat message frame to the room on every node.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
-        self.broker.publish(room, frame).await
+    /// Stores and publishes a chat message to the room on every node.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        message: Outgoing,
+    ) -> Result<Published, BrokerError> {
+        self.broker.publish(room, message).await
     }
 
     /// Everyone online in the room across the cluster.
@@ -279,40 +309,89 @@ impl Hub {
         by_room
     }
 
-    /// Repairs every local room from history after the broker may have missed messages.
-    async fn repair(&self) {
+    /// Repairs every room that holds traffic after a gap: reads what it missed from history
+    /// and delivers it, then what was held. A room whose history no longer covers the gap
+    /// (trimmed, or lost with Redis's data), or whose repair kept failing for the repair
+    /// timeout, resyncs its members instead. Returns whether some repair failed and must be
+    /// tried again.
+    async fn repair(&self) -> bool {
+        let mut failed = 0;
+        let mut first_error = None;
         for room in self.registry.room_names() {
             let Some(entry) = self.registry.get(room.as_str()) else {
                 continue;
             };
-            let Some(since) = entry.members.begin_repair() else {
+            let Some(from) = entry.members.repair_from() else {
                 continue;
             };
+            tracing::debug!(%room, ?from, "repairing");
             let replay = Replay::Since {
-                offset: since,
-                epoch: None,
+                offset: from.since,
+                epoch: from.epoch.map(|epoch| epoch.to_string()),
             };
-            let found = match self.broker.history(&room, &replay).await {
-                Ok(history) => history.entries,
-                Err(error) => {
-                    tracing::warn!(%room, %error, "could not read history to repair a gap");
-                    Vec::new()
+            match self.broker.history(&room, &replay).await {
+                Ok(history) if history.complete => {
+                    let recovered = entry.members.finish_repair(history.epoch, history.entries);
+                    metrics::repair("repaired");
+                    if recovered > 0 {
+                        tracing::info!(%room, recovered, "repaired missed messages from history");
+                    }
                 }
-            };
-            let recovered = entry.members.finish_repair(found);
-            if recovered > 0 {
-                tracing::info!(%room, recovered, "repaired missed messages from history");
+                Ok(_) => {
+                    let closed = entry.members.resync();
+                    metrics::repair("resync");
+                    tracing::warn!(
+                        %room,
+                        closed,
+                        "history no longer covers what this node missed; members resync"
+                    );
+                }
+                Err(_) if from.overdue(self.repair_timeout) => {
+                    let closed = entry.members.resync();
+                    metrics::repair("resync");
+                    tracing::warn!(
+                        %room,
+                        closed,
+                        timeout = ?self.repair_timeout,
+                        "could not repair a gap in time; members resync"
+                    );
+                }
+                Err(error) => {
+                    metrics::repair("failed");
+                    failed += 1;
+                    first_error.get_or_insert(error);
+                }
             }
         }
+        if let Some(error) = first_error {
+            tracing::warn!(rooms = failed, %error, "could not read history to repair a gap; retrying");
+        }
+        failed > 0
     }
 }
 
-/// Waits for gap notices and repairs, for as long as the hub lives.
-async fn repair_gaps(hub: Weak<Hub>, gaps: Arc<Notify>) {
+/// Shortest and longest wait before a failed repair is tried again.
+const REPAIR_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+/// Repairs held rooms whenever the broker says its subscriptions are back, retrying failed
+/// repairs with backoff until none is left, for as long as the hub lives.
+async fn repair_gaps(hub: Weak<Hub>, repairs: Arc<Notify>) {
     loop {
-        gaps.notified().await;
-        let Some(hub) = hub.upgrade() else { return };
-        hub.repair().await;
+        repairs.notified().await;
+        let mut retry = REPAIR_RETRY.0;
+        loop {
+            let Some(strong) = hub.upgrade() else { return };
+            let pending = strong.repair().await;
+            drop(strong);
+            if !pending {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = repairs.notified() => {}
+            }
+            retry = (retry * 2).min(REPAIR_RETRY.1);
+        }
     }
 }
 
@@ -340,22 +419,33 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::in_memory;
+    use crate::outbox::{MemorySocket, in_memory};
     use crate::protocol::Offset;
 
     fn hub() -> Arc<Hub> {
         let history = HistorySettings {
             max_len: 3,
             max_age: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(60),
         };
         Hub::start(
             HubSettings {
                 history,
                 presence_ttl: Duration::from_secs(30),
+                repair_timeout: Duration::from_secs(5),
             },
             None,
         )
         .unwrap()
+    }
+
+    /// Joins `room` as connection `conn` of user `u-1`, with no replay; returns its socket.
+    async fn plain_member(hub: &Hub, room: &RoomName, conn: ConnId) -> MemorySocket {
+        let (outbox, socket) = in_memory(8);
+        hub.join(room, joiner(conn, &outbox), &JoinOptions::PLAIN)
+            .await
+            .unwrap();
+        socket
     }
 
     fn joiner(conn: ConnId, outbox: &Outbox) -> Joiner<'static> {
@@ -378,8 +468,12 @@ mod tests {
         joined.unwrap().history.unwrap()
     }
 
-    fn message(text: &str) -> String {
-        format!(r#"{{"type":"message","message":"{text}"}}"#)
+    fn message(text: &str) -> Outgoing {
+        Outgoing {
+            frame: format!(r#"{{"type":"message","message":"{text}"}}"#),
+            id: uuid::Uuid::now_v7(),
+            dedup: None,
+        }
     }
 
     fn text_of(frame: &str) -> String {
@@ -391,14 +485,8 @@ mod tests {
     async fn in_process_publish_reaches_every_member_including_the_sender() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, a_rx) = in_memory(8);
-        let (b, b_rx) = in_memory(8);
-        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
-        hub.join(&room, joiner(2, &b), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
+        let b_rx = plain_member(&hub, &room, 2).await;
         hub.publish(&room, message("hi")).await.unwrap();
         assert_eq!(text_of(&a_rx.next_text().unwrap()), "hi");
         assert_eq!(text_of(&b_rx.next_text().unwrap()), "hi");
@@ -408,10 +496,7 @@ mod tests {
     async fn leaving_stops_delivery_and_forgets_empty_rooms() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, a_rx) = in_memory(8);
-        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
         hub.leave(&room, 1, "u-1").await;
         assert!(hub.registry.get("lobby").is_none());
         hub.publish(&room, message("x")).await.unwrap();
@@ -422,7 +507,12 @@ mod tests {
     async fn a_resume_gets_what_it_missed_then_live_without_gap_or_duplicate() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let first = hub.publish(&room, message("one")).await.unwrap().offset;
+        let first = hub
+            .publish(&room, message("one"))
+            .await
+            .unwrap()
+            .position
+            .offset;
         hub.publish(&room, message("two")).await.unwrap();
         let (a, a_rx) = in_memory(8);
         let since = JoinOptions {
@@ -449,7 +539,12 @@ mod tests {
     async fn a_resume_from_before_the_retained_history_is_not_recovered() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let first = hub.publish(&room, message("0")).await.unwrap().offset;
+        let first = hub
+            .publish(&room, message("0"))
+            .await
+            .unwrap()
+            .position
+            .offset;
         for i in 1..6 {
             hub.publish(&room, message(&i.to_string())).await.unwrap();
         }
@@ -472,6 +567,27 @@ mod tests {
             !history.complete,
             "another epoch's offsets cannot be replayed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_cid_is_stored_once_and_answered_with_the_original() {
+        let hub = hub();
+        let room = RoomName::parse("lobby").unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
+        let with_cid = |text: &str, user: &str| Outgoing {
+            dedup: Some((user.to_owned(), "c-1".to_owned())),
+            ..message(text)
+        };
+        let first = hub.publish(&room, with_cid("once", "u-1")).await.unwrap();
+        let retry = hub.publish(&room, with_cid("once", "u-1")).await.unwrap();
+        assert!(!first.duplicate && retry.duplicate);
+        assert_eq!((retry.id, retry.position), (first.id, first.position));
+        let other_user = hub.publish(&room, with_cid("mine", "u-2")).await.unwrap();
+        assert!(!other_user.duplicate, "a cid is scoped to its user");
+        let texts: Vec<String> = std::iter::from_fn(|| a_rx.next_text())
+            .map(|frame| text_of(&frame))
+            .collect();
+        assert_eq!(texts, ["once", "mine"]);
     }
 
     #[tokio::test]

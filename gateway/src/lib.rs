@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod connection;
 pub mod fanout;
 pub mod gate;
 pub mod hub;

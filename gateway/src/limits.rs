@@ -416,6 +416,16 @@ impl TrustedProxies {
         client
     }
 
+    /// How the client reached the gateway: `https` when a trusted proxy says so in
+    /// `X-Forwarded-Proto` (it terminated TLS), `http` otherwise.
+    pub fn scheme(&self, peer: IpAddr, headers: &HeaderMap) -> &'static str {
+        let forwarded_https = self.trusts(peer)
+            && header_list(headers.get_all("x-forwarded-proto"))
+                .next()
+                .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
+        if forwarded_https { "https" } else { "http" }
+    }
+
     /// Whether no proxy is trusted.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

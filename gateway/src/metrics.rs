@@ -25,6 +25,7 @@ const HANDSHAKES_REFUSED: &str = "chat_handshakes_refused_total";
 const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
 const POLICY_CLOSES: &str = "chat_policy_closes_total";
 const PANICS: &str = "chat_panics_total";
+const BROKER_REPAIRS: &str = "chat_broker_repairs_total";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -97,6 +98,11 @@ fn describe() {
         "Connections closed by a security policy, by reason (rate_limit, token_expired)"
     );
     describe_counter!(
+        BROKER_REPAIRS,
+        "Gap repairs of a room from history, by outcome: repaired, failed (retried), resync \
+         (members closed with 4002 to resume)"
+    );
+    describe_counter!(
         PANICS,
         "Panics in the node's tasks: each is a bug that ended a connection or a background task"
     );
@@ -116,6 +122,9 @@ fn register_at_zero() {
         PANICS,
     ] {
         counter!(name).absolute(0);
+    }
+    for outcome in ["repaired", "failed", "resync"] {
+        counter!(BROKER_REPAIRS, "outcome" => outcome).absolute(0);
     }
     gauge!(CONNECTIONS_OPEN).set(0.0);
     gauge!(ROOMS_LOCAL).set(0.0);
@@ -168,6 +177,11 @@ pub fn set_redis_connected(connected: bool) {
 pub fn broker_lagged(skipped: u64) {
     counter!(BROKER_LAG_EVENTS).increment(1);
     counter!(BROKER_LAGGED_MESSAGES).increment(skipped);
+}
+
+/// A room's gap repair ended with `outcome` (`repaired`, `failed`, `resync`).
+pub fn repair(outcome: &'static str) {
+    counter!(BROKER_REPAIRS, "outcome" => outcome).increment(1);
 }
 
 /// An error frame with `code` was sent to a client.

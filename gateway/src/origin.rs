@@ -158,8 +158,9 @@ fn parse_pattern(text: &str) -> Result<Pattern, InvalidOrigin> {
 pub enum OriginPolicy {
     /// No check (anonymous demo mode without an allowlist).
     AllowAll,
-    /// Only pages served from the gateway's own address: `Origin` must name the `Host` the
-    /// request was sent to (authenticated mode without an allowlist).
+    /// Only pages served from the gateway's own address: `Origin` must name the scheme the
+    /// client used and the `Host` the request was sent to (authenticated mode without an
+    /// allowlist).
     SameOrigin,
     /// Only the listed origins.
     List(Vec<AllowedOrigin>),
@@ -210,8 +211,9 @@ impl OriginPolicy {
     }
 
     /// Whether a handshake with these headers may go on. Requests without `Origin` (clients
-    /// that are not browsers) always may.
-    pub fn allows(&self, headers: &HeaderMap) -> bool {
+    /// that are not browsers) always may. `scheme` is how the client reached the gateway
+    /// (`http`, or `https` through a TLS-terminating proxy): a same-origin page shares it.
+    pub fn allows(&self, headers: &HeaderMap, scheme: &str) -> bool {
         let Some(origin) = headers.get(ORIGIN) else {
             return true;
         };
@@ -234,14 +236,17 @@ impl OriginPolicy {
         };
         match self {
             OriginPolicy::AllowAll => true,
-            OriginPolicy::SameOrigin => headers
-                .get(HOST)
-                .and_then(|host| host.to_str().ok())
-                .and_then(split_host_port)
-                .is_some_and(|(host, port)| {
-                    host == origin.host
-                        && port.or(default_port(&origin.scheme)) == Some(origin.port)
-                }),
+            OriginPolicy::SameOrigin => {
+                origin.scheme == scheme
+                    && headers
+                        .get(HOST)
+                        .and_then(|host| host.to_str().ok())
+                        .and_then(split_host_port)
+                        .is_some_and(|(host, port)| {
+                            host == origin.host
+                                && port.or(default_port(scheme)) == Some(origin.port)
+                        })
+            }
             OriginPolicy::List(allowed) => {
                 allowed.iter().any(|entry| entry.pattern.matches(&origin))
             }
@@ -284,7 +289,7 @@ mod tests {
     #[test]
     fn exact_origins_match_scheme_host_and_port() {
         let policy = list(&["https://chat.example.com", "http://localhost:8080"]);
-        let allowed = |origin| policy.allows(&headers(Some(origin), "gw:8080"));
+        let allowed = |origin| policy.allows(&headers(Some(origin), "gw:8080"), "http");
         assert!(allowed("https://chat.example.com"));
         assert!(allowed("https://CHAT.example.com:443"));
         assert!(allowed("http://localhost:8080"));
@@ -300,7 +305,7 @@ mod tests {
     #[test]
     fn wildcards_match_subdomains_only() {
         let policy = list(&["https://*.example.com"]);
-        let allowed = |origin| policy.allows(&headers(Some(origin), "gw"));
+        let allowed = |origin| policy.allows(&headers(Some(origin), "gw"), "https");
         assert!(allowed("https://a.example.com"));
         assert!(allowed("https://a.b.example.com"));
         assert!(!allowed("https://example.com"));
@@ -311,30 +316,36 @@ mod tests {
 
     #[test]
     fn requests_without_origin_are_always_allowed() {
-        assert!(list(&["https://a.example"]).allows(&headers(None, "gw")));
-        assert!(OriginPolicy::SameOrigin.allows(&headers(None, "gw")));
+        assert!(list(&["https://a.example"]).allows(&headers(None, "gw"), "http"));
+        assert!(OriginPolicy::SameOrigin.allows(&headers(None, "gw"), "http"));
     }
 
     #[test]
-    fn same_origin_compares_with_the_host_header() {
+    fn same_origin_compares_scheme_host_and_port() {
         let policy = OriginPolicy::new(&[], true);
-        assert!(policy.allows(&headers(Some("http://gw.local:8080"), "gw.local:8080")));
-        assert!(policy.allows(&headers(Some("https://gw.local"), "gw.local")));
-        assert!(!policy.allows(&headers(Some("http://evil.example"), "gw.local:8080")));
-        assert!(!policy.allows(&headers(Some("http://gw.local:9999"), "gw.local:8080")));
+        let allowed = |origin, host, scheme| policy.allows(&headers(Some(origin), host), scheme);
+        assert!(allowed("http://gw.local:8080", "gw.local:8080", "http"));
+        assert!(allowed("https://gw.local", "gw.local", "https"));
+        assert!(allowed("https://gw.local:443", "gw.local", "https"));
+        assert!(!allowed("http://evil.example", "gw.local:8080", "http"));
+        assert!(!allowed("http://gw.local:9999", "gw.local:8080", "http"));
+        // Same host and port, another scheme: another origin.
+        assert!(!allowed("https://gw.local:8080", "gw.local:8080", "http"));
+        assert!(!allowed("http://gw.local", "gw.local", "https"));
+        assert!(!allowed("ws://gw.local:8080", "gw.local:8080", "http"));
     }
 
     #[test]
     fn anonymous_mode_without_a_list_allows_everything() {
         let policy = OriginPolicy::new(&[], false);
-        assert!(policy.allows(&headers(Some("http://evil.example"), "gw")));
-        assert!(policy.allows(&headers(Some("not even an origin"), "gw")));
+        assert!(policy.allows(&headers(Some("http://evil.example"), "gw"), "http"));
+        assert!(policy.allows(&headers(Some("not even an origin"), "gw"), "http"));
     }
 
     #[test]
     fn null_and_star_are_explicit_choices() {
-        assert!(list(&["null"]).allows(&headers(Some("null"), "gw")));
-        assert!(list(&["*"]).allows(&headers(Some("https://any.where"), "gw")));
+        assert!(list(&["null"]).allows(&headers(Some("null"), "gw"), "http"));
+        assert!(list(&["*"]).allows(&headers(Some("https://any.where"), "gw"), "http"));
     }
 
     #[test]

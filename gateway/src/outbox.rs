@@ -48,6 +48,12 @@ impl CloseReason {
         code: close_code::SLOW_CONSUMER,
         reason: "slow consumer: outgoing queue full",
     };
+    /// The node missed messages of one of the connection's rooms and could not repair the gap
+    /// from history: the client resumes (on any node) and learns whether history is complete.
+    pub const RESYNC: CloseReason = CloseReason {
+        code: close_code::RESYNC,
+        reason: "missed messages could not be repaired; resume",
+    };
     /// A write failed: the peer is gone, so nothing more (not even a close frame) can be sent.
     /// 1006 is reserved for exactly this and never appears on the wire.
     pub const CONNECTION_LOST: CloseReason = CloseReason {
@@ -70,9 +76,10 @@ pub enum QueueError {
 /// Whether a frame counts against the backlog's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
-    /// Data frames: a full backlog refuses them and closes the connection as slow.
+    /// Data, ping and pong frames: a full backlog refuses them and closes the connection as
+    /// slow. Pongs count too: a client that pings without reading must not grow the backlog.
     Bounded,
-    /// Control and close frames: always admitted while the connection is open.
+    /// The close frame: always admitted while the connection is open.
     Always,
 }
 
@@ -95,6 +102,8 @@ struct Link {
     transport: Arc<dyn Transport>,
     /// Most frames the backlog may hold.
     capacity: usize,
+    /// Most bytes the backlog may hold (frames shared with other connections count in full).
+    max_bytes: usize,
     backlog: Mutex<Backlog>,
     /// Set, and the connection's task woken, when a backlog formed or a close was requested.
     /// A flag and a waker rather than a `Notify`: an idle connection's task then waits without
@@ -108,6 +117,8 @@ struct Link {
 #[derive(Default)]
 struct Backlog {
     frames: VecDeque<WireFrame>,
+    /// Bytes of every queued frame, the part of the front one already written included.
+    bytes: usize,
     /// Bytes of the front frame already written.
     written: usize,
     /// Frames wait without being written until [`Outbox::uncork`].
@@ -119,13 +130,14 @@ struct Backlog {
 }
 
 impl Outbox {
-    /// An outbox writing to `transport`, holding at most `capacity` frames while it cannot.
-    /// It starts corked: frames wait until [`Outbox::uncork`], so a connection can queue its
-    /// greeting ahead of the traffic of the rooms it is joining.
-    pub fn new(transport: Arc<dyn Transport>, capacity: usize) -> Outbox {
+    /// An outbox writing to `transport`, holding at most `capacity` frames and `max_bytes`
+    /// bytes while it cannot. It starts corked: frames wait until [`Outbox::uncork`], so a
+    /// connection can queue its greeting ahead of the traffic of the rooms it is joining.
+    pub fn new(transport: Arc<dyn Transport>, capacity: usize, max_bytes: usize) -> Outbox {
         Outbox(Arc::new(Link {
             transport,
             capacity: capacity.max(1),
+            max_bytes,
             backlog: Mutex::new(Backlog {
                 corked: true,
                 ..Backlog::default()
@@ -136,23 +148,16 @@ impl Outbox {
         }))
     }
 
-    /// Sends a frame now, or queues it behind what is waiting. A full backlog closes the
-    /// connection as a slow consumer.
+    /// Sends a frame (data, ping or pong) now, or queues it behind what is waiting. A full
+    /// backlog closes the connection as a slow consumer.
     pub fn push(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Bounded)?;
-        self.send(&mut backlog, frame)
-    }
-
-    /// Sends a control frame (ping, pong): like [`Outbox::push`] but never refused for space,
-    /// since the protocol requires it and it is tiny.
-    pub fn push_control(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Always)?;
+        let mut backlog = self.admit(Admission::Bounded, frame)?;
         self.send(&mut backlog, frame)
     }
 
     /// Queues the close frame after everything already waiting; nothing is sent after it.
     pub fn push_close(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Always)?;
+        let mut backlog = self.admit(Admission::Always, frame)?;
         let sent = self.send(&mut backlog, frame);
         backlog.sealed = true;
         sent
@@ -162,9 +167,9 @@ impl Outbox {
     /// connection in one batch leave in one write. A full backlog closes the connection as a
     /// slow consumer.
     pub fn defer(&self, frame: &WireFrame, batch: &mut Batch) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Bounded)?;
+        let mut backlog = self.admit(Admission::Bounded, frame)?;
         let idle = backlog.frames.is_empty();
-        backlog.frames.push_back(frame.clone());
+        backlog.enqueue(frame);
         // A corked outbox, or one whose backlog its task is draining, needs no flush; one
         // already scheduled is in the batch.
         if idle && !backlog.corked {
@@ -204,9 +209,17 @@ impl Outbox {
 
     /// Refuses everything from now on and drops what is waiting.
     pub fn seal(&self) {
-        let mut backlog = self.backlog();
-        backlog.sealed = true;
-        backlog.frames.clear();
+        self.backlog().clear_sealed();
+    }
+
+    /// Most bytes the backlog may hold.
+    pub fn max_bytes(&self) -> usize {
+        self.0.max_bytes
+    }
+
+    /// Bytes waiting in the backlog now.
+    pub fn backlog_bytes(&self) -> usize {
+        self.backlog().bytes
     }
 
     /// Ready when the connection's task has something to do: a backlog to drain or a close.
@@ -251,14 +264,22 @@ impl Outbox {
         lock(&self.0.backlog)
     }
 
-    /// The backlog, if one more frame may join it: not after the close frame, and (for
-    /// [`Admission::Bounded`] frames) not past capacity, which closes the connection as slow.
-    fn admit(&self, admission: Admission) -> Result<MutexGuard<'_, Backlog>, QueueError> {
+    /// The backlog, if `frame` may join it: not after the close frame, and (for
+    /// [`Admission::Bounded`] frames) not past the frame or byte capacity, which closes the
+    /// connection as slow. A frame always fits an empty backlog, however large.
+    fn admit(
+        &self,
+        admission: Admission,
+        frame: &WireFrame,
+    ) -> Result<MutexGuard<'_, Backlog>, QueueError> {
         let backlog = self.backlog();
         if backlog.sealed {
             return Err(QueueError::Closed);
         }
-        if admission == Admission::Bounded && backlog.frames.len() >= self.0.capacity {
+        let full = backlog.frames.len() >= self.0.capacity
+            || (!backlog.frames.is_empty()
+                && backlog.bytes + frame.as_bytes().len() > self.0.max_bytes);
+        if admission == Admission::Bounded && full {
             drop(backlog);
             self.close_slow();
             return Err(QueueError::Full);
@@ -269,7 +290,7 @@ impl Outbox {
     /// Writes `frame` directly when nothing is waiting, otherwise queues it.
     fn send(&self, backlog: &mut Backlog, frame: &WireFrame) -> Result<(), QueueError> {
         let idle = backlog.frames.is_empty();
-        backlog.frames.push_back(frame.clone());
+        backlog.enqueue(frame);
         if backlog.corked {
             return Ok(());
         }
@@ -317,8 +338,7 @@ impl Outbox {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
-                    backlog.sealed = true;
-                    backlog.frames.clear();
+                    backlog.clear_sealed();
                     self.close_with(CloseReason::CONNECTION_LOST);
                     return Err(error);
                 }
@@ -358,25 +378,44 @@ impl Drop for Batch {
 }
 
 impl Backlog {
+    fn enqueue(&mut self, frame: &WireFrame) {
+        self.bytes += frame.as_bytes().len();
+        self.frames.push_back(frame.clone());
+    }
+
     /// Drops `written` bytes from the front of the queue.
     fn consume(&mut self, mut written: usize) {
         while let Some(front) = self.frames.front() {
-            let left = front.as_bytes().len() - self.written;
+            let len = front.as_bytes().len();
+            let left = len - self.written;
             if written < left {
                 self.written += written;
                 return;
             }
             written -= left;
             self.written = 0;
+            self.bytes -= len;
             self.frames.pop_front();
         }
+    }
+
+    fn clear_sealed(&mut self) {
+        self.sealed = true;
+        self.frames.clear();
+        self.bytes = 0;
+        self.written = 0;
     }
 }
 
 /// An outbox that writes into memory: for tests and benchmarks of the fan-out.
 pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
+    in_memory_bounded(capacity, usize::MAX)
+}
+
+/// [`in_memory`] with a byte bound on the backlog too.
+pub fn in_memory_bounded(capacity: usize, max_bytes: usize) -> (Outbox, MemorySocket) {
     let socket = Arc::new(MemoryTransport::default());
-    let outbox = Outbox::new(socket.clone(), capacity);
+    let outbox = Outbox::new(socket.clone(), capacity, max_bytes);
     outbox.uncork();
     (
         outbox.clone(),
@@ -491,7 +530,7 @@ mod tests {
     #[test]
     fn a_corked_outbox_holds_frames_until_uncorked() {
         let transport = Arc::new(MemoryTransport::default());
-        let outbox = Outbox::new(transport.clone(), 4);
+        let outbox = Outbox::new(transport.clone(), 4, usize::MAX);
         let socket = MemorySocket {
             transport,
             outbox: outbox.clone(),
@@ -540,7 +579,7 @@ mod tests {
             }
         }
         let socket = Arc::new(Counting::default());
-        let outbox = Outbox::new(socket.clone(), 8);
+        let outbox = Outbox::new(socket.clone(), 8, usize::MAX);
         outbox.uncork();
         let mut batch = Batch::default();
         for word in ["a", "b", "c"] {
@@ -561,6 +600,32 @@ mod tests {
             assert_eq!(payload, expected.as_bytes());
             rest = next;
         }
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_in_bytes_and_pongs_count() {
+        let (outbox, socket) = in_memory_bounded(1000, 100);
+        socket.stall(true);
+        // One frame always fits, however large; then the byte bound applies.
+        outbox.push(&text(&"x".repeat(150))).unwrap();
+        assert_eq!(outbox.push(&WireFrame::ping()), Err(QueueError::Full));
+        assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+
+        let (outbox, socket) = in_memory_bounded(1000, 100);
+        socket.stall(true);
+        let mut pongs = 0;
+        while outbox.push(&WireFrame::preformatted(&[0x8a, 0])).is_ok() {
+            pongs += 1;
+        }
+        assert_eq!(pongs, 50, "two-byte pongs until 100 bytes wait");
+        assert_eq!(outbox.backlog_bytes(), 100);
+        assert!(
+            outbox.push_close(&WireFrame::close(4000, "")).is_ok(),
+            "close always fits"
+        );
+        socket.stall(false);
+        assert!(socket.drain_backlog());
+        assert_eq!(outbox.backlog_bytes(), 0);
     }
 
     #[test]
@@ -592,7 +657,7 @@ mod tests {
             }
         }
         let trickle = Arc::new(Trickle(Mutex::new(Vec::new())));
-        let outbox = Outbox::new(trickle.clone(), 4);
+        let outbox = Outbox::new(trickle.clone(), 4, usize::MAX);
         outbox.uncork();
         outbox.push(&text("hello")).unwrap();
         outbox.push(&text("world")).unwrap();
@@ -612,7 +677,7 @@ mod tests {
                 Err(io::ErrorKind::BrokenPipe.into())
             }
         }
-        let outbox = Outbox::new(Arc::new(Broken), 4);
+        let outbox = Outbox::new(Arc::new(Broken), 4, usize::MAX);
         outbox.uncork();
         assert_eq!(outbox.push(&text("x")), Err(QueueError::Closed));
         assert_eq!(outbox.push(&text("y")), Err(QueueError::Closed));

@@ -18,10 +18,11 @@ use tracing::Instrument;
 
 use crate::broker::BrokerError;
 use crate::config::Config;
+use crate::connection::{Identity, SessionContext};
 use crate::gate::{Gate, Handshake, SecurityError};
 use crate::hub::Hub;
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
-use crate::session::{self, GOING_AWAY, Identity, SERVICE_RESTART, SessionContext};
+use crate::session::{self, GOING_AWAY, SERVICE_RESTART};
 use crate::upgrade::{UpgradeRejection, WebSocketRequest};
 
 /// The demo chat page, embedded in the binary.

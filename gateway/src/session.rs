@@ -7,82 +7,22 @@
 //! holds only this task's state.
 
 use std::ops::ControlFlow;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
 
-use crate::broker::now_micros;
-use crate::broker::{BrokerError, History};
-use crate::fanout::{ConnId, next_conn_id};
-use crate::gate::{ConnectionGuard, Throttle};
-use crate::hub::{Hub, Joiner};
+use crate::connection::{Connection, Identity, SessionContext};
+use crate::fanout::next_conn_id;
+use crate::gate::{ConnectionGuard, Inbound};
 use crate::metrics;
-use crate::outbox::{CloseReason, Outbox};
-use crate::protocol::{
-    ChatMessage, ClientFrame, ErrorCode, JoinOptions, PROTOCOL_VERSION, Refusal, Replay, RoomName,
-    ServerFrame, close_code, parse_client_frame, to_json,
-};
+use crate::outbox::{CloseReason, Outbox, QueueError};
+use crate::protocol::{ErrorCode, Refusal, close_code, parse_client_frame};
 use crate::wire::WireFrame;
 
-/// Per-connection limits and timings, from the node's configuration.
-#[derive(Debug, Clone)]
-pub struct SessionLimits {
-    /// Longest chat message text, in bytes.
-    pub max_chat_bytes: usize,
-    /// Most rooms one connection may be in at once.
-    pub max_rooms: usize,
-    /// Frames the outbox holds before the connection counts as a slow consumer.
-    pub outbox_capacity: usize,
-    /// How often the server pings.
-    pub ping_interval: Duration,
-    /// How long a connection may stay silent (no pong, no frame) before it is closed.
-    pub idle_timeout: Duration,
-    /// How long a closing connection may take to flush what is queued.
-    pub flush_deadline: Duration,
-}
-
-/// Everything a session needs from the node.
-#[derive(Clone)]
-pub struct SessionContext {
-    /// The node's rooms and broker.
-    pub hub: Arc<Hub>,
-    /// This node's id, announced in the welcome frame.
-    pub node_id: Arc<str>,
-    /// Limits and timings.
-    pub limits: SessionLimits,
-    /// Frame and message size limits and the read buffer, for the WebSocket reader.
-    pub socket: WebSocketConfig,
-    /// Cancelled when the node shuts down.
-    pub shutdown: CancellationToken,
-    /// The close sent to clients at shutdown, set before `shutdown` is cancelled: 1012 for a
-    /// restart (SIGTERM), 1001 otherwise.
-    pub shutdown_reason: Arc<OnceLock<CloseReason>>,
-}
-
-/// Who is connecting, settled during the handshake.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// The user id messages are sent as.
-    pub user_id: String,
-    /// Optional display name.
-    pub name: Option<String>,
-    /// The room joined on connect and used by seed-style messages.
-    pub default_room: RoomName,
-    /// Replay and presence asked for the default room in the handshake.
-    pub default_options: JoinOptions,
-}
-
-/// The server closes with this after failing to join the default room: try again later.
-const TRY_AGAIN_LATER: CloseReason = CloseReason {
-    code: 1013,
-    reason: "broker unavailable, try again later",
-};
 /// The server closes with this when a frame or message exceeds the size limit.
 const TOO_BIG: CloseReason = CloseReason {
     code: close_code::MESSAGE_TOO_BIG,
@@ -136,7 +76,8 @@ pub fn serve(
     guard: ConnectionGuard,
 ) -> impl Future<Output = ()> + Send {
     let socket = Arc::new(socket);
-    let outbox = Outbox::new(socket.clone(), context.limits.outbox_capacity);
+    let limits = &context.limits;
+    let outbox = Outbox::new(socket.clone(), limits.outbox_capacity, limits.outbox_bytes);
     let io = SocketIo {
         socket: socket.clone(),
         outbox: outbox.clone(),
@@ -144,12 +85,15 @@ pub fn serve(
     let websocket =
         WebSocket::from_partially_read(io, pipelined, Role::Server, Some(context.socket));
     let session = Session {
-        conn: next_conn_id(),
-        identity,
-        rooms: Vec::new(),
+        core: Connection::new(
+            next_conn_id(),
+            identity,
+            outbox.clone(),
+            context.clone(),
+            guard,
+        ),
         outbox,
         context,
-        guard,
     };
     session.serve(websocket, socket)
 }
@@ -169,9 +113,20 @@ impl std::io::Read for SocketIo {
 
 impl std::io::Write for SocketIo {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        match self.outbox.push_control(&WireFrame::preformatted(bytes)) {
+        let frame = WireFrame::preformatted(bytes);
+        // The library writes only pongs and the reply to a client's close. A pong counts
+        // against the backlog like any frame, so a client that pings without reading is
+        // closed as a slow consumer instead of growing it; the close reply always goes.
+        let queued = if bytes.first() == Some(&(0x80 | 0x8)) {
+            self.outbox.push_close(&frame)
+        } else {
+            self.outbox.push(&frame)
+        };
+        match queued {
             Ok(()) => Ok(bytes.len()),
-            Err(_) => Err(std::io::ErrorKind::BrokenPipe.into()),
+            Err(QueueError::Full | QueueError::Closed) => {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
         }
     }
 
@@ -184,6 +139,8 @@ impl std::io::Write for SocketIo {
 enum Wake {
     /// The client sent something.
     Readable,
+    /// A broker call for the connection finished.
+    Answered,
     /// The socket can take more of the backlog.
     Writable,
     /// The outbox has a backlog or a close request.
@@ -198,15 +155,11 @@ enum Wake {
     Lost,
 }
 
-/// One connection's state: who it is, its rooms, and the ways to the hub and to its socket.
+/// One WebSocket connection: the connection core and the ways to its socket.
 struct Session {
-    conn: ConnId,
-    identity: Identity,
-    rooms: Vec<RoomName>,
+    core: Connection,
     outbox: Outbox,
     context: Arc<SessionContext>,
-    /// What the token allows, when it expires, and the message budget.
-    guard: ConnectionGuard,
 }
 
 impl Session {
@@ -220,88 +173,18 @@ impl Session {
     ) -> impl Future<Output = ()> + Send {
         async move {
             metrics::connection_opened();
-            // Joining, handling a frame and leaving await broker calls whose futures are large;
-            // boxing them keeps an idle connection's task small (they exist only while they run).
-            Box::pin(self.start()).await;
+            self.core.start();
             let reason = self.run(&mut websocket, &socket).await;
             self.close(&mut websocket, &socket, reason).await;
-            Box::pin(self.leave_all()).await;
+            // Broker calls build large futures; boxing keeps them out of an idle connection's
+            // task (they exist only while they run).
+            Box::pin(self.core.finish()).await;
             metrics::connection_closed();
         }
     }
 
-    /// Queues the welcome frame, joins the default room, then lets frames flow. The outbox
-    /// stays corked until the default room is joined, so the welcome frame (queued
-    /// first) tells the client it will now receive the room's messages.
-    async fn start(&mut self) {
-        self.join_default_room().await;
-        self.outbox.uncork();
-    }
-
-    /// Queues the welcome frame, then joins the default room.
-    async fn join_default_room(&mut self) {
-        let welcome = ServerFrame::Welcome {
-            user_id: &self.identity.user_id,
-            node: &self.context.node_id,
-            room: &self.identity.default_room,
-            protocol: PROTOCOL_VERSION,
-        };
-        self.send(to_json(&welcome));
-        let room = self.identity.default_room.clone();
-        let options = self.identity.default_options.clone();
-        match self.enter(&room, &options).await {
-            // Only a client that asked for a replay knows what to do with `joined`; a plain
-            // (seed) client would show it as a chat line.
-            Ok(Some(history)) => self.replay(&room, None, &options.replay, history),
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(%room, %error, "could not join the default room");
-                self.refuse(Refusal::new(
-                    ErrorCode::Unavailable,
-                    "the broker is unavailable; reconnect later",
-                ));
-                self.outbox.close_with(TRY_AGAIN_LATER);
-                return;
-            }
-        }
-        self.rooms.push(room);
-    }
-
-    /// Joins the hub's room; returns the history to replay when one was asked for.
-    async fn enter(
-        &self,
-        room: &RoomName,
-        options: &JoinOptions,
-    ) -> Result<Option<History>, BrokerError> {
-        let joiner = Joiner {
-            conn: self.conn,
-            outbox: self.outbox.clone(),
-            user_id: &self.identity.user_id,
-            name: self.identity.name.as_deref(),
-        };
-        Ok(self.context.hub.join(room, joiner, options).await?.history)
-    }
-
-    /// Answers a join that asked for a replay, then sends the replay and what arrived meanwhile.
-    fn replay(
-        &self,
-        room: &RoomName,
-        reference: Option<&Value>,
-        replay: &Replay,
-        history: History,
-    ) {
-        let recovered = matches!(replay, Replay::Since { .. }).then_some(history.complete);
-        self.send(to_json(&ServerFrame::Joined {
-            room,
-            recovered,
-            epoch: history.epoch.as_deref(),
-            reference,
-        }));
-        self.context.hub.release(room, self.conn, history);
-    }
-
-    /// Reads and handles client frames, drains the backlog when one forms, pings, and watches
-    /// for anything that ends the connection; returns why it ends.
+    /// Reads and hands client frames to the core, drains the backlog when one forms, pings,
+    /// and watches for anything that ends the connection; returns why it ends.
     async fn run(
         &mut self,
         websocket: &mut WebSocket<SocketIo>,
@@ -320,23 +203,27 @@ impl Session {
         let mut wake = Wake::Readable;
         loop {
             match wake {
-                Wake::Readable => loop {
-                    let message = match websocket.read() {
-                        Ok(message) => message,
-                        Err(error) if would_block(&error) => break,
-                        Err(error) => return read_failed(&error),
-                    };
-                    last_heard = Instant::now();
-                    if let ControlFlow::Break(reason) = self.on_message(message).await {
-                        return reason;
+                // A finished broker call may have made room for frames the library has read
+                // already, which no socket readiness would announce.
+                Wake::Readable | Wake::Answered => {
+                    while !self.core.is_full() {
+                        let message = match websocket.read() {
+                            Ok(message) => message,
+                            Err(error) if would_block(&error) => break,
+                            Err(error) => return read_failed(&error),
+                        };
+                        last_heard = Instant::now();
+                        if let ControlFlow::Break(reason) = self.on_message(message) {
+                            return reason;
+                        }
                     }
-                },
+                }
+                Wake::Outbox => {}
                 Wake::Writable => {
                     if self.outbox.write_backlog().is_err() {
                         return CloseReason::CONNECTION_LOST;
                     }
                 }
-                Wake::Outbox => {}
                 Wake::Shutdown => {
                     return context.shutdown_reason.get().copied().unwrap_or(GOING_AWAY);
                 }
@@ -346,11 +233,16 @@ impl Session {
                 }
                 Wake::Lost => return CloseReason::CONNECTION_LOST,
                 Wake::Tick => {
-                    if last_heard.elapsed() > limits.idle_timeout {
+                    // A client whose frames wait unread is not idle, whatever the clock says.
+                    if last_heard.elapsed() > limits.idle_timeout && !self.core.is_full() {
                         return IDLE;
                     }
-                    if self.outbox.push_control(&WireFrame::ping()).is_err() {
-                        return CloseReason::CONNECTION_LOST;
+                    if self.outbox.push(&WireFrame::ping()).is_err() {
+                        // A full backlog has asked for a slow-consumer close; a failed
+                        // write, for a lost connection. Either way the check below ends it.
+                        if self.outbox.close_requested().is_none() {
+                            return CloseReason::CONNECTION_LOST;
+                        }
                     }
                 }
             }
@@ -364,16 +256,21 @@ impl Session {
                 if shutting_down.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Shutdown);
                 }
-                if self.guard.poll_expired(cx).is_ready() {
+                if self.core.poll_expired(cx).is_ready() {
                     return Poll::Ready(Wake::Expired);
                 }
                 if self.outbox.poll_woken(cx).is_ready() {
                     return Poll::Ready(Wake::Outbox);
                 }
+                if self.core.poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Answered);
+                }
                 if backlog && let Poll::Ready(ready) = socket.poll_write_ready(cx) {
                     return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Writable));
                 }
-                if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+                if !self.core.is_full()
+                    && let Poll::Ready(ready) = socket.poll_read_ready(cx)
+                {
                     return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Readable));
                 }
                 ping.poll_tick(cx).map(|_| Wake::Tick)
@@ -383,28 +280,31 @@ impl Session {
     }
 
     /// Handles one message from the client; `Break` ends the connection.
-    async fn on_message(&mut self, message: Message) -> ControlFlow<CloseReason> {
-        match self.guard.throttle(&message) {
-            Throttle::Pass => {}
-            Throttle::Refuse(refusal) => {
-                self.refuse(refusal);
-                return ControlFlow::Continue(());
-            }
-            Throttle::Close(reason) => return ControlFlow::Break(reason),
+    fn on_message(&mut self, message: Message) -> ControlFlow<CloseReason> {
+        let inbound = match &message {
+            Message::Text(text) => Inbound::Text(text.as_str()),
+            Message::Binary(_) => Inbound::Binary,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Control,
+            Message::Close(_) => return ControlFlow::Break(PEER_CLOSED),
+        };
+        match self.core.throttle(inbound) {
+            Ok(true) => {}
+            Ok(false) => return ControlFlow::Continue(()),
+            Err(reason) => return ControlFlow::Break(reason),
         }
         match message {
             Message::Text(text) => {
                 match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
-                    Ok(frame) => Box::pin(self.handle(frame)).await,
-                    Err(refusal) => self.refuse(refusal),
+                    Ok(frame) => self.core.receive(frame),
+                    Err(refusal) => self.core.refuse(refusal),
                 }
             }
-            Message::Binary(_) => self.refuse(Refusal::new(
+            Message::Binary(_) => self.core.refuse(Refusal::new(
                 ErrorCode::BinaryUnsupported,
                 "binary frames are not supported; send JSON text frames",
             )),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            Message::Close(_) => return ControlFlow::Break(PEER_CLOSED),
+            // The library has already queued the pong; nothing else to do.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {}
         }
         ControlFlow::Continue(())
     }
@@ -450,176 +350,6 @@ impl Session {
         })
         .await;
         self.outbox.seal();
-    }
-
-    async fn handle(&mut self, frame: ClientFrame) {
-        match frame {
-            ClientFrame::Seed { message } => {
-                let room = self.identity.default_room.clone();
-                if let Err(refusal) = self.publish(&room, &message).await {
-                    self.refuse(refusal);
-                }
-            }
-            ClientFrame::Message {
-                room,
-                message,
-                reference,
-            } => {
-                let room = room.unwrap_or_else(|| self.identity.default_room.clone());
-                match self.publish(&room, &message).await {
-                    Ok(id) => self.send(to_json(&ServerFrame::Ack {
-                        room: &room,
-                        id,
-                        reference: reference.as_ref(),
-                    })),
-                    Err(refusal) => self.refuse(refusal.with_ref(reference)),
-                }
-            }
-            ClientFrame::Join {
-                room,
-                options,
-                reference,
-            } => match self.join(&room, &options).await {
-                Ok(Some(history)) => {
-                    self.replay(&room, reference.as_ref(), &options.replay, history)
-                }
-                Ok(None) => self.send(to_json(&ServerFrame::Joined {
-                    room: &room,
-                    recovered: None,
-                    epoch: None,
-                    reference: reference.as_ref(),
-                })),
-                Err(refusal) => self.refuse(refusal.with_ref(reference)),
-            },
-            ClientFrame::Presence { room, reference } => {
-                match self.context.hub.presence(&room).await {
-                    Ok(users) => self.send(to_json(&ServerFrame::Presence {
-                        room: &room,
-                        users: &users,
-                        reference: reference.as_ref(),
-                    })),
-                    Err(error) => {
-                        tracing::warn!(%room, %error, "presence query failed");
-                        self.refuse(
-                            Refusal::new(
-                                ErrorCode::Unavailable,
-                                "presence is unavailable; try again",
-                            )
-                            .with_ref(reference),
-                        );
-                    }
-                }
-            }
-            ClientFrame::Leave { room, reference } => {
-                if let Some(index) = self.rooms.iter().position(|joined| *joined == room) {
-                    self.rooms.swap_remove(index);
-                    self.context
-                        .hub
-                        .leave(&room, self.conn, &self.identity.user_id)
-                        .await;
-                    self.send(to_json(&ServerFrame::Left {
-                        room: &room,
-                        reference: reference.as_ref(),
-                    }));
-                } else {
-                    self.refuse(
-                        Refusal::new(ErrorCode::NotInRoom, format!("not in room `{room}`"))
-                            .with_ref(reference),
-                    );
-                }
-            }
-            ClientFrame::Auth { token, reference } => {
-                match self.guard.refresh(&token, reference.as_ref()) {
-                    Ok(reply) => self.send(reply),
-                    Err(refusal) => self.refuse(refusal.with_ref(reference)),
-                }
-            }
-            ClientFrame::Ping { reference } => self.send(to_json(&ServerFrame::Pong {
-                reference: reference.as_ref(),
-            })),
-        }
-    }
-
-    /// Joins a room; returns the history to replay when the join asked for one.
-    async fn join(
-        &mut self,
-        room: &RoomName,
-        options: &JoinOptions,
-    ) -> Result<Option<History>, Refusal> {
-        if self.rooms.contains(room) {
-            return Ok(None);
-        }
-        self.guard.may_join(room)?;
-        if self.rooms.len() >= self.context.limits.max_rooms {
-            return Err(Refusal::new(
-                ErrorCode::TooManyRooms,
-                format!(
-                    "a connection may be in at most {} rooms",
-                    self.context.limits.max_rooms
-                ),
-            ));
-        }
-        let history = self.enter(room, options).await.map_err(|error| {
-            tracing::warn!(%room, %error, "join failed");
-            Refusal::new(
-                ErrorCode::Unavailable,
-                "the broker is unavailable; try again",
-            )
-        })?;
-        self.rooms.push(room.clone());
-        Ok(history)
-    }
-
-    /// Publishes a chat message to a room this connection is in; returns the message id.
-    async fn publish(&self, room: &RoomName, text: &str) -> Result<uuid::Uuid, Refusal> {
-        metrics::message_received();
-        self.guard.may_publish(room)?;
-        if !self.rooms.contains(room) {
-            return Err(Refusal::new(
-                ErrorCode::NotInRoom,
-                format!("join `{room}` before sending to it"),
-            ));
-        }
-        let id = uuid::Uuid::now_v7();
-        let frame = to_json(&ChatMessage {
-            room,
-            id,
-            user_id: &self.identity.user_id,
-            name: self.identity.name.as_deref(),
-            message: text,
-            ts: now_micros() / 1000,
-        });
-        self.context
-            .hub
-            .publish(room, frame)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%room, %error, "publish failed");
-                Refusal::new(
-                    ErrorCode::PublishFailed,
-                    "the message was not sent: the broker is unavailable",
-                )
-            })?;
-        Ok(id)
-    }
-
-    fn refuse(&self, refusal: Refusal) {
-        metrics::client_error(refusal.code.as_str());
-        self.send(to_json(&ServerFrame::from(&refusal)));
-    }
-
-    fn send(&self, frame: String) {
-        // A full outbox closes the connection as a slow consumer; nothing more to do here.
-        let _ = self.outbox.push(&WireFrame::text(&frame));
-    }
-
-    async fn leave_all(&mut self) {
-        for room in std::mem::take(&mut self.rooms) {
-            self.context
-                .hub
-                .leave(&room, self.conn, &self.identity.user_id)
-                .await;
-        }
     }
 }
 

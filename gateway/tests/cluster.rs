@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::slow_link::SlowSubscriptions;
-use common::{Client, Node, Redis, wait_until};
+use common::{Client, Node, Persistence, Redis, wait_until};
 use serde_json::json;
 
 fn three_nodes(redis: &Redis) -> [Node; 3] {
@@ -55,8 +55,9 @@ async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_
 
 #[tokio::test]
 async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns() {
-    let redis = Redis::start();
-    let port = redis.port;
+    // With its data kept, Redis comes back with the room's history, so the room that stays
+    // needs no resync: it is simply subscribed again.
+    let mut redis = Redis::start_with(Persistence::Aof);
     let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
     let stays = Client::connect(&node.ws_url("/ws?room=stays")).await;
     let leaves = Client::connect(&node.ws_url("/ws?room=gone")).await;
@@ -70,7 +71,7 @@ async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns
         node.metric("chat_rooms_local") == 1.0
     });
 
-    let redis = Redis::start_on(port);
+    redis.restart();
     // The node resubscribes all its rooms with one command: once one is back, all are.
     wait_until("the node to resubscribe", || {
         !redis.room_channels().is_empty()
@@ -182,8 +183,7 @@ async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_l
 
 #[tokio::test]
 async fn readiness_follows_redis_and_failed_publishes_are_reported() {
-    let redis = Redis::start();
-    let port = redis.port;
+    let mut redis = Redis::start_with(Persistence::Aof);
     let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
     let mut client = Client::connect(&node.ws_url("/ws?room=ops")).await;
     client.say("ops", "before").await;
@@ -203,7 +203,7 @@ async fn readiness_follows_redis_and_failed_publishes_are_reported() {
         "the sender learns which message failed"
     );
 
-    let _redis = Redis::start_on(port);
+    redis.restart();
     wait_until("the node to be ready again", || {
         node.get("/readyz").is_some_and(|(status, _)| status == 200)
     });

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Client, Ended, Node, PATIENCE, Redis, wait_until};
+use common::{Client, Ended, Node, PATIENCE, Persistence, Redis, wait_until};
 use serde_json::{Value, json};
 
 /// A message frame's offset as `(ms, seq)`, for ordering checks.
@@ -108,8 +108,7 @@ async fn a_join_can_ask_for_the_last_messages() {
 
 #[tokio::test]
 async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovered() {
-    let redis = Redis::start();
-    let port = redis.port;
+    let mut redis = Redis::start();
     let node = Node::clustered("node-a", &redis, &["--history-max-len", "5"]);
     let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
     sender.say("r", "first").await;
@@ -131,7 +130,7 @@ async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovere
     // Redis restarts without persistence: the history and its epoch are gone.
     let last = messages(&mut sender, 300).await.pop().unwrap();
     redis.kill();
-    let _redis = Redis::start_on(port);
+    redis.restart();
     wait_until("the node to be ready again", || {
         node.get("/readyz").is_some_and(|(status, _)| status == 200)
     });
@@ -205,8 +204,7 @@ async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
 
 #[tokio::test]
 async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recovers() {
-    let redis = Redis::start();
-    let port = redis.port;
+    let mut redis = Redis::start_with(Persistence::Aof);
     let extra = ["--redis-timeout", "500ms", "--presence-ttl", "1500ms"];
     let a = Node::clustered("node-a", &redis, &extra);
     let b = Node::clustered("node-b", &redis, &extra);
@@ -229,7 +227,7 @@ async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recov
     );
 
     let restarted = Instant::now();
-    let _redis = Redis::start_on(port);
+    redis.restart();
     for node in [&a, &b] {
         wait_until("the nodes to be ready again", || {
             node.get("/readyz").is_some_and(|(status, _)| status == 200)

@@ -384,6 +384,9 @@ async fn a_foreign_origin_is_refused_with_403() {
     };
     assert_eq!(status("https://evil.example.net"), 403);
     assert_eq!(status(&own), 101);
+    // Same host and port but another scheme is another origin: this node speaks plain HTTP.
+    let https_twin = format!("https://127.0.0.1:{}", node.port);
+    assert_eq!(status(&https_twin), 403);
 }
 
 /// Sends `count` chat messages from a fresh connection in bursts of 50 every `pause` (none:

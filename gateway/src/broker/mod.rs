@@ -17,12 +17,12 @@ use tungstenite::Utf8Bytes;
 pub use in_process::InProcessBroker;
 pub use redis::{RedisBroker, RedisSettings};
 
-use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
+use crate::protocol::{Epoch, Offset, Position, PresentUser, Replay, RoomName, with_offset};
 
 /// What a broker hands back to the node.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// A chat message with its offset, or a presence event.
+    /// A chat message with its place in the history, or a presence event.
     pub kind: DeliveryKind,
     /// The frame exactly as clients receive it.
     pub frame: Utf8Bytes,
@@ -33,8 +33,8 @@ pub struct Delivery {
 /// The two kinds of room traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryKind {
-    /// A chat message stored in the room's history at this offset.
-    Chat(Offset),
+    /// A chat message stored in the room's history at this position.
+    Chat(Position),
     /// A presence event (`presence_event` frame), not part of the history.
     Presence,
 }
@@ -45,8 +45,12 @@ pub trait Inbox: Send + Sync + 'static {
     fn deliver(&self, room: &str, delivery: Delivery);
     /// The broker has handed over everything it has for now: write it out.
     fn flush(&self);
-    /// Messages may have been missed (the subscriber lagged or reconnected): repair from history.
-    fn gap(&self);
+    /// Messages may be missing from here on (the subscriber lagged or lost its connection):
+    /// hold every room's live traffic where it is until [`Inbox::repair`] has filled the gap.
+    /// Called before anything that arrives after the gap is delivered.
+    fn hold(&self);
+    /// The subscriptions are in effect again: repair every held room from history.
+    fn repair(&self);
 }
 
 /// A shared handle to the inbox a broker delivers into.
@@ -55,7 +59,7 @@ pub type SharedInbox = Arc<dyn Inbox>;
 /// A broker operation that failed; the caller tells the client.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker is not connected right now.
+    /// The broker is not connected right now; nothing was sent.
     #[error("broker unavailable: {0}")]
     Unavailable(&'static str),
     /// Redis refused or failed the command.
@@ -66,27 +70,73 @@ pub enum BrokerError {
     Reply(&'static str),
 }
 
-/// Bounds of each room's history.
+impl BrokerError {
+    /// Whether the command may have taken effect although this call failed: it was sent and
+    /// then timed out or lost its connection, or it ran and its reply made no sense. Redis
+    /// still runs a command it received after the caller stopped waiting, so such a publish
+    /// must not be reported as "not sent".
+    pub fn outcome_unknown(&self) -> bool {
+        use fred::error::ErrorKind;
+        match self {
+            BrokerError::Unavailable(_) => false,
+            BrokerError::Reply(_) => true,
+            BrokerError::Redis(error) => matches!(
+                error.kind(),
+                ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Protocol
+            ),
+        }
+    }
+}
+
+/// Bounds of each room's history, and how long a client message id is remembered.
 #[derive(Debug, Clone, Copy)]
 pub struct HistorySettings {
     /// Messages kept per room (approximately: trimming works in blocks).
     pub max_len: usize,
     /// How long a message is kept.
     pub max_age: Duration,
+    /// A message's `cid` is remembered at least this long (and at most twice as long).
+    pub dedup_window: Duration,
+}
+
+/// A chat message to store and publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The `message` frame as members receive it, without offset and epoch.
+    pub frame: String,
+    /// Its id.
+    pub id: uuid::Uuid,
+    /// The sender's user id and the client's message id: a second message with the same pair
+    /// in the same room, within the dedup window, is not stored again.
+    pub dedup: Option<(String, String)>,
+}
+
+impl Outgoing {
+    /// The dedup key as stored: user and cid, joined by a unit separator (neither contains it).
+    fn dedup_field(&self) -> String {
+        match &self.dedup {
+            Some((user, cid)) => format!("{user}\x1f{cid}"),
+            None => String::new(),
+        }
+    }
 }
 
 /// A stored message accepted by the broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Published {
-    /// Its offset in the room's history.
-    pub offset: Offset,
+    /// Its place in the room's history.
+    pub position: Position,
+    /// Its id: the one sent, or for a duplicate the original message's.
+    pub id: uuid::Uuid,
+    /// The message's `cid` was stored before: nothing was published this time.
+    pub duplicate: bool,
 }
 
 /// What a replay found in a room's history.
 #[derive(Debug, Clone, Default)]
 pub struct History {
     /// The history's epoch; `None` when the room has no history at all.
-    pub epoch: Option<String>,
+    pub epoch: Option<Epoch>,
     /// Messages, oldest first, as clients receive them (with offset and epoch).
     pub entries: Vec<(Offset, Utf8Bytes)>,
     /// For a `Since` replay: every message after the offset is in `entries`.
@@ -114,7 +164,7 @@ impl History {
         retained: Retained,
     ) -> Self {
         let same_epoch = match (&self.epoch, client_epoch) {
-            (Some(current), Some(client)) => current == client,
+            (Some(current), Some(client)) => current.as_str() == client,
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -146,12 +196,26 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Stores a chat message frame in the room's history and publishes it to every node
-    /// subscribed to `room`, this one included.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
+    /// Stores a chat message in the room's history and publishes it to every node subscribed
+    /// to `room`, this one included; a repeated `cid` is answered with the original message.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        message: Outgoing,
+    ) -> Result<Published, BrokerError> {
         match self {
-            Broker::InProcess(broker) => Ok(broker.publish(room, frame)),
-            Broker::Redis(broker) => broker.publish(room, &frame).await,
+            Broker::InProcess(broker) => Ok(broker.publish(room, message)),
+            Broker::Redis(broker) => broker.publish(room, &message).await,
+        }
+    }
+
+    /// Where the room's history ends now, giving it an epoch if it has none; `None` for a broker
+    /// that cannot lose messages. Read before subscribing, it is where the node would repair
+    /// from if it missed messages before delivering any.
+    pub async fn head(&self, room: &RoomName) -> Result<Option<Position>, BrokerError> {
+        match self {
+            Broker::InProcess(_) => Ok(None),
+            Broker::Redis(broker) => broker.head(room).await,
         }
     }
 
@@ -256,25 +320,16 @@ pub fn now_micros() -> u64 {
         .map_or(0, |elapsed| elapsed.as_micros() as u64)
 }
 
-/// A fresh random epoch.
-fn new_epoch() -> String {
-    let random = uuid::Uuid::new_v4().simple().to_string();
-    random[..12].to_owned()
-}
-
 /// Wraps a frame for the wire between nodes:
 /// `<publish time µs>\n<kind m|p>\n<offset>\n<epoch>\n<frame JSON>`. The header rides outside
 /// the JSON so a receiving node neither parses nor re-serializes the frame. The Lua scripts build
 /// the same format; this is its reference, used by the tests.
 #[cfg(test)]
-fn encode_envelope(
-    published_at_micros: u64,
-    kind: DeliveryKind,
-    epoch: &str,
-    frame: &str,
-) -> bytes::Bytes {
+fn encode_envelope(published_at_micros: u64, kind: DeliveryKind, frame: &str) -> bytes::Bytes {
     let header = match kind {
-        DeliveryKind::Chat(offset) => format!("{published_at_micros}\nm\n{offset}\n{epoch}\n"),
+        DeliveryKind::Chat(Position { offset, epoch }) => {
+            format!("{published_at_micros}\nm\n{offset}\n{epoch}\n")
+        }
         DeliveryKind::Presence => format!("{published_at_micros}\np\n\n\n"),
     };
     bytes::Bytes::from(format!("{header}{frame}"))
@@ -290,11 +345,14 @@ fn decode_envelope(envelope: &[u8]) -> Option<Delivery> {
     let epoch = text()?;
     let frame = text()?;
     let (kind, frame) = match kind {
-        "m" if is_valid_epoch(epoch) => {
-            let offset = Offset::parse(offset)?;
+        "m" => {
+            let position = Position {
+                offset: Offset::parse(offset)?,
+                epoch: Epoch::parse(epoch)?,
+            };
             (
-                DeliveryKind::Chat(offset),
-                with_offset(frame, offset, epoch),
+                DeliveryKind::Chat(position),
+                with_offset(frame, position.offset, position.epoch),
             )
         }
         "p" => (DeliveryKind::Presence, frame.to_owned()),
@@ -313,27 +371,20 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_foreign_payloads_are_rejected() {
-        let offset = Offset { ms: 5, seq: 1 };
-        let envelope = encode_envelope(
-            1234,
-            DeliveryKind::Chat(offset),
-            "ep1",
-            r#"{"type":"message"}"#,
-        );
+        let position = Position {
+            offset: Offset { ms: 5, seq: 1 },
+            epoch: Epoch::parse("ep1").unwrap(),
+        };
+        let envelope = encode_envelope(1234, DeliveryKind::Chat(position), r#"{"type":"message"}"#);
         let delivery = decode_envelope(&envelope).unwrap();
         assert_eq!(delivery.published_at_micros, 1234);
-        assert_eq!(delivery.kind, DeliveryKind::Chat(offset));
+        assert_eq!(delivery.kind, DeliveryKind::Chat(position));
         assert_eq!(
             delivery.frame.as_str(),
             r#"{"type":"message","offset":"5-1","epoch":"ep1"}"#
         );
 
-        let envelope = encode_envelope(
-            9,
-            DeliveryKind::Presence,
-            "",
-            r#"{"type":"presence_event"}"#,
-        );
+        let envelope = encode_envelope(9, DeliveryKind::Presence, r#"{"type":"presence_event"}"#);
         assert_eq!(
             decode_envelope(&envelope).unwrap().kind,
             DeliveryKind::Presence
@@ -356,7 +407,7 @@ mod tests {
     #[test]
     fn a_since_replay_is_complete_only_when_nothing_was_trimmed_or_lost() {
         let history = |epoch: Option<&str>| History {
-            epoch: epoch.map(str::to_owned),
+            epoch: epoch.and_then(Epoch::parse),
             ..History::default()
         };
         let offset = |ms| Offset { ms, seq: 0 };

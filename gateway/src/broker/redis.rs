@@ -25,16 +25,17 @@ use tokio::task::JoinHandle;
 use tungstenite::Utf8Bytes;
 
 use super::{
-    BrokerError, History, HistorySettings, Published, Retained, SharedInbox, decode_envelope,
-    new_epoch, now_micros,
+    BrokerError, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
+    decode_envelope, now_micros,
 };
-use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
+use crate::protocol::{Epoch, Offset, Position, PresentUser, Replay, RoomName, with_offset};
 use crate::{lock, metrics};
 
 /// Prefix of every room's pub/sub channel: room `lobby` is channel `chat:room:lobby`.
 pub const CHANNEL_PREFIX: &str = "chat:room:";
 
 const APPEND: &str = include_str!("lua/append.lua");
+const HEAD: &str = include_str!("lua/head.lua");
 const HISTORY: &str = include_str!("lua/history.lua");
 const PRESENCE_UPSERT: &str = include_str!("lua/presence_upsert.lua");
 const PRESENCE_REMOVE: &str = include_str!("lua/presence_remove.lua");
@@ -59,6 +60,7 @@ pub struct RedisSettings {
 /// The Lua scripts, loaded once and run with EVALSHA (reloaded if Redis restarted).
 struct Scripts {
     append: Script,
+    head: Script,
     history: Script,
     presence_upsert: Script,
     presence_remove: Script,
@@ -78,6 +80,8 @@ struct RoomKeys {
     channel: String,
     history: String,
     epoch: String,
+    /// Recent client message ids: current and previous generation.
+    dedup: [String; 2],
     presence: [String; 3],
 }
 
@@ -87,6 +91,7 @@ impl RoomKeys {
             channel: format!("{CHANNEL_PREFIX}{room}"),
             history: format!("chat:history:{room}"),
             epoch: format!("chat:epoch:{room}"),
+            dedup: [format!("chat:cids:{room}"), format!("chat:cids-old:{room}")],
             presence: [
                 format!("chat:presence:{room}"),
                 format!("chat:presence-users:{room}"),
@@ -134,6 +139,7 @@ impl RedisBroker {
         drop(subscriber.connect());
         let scripts = Scripts {
             append: Script::from_lua(APPEND),
+            head: Script::from_lua(HEAD),
             history: Script::from_lua(HISTORY),
             presence_upsert: Script::from_lua(PRESENCE_UPSERT),
             presence_remove: Script::from_lua(PRESENCE_REMOVE),
@@ -158,28 +164,66 @@ impl RedisBroker {
     pub(super) async fn publish(
         &self,
         room: &RoomName,
-        frame: &str,
+        message: &Outgoing,
     ) -> Result<Published, BrokerError> {
         self.ensure_connected()?;
         let started = Instant::now();
-        let keys = RoomKeys::of(room);
+        let RoomKeys {
+            channel,
+            history: stream,
+            epoch,
+            dedup: [cids, old_cids],
+            ..
+        } = RoomKeys::of(room);
         let history = &self.settings.history;
         let args = vec![
-            keys.channel,
-            frame.to_owned(),
+            channel,
+            message.frame.clone(),
             history.max_len.to_string(),
             history.max_age.as_millis().to_string(),
-            new_epoch(),
+            Epoch::random().to_string(),
             now_micros().to_string(),
+            message.id.to_string(),
+            message.dedup_field(),
+            history.dedup_window.as_millis().to_string(),
         ];
-        let (offset, _epoch): (String, String) = self
+        let (offset, epoch, id, duplicate): (String, String, String, i64) = self
             .scripts
             .append
-            .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
+            .evalsha_with_reload(&self.publisher, vec![stream, epoch, cids, old_cids], args)
             .await?;
         metrics::message_published(started.elapsed());
-        let offset = Offset::parse(&offset).ok_or(BrokerError::Reply("stream id"))?;
-        Ok(Published { offset })
+        Ok(Published {
+            position: Position {
+                offset: Offset::parse(&offset).ok_or(BrokerError::Reply("stream id"))?,
+                epoch: Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?,
+            },
+            id: id.parse().map_err(|_| BrokerError::Reply("message id"))?,
+            duplicate: duplicate != 0,
+        })
+    }
+
+    pub(super) async fn head(&self, room: &RoomName) -> Result<Option<Position>, BrokerError> {
+        self.ensure_connected()?;
+        let keys = RoomKeys::of(room);
+        let args = vec![
+            Epoch::random().to_string(),
+            self.settings.history.max_age.as_millis().to_string(),
+        ];
+        let (epoch, newest): (String, String) = self
+            .scripts
+            .head
+            .evalsha_with_reload(&self.publisher, vec![keys.history, keys.epoch], args)
+            .await?;
+        Ok(Some(Position {
+            epoch: Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?,
+            // A history whose entries all expired: whatever it holds later is new.
+            offset: if newest.is_empty() {
+                Offset::ZERO
+            } else {
+                Offset::parse(&newest).ok_or(BrokerError::Reply("stream id"))?
+            },
+        }))
     }
 
     pub(super) async fn history(
@@ -209,14 +253,12 @@ impl RedisBroker {
             };
             return Ok(History::default().judge_since_if(replay, nothing));
         }
-        if !is_valid_epoch(&epoch) {
-            return Err(BrokerError::Reply("epoch"));
-        }
+        let epoch = Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?;
         let mut entries = Vec::with_capacity(raw.len());
         for (id, fields) in raw {
             let offset = parse(&id)?;
             let frame = fields.get(1).ok_or(BrokerError::Reply("stream entry"))?;
-            entries.push((offset, Utf8Bytes::from(with_offset(frame, offset, &epoch))));
+            entries.push((offset, Utf8Bytes::from(with_offset(frame, offset, epoch))));
         }
         if matches!(replay, Replay::Last(_)) {
             entries.reverse();
@@ -369,7 +411,10 @@ fn receive_loop(
                     Err(RecvError::Lagged(skipped)) => {
                         metrics::broker_lagged(skipped);
                         tracing::warn!(skipped, "redis subscriber lagged; repairing from history");
-                        inbox.gap();
+                        // Held before anything newer is delivered, so the repair starts from
+                        // the last message delivered before the lost ones.
+                        inbox.hold();
+                        inbox.repair();
                     }
                     Err(RecvError::Closed) => {
                         inbox.flush();
@@ -501,12 +546,17 @@ fn resubscribe_after_reconnects(
         let mut connected_before = false;
         // A lagged receiver still means "reconnected": only a closed one ends the task.
         while !matches!(reconnects.recv().await, Err(RecvError::Closed)) {
+            if connected_before {
+                // Before the first subscription of the new connection: whatever it delivers
+                // must wait until the messages published while it was away are in place.
+                inbox.hold();
+            }
             if !subscriptions.restore_while_connected().await {
                 // Lost again: the next reconnect restores them and repairs the gap.
                 continue;
             }
             if connected_before {
-                inbox.gap();
+                inbox.repair();
             }
             connected_before = true;
         }

@@ -104,23 +104,41 @@ fn require(program: &str) {
     );
 }
 
-/// A private `redis-server` on a free loopback port, without persistence.
+/// A private `redis-server` on a free loopback port.
 pub struct Redis {
     pub port: u16,
     process: Process,
     dir: tempdir::TempDir,
+    persistence: Persistence,
+}
+
+/// Whether a test's Redis keeps its data across a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing survives a restart.
+    None,
+    /// An append-only file written before each reply (`appendfsync always`): every write Redis
+    /// acknowledged survives a SIGKILL.
+    Aof,
 }
 
 impl Redis {
-    /// Starts a Redis server and waits until it answers PING.
+    /// Starts a Redis server without persistence and waits until it answers PING.
     pub fn start() -> Redis {
-        Self::start_on(free_port())
+        Self::start_with(Persistence::None)
     }
 
-    /// Starts a Redis server on `port` (used to restart one where it was).
-    pub fn start_on(port: u16) -> Redis {
+    /// Starts a Redis server that keeps its data as `persistence` says.
+    pub fn start_with(persistence: Persistence) -> Redis {
+        Self::launch(free_port(), tempdir::TempDir::new("redis"), persistence)
+    }
+
+    fn launch(port: u16, dir: tempdir::TempDir, persistence: Persistence) -> Redis {
         require("redis-server");
-        let dir = tempdir::TempDir::new("redis");
+        let aof: &[&str] = match persistence {
+            Persistence::None => &["--appendonly", "no"],
+            Persistence::Aof => &["--appendonly", "yes", "--appendfsync", "always"],
+        };
         let process = Process::spawn(
             "redis-server",
             Command::new("redis-server")
@@ -131,18 +149,34 @@ impl Redis {
                     "127.0.0.1",
                     "--save",
                     "",
-                    "--appendonly",
-                    "no",
                 ])
+                .args(aof)
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null()),
         );
-        let redis = Redis { port, process, dir };
+        let redis = Redis {
+            port,
+            process,
+            dir,
+            persistence,
+        };
         wait_until("redis to answer PING", || {
             redis.command(&["PING"]).is_ok_and(|reply| reply == "PONG")
         });
         redis
+    }
+
+    /// Kills the server at once (SIGKILL), keeping its port and data for [`Redis::restart`].
+    pub fn kill(&mut self) {
+        self.process.signal("KILL");
+        let _ = self.process.wait_exit(PATIENCE);
+    }
+
+    /// Starts a killed server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let dir = std::mem::replace(&mut self.dir, tempdir::TempDir::new("redis-unused"));
+        *self = Self::launch(self.port, dir, self.persistence);
     }
 
     /// The URL a gateway node uses.
@@ -187,11 +221,6 @@ impl Redis {
             .nth(1)
             .and_then(|count| count.trim().parse().ok())
             .unwrap_or(0)
-    }
-
-    /// Kills the server at once.
-    pub fn kill(self) {
-        self.process.signal("KILL");
     }
 }
 

@@ -1,11 +1,16 @@
+#!lua flags=no-writes
 -- Reads a room's history in one atomic step: its epoch, the first offset still kept and whether
 -- anything was ever trimmed (so a resume can tell whether anything it missed is gone), the last
 -- offset, and the entries asked for.
 -- KEYS[1] history stream   KEYS[2] epoch
 -- ARGV[1] 'since' or 'last'   ARGV[2] the offset (exclusive) or the count
 local epoch = redis.call('GET', KEYS[2])
-if (not epoch) or redis.call('EXISTS', KEYS[1]) == 0 then
+if not epoch then
   return {'', '', '0-0', 0, {}}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- An epoch given when a node subscribed, before any message.
+  return {epoch, '', '0-0', 0, {}}
 end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local first, last, length, added = '', '0-0', 0, 0
