@@ -40,6 +40,9 @@ struct Member {
     held: Option<Held>,
     /// Chat messages at or before this position were already sent to it by a replay.
     floor: Option<Position>,
+    /// It joined while the room held traffic for a repair: everything published since its
+    /// join is in the hold, so it missed nothing even if the repair fails.
+    late: bool,
 }
 
 /// Deliveries waiting while history is read, bounded in count and bytes.
@@ -130,15 +133,27 @@ impl RoomState {
         delivered
     }
 
-    /// Closes every member so it resumes elsewhere, and forgets what was held and delivered.
-    fn resync(&mut self) -> usize {
-        let closed = self.members.len();
-        for member in self.members.values() {
+    /// Gives up a repair: closes every member that may have missed messages so it resumes
+    /// elsewhere, and hands the held traffic to those that joined during the repair (when
+    /// `keep_late`), who missed nothing. Returns how many members were closed.
+    fn resync(&mut self, keep_late: bool) -> usize {
+        let mut closed = 0;
+        self.members.retain(|_, member| {
+            if keep_late && member.late {
+                member.late = false;
+                return true;
+            }
             member.outbox.close_with(CloseReason::RESYNC);
-        }
-        self.members.clear();
-        self.repair = None;
+            closed += 1;
+            false
+        });
         self.last = None;
+        if let Some(repair) = self.repair.take() {
+            let mut batch = Batch::default();
+            for delivery in repair.held.deliveries {
+                self.deliver_now(&delivery, &mut batch);
+            }
+        }
         closed
     }
 }
@@ -163,13 +178,15 @@ pub struct Members {
 impl Members {
     /// Adds a member. With `hold`, its live traffic waits until [`Members::release`].
     pub fn insert(&self, conn: ConnId, outbox: Outbox, presence: bool, hold: bool) {
+        let mut state = lock(&self.state);
         let member = Member {
             outbox,
             presence,
             held: hold.then(Held::default),
             floor: None,
+            late: state.repair.is_some(),
         };
-        lock(&self.state).members.insert(conn, member);
+        state.members.insert(conn, member);
     }
 
     /// Sets where the room's history ended before this node subscribed to it: a repair before
@@ -245,7 +262,7 @@ impl Members {
                 if !repair.held.push(delivery, MAX_REPAIR_HOLD_BYTES) {
                     // The gap is not closing fast enough to keep holding: let the members
                     // resume elsewhere rather than grow without bound.
-                    let closed = state.resync();
+                    let closed = state.resync(false);
                     tracing::warn!(closed, "repair hold overflowed; members resync");
                     metrics::repair("resync");
                 }
@@ -261,6 +278,10 @@ impl Members {
         let mut state = lock(&self.state);
         if state.repair.is_none() {
             state.repair = Some(Repair::default());
+            // Whoever is here now may miss what the gap swallows.
+            for member in state.members.values_mut() {
+                member.late = false;
+            }
         }
     }
 
@@ -303,11 +324,12 @@ impl Members {
         recovered
     }
 
-    /// Gives up a repair: closes every member with [`CloseReason::RESYNC`] so it resumes
-    /// (from its own last offset, on any node) and learns whether history is complete.
+    /// Gives up a repair: closes every member that was here when the gap began with
+    /// [`CloseReason::RESYNC`], so it resumes (from its own last offset, on any node) and
+    /// learns whether history is complete; members that joined since get the held traffic.
     /// Returns how many members were closed.
     pub fn resync(&self) -> usize {
-        lock(&self.state).resync()
+        lock(&self.state).resync(true)
     }
 }
 
@@ -577,6 +599,31 @@ mod tests {
             assert_eq!(socket.close_requested(), Some(CloseReason::RESYNC));
         }
         assert_eq!(members.repair_from(), None, "nothing left to repair");
+    }
+
+    #[test]
+    fn a_resync_keeps_members_that_joined_during_the_repair_and_gives_them_the_hold() {
+        let members = Members::default();
+        let (early, early_socket) = in_memory(4);
+        members.insert(1, early, false, false);
+        members.hold();
+        let (late, late_socket) = in_memory(4);
+        members.insert(2, late, false, false);
+        members.deliver(&chat(7));
+        assert_eq!(members.resync(), 1);
+        assert_eq!(early_socket.close_requested(), Some(CloseReason::RESYNC));
+        assert_eq!(late_socket.close_requested(), None);
+        assert_eq!(
+            late_socket.take_texts(),
+            ["7"],
+            "what arrived since it joined"
+        );
+        members.deliver(&chat(8));
+        assert_eq!(late_socket.take_texts(), ["8"]);
+        // A later gap puts it at risk like everyone else.
+        members.hold();
+        assert_eq!(members.resync(), 1);
+        assert!(members.is_empty());
     }
 
     #[test]

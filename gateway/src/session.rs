@@ -59,6 +59,9 @@ const PEER_CLOSED: CloseReason = CloseReason {
     reason: "",
 };
 
+/// Frames read in a row before the session lets other tasks run.
+const READ_BATCH: usize = 64;
+
 /// How long a slow consumer's close frame may wait behind its stalled socket.
 const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -206,7 +209,8 @@ impl Session {
                 // A finished broker call may have made room for frames the library has read
                 // already, which no socket readiness would announce.
                 Wake::Readable | Wake::Answered => {
-                    while !self.core.is_full() {
+                    let mut read = 0;
+                    while !self.core.is_full() && self.outbox.close_requested().is_none() {
                         let message = match websocket.read() {
                             Ok(message) => message,
                             Err(error) if would_block(&error) => break,
@@ -215,6 +219,13 @@ impl Session {
                         last_heard = Instant::now();
                         if let ControlFlow::Break(reason) = self.on_message(message) {
                             return reason;
+                        }
+                        read += 1;
+                        if read == READ_BATCH {
+                            // A client that never stops sending must not keep this worker
+                            // thread from every other connection.
+                            tokio::task::yield_now().await;
+                            read = 0;
                         }
                     }
                 }
@@ -363,10 +374,17 @@ async fn drain(outbox: &Outbox, socket: &TcpStream) -> std::io::Result<()> {
 
 /// Reads and discards until the client's close frame, the end of the stream, or an error.
 async fn await_close_reply(websocket: &mut WebSocket<SocketIo>, socket: &TcpStream) {
+    let mut read = 0;
     loop {
         match websocket.read() {
             Ok(Message::Close(_)) => return,
-            Ok(_) => {}
+            Ok(_) => {
+                read += 1;
+                if read % READ_BATCH == 0 {
+                    // Lets the caller's deadline fire for a client that never stops sending.
+                    tokio::task::yield_now().await;
+                }
+            }
             Err(error) if would_block(&error) => {
                 if socket.readable().await.is_err() {
                     return;

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::slow_link::SlowSubscriptions;
+use common::relay::{Delay, Relay};
 use common::{Client, Node, Persistence, Redis, wait_until};
 use serde_json::json;
 
@@ -41,7 +41,7 @@ async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_
     let redis = Redis::start();
     // The member's node reaches Redis through a link that holds its subscriptions back, so
     // the member would be welcomed long before Redis knew the node is in the room.
-    let slow_link = SlowSubscriptions::start(redis.port, Duration::from_millis(400));
+    let slow_link = Relay::start(redis.port, Delay::Subscriptions(Duration::from_millis(400)));
     let slow = Node::start("slow", Some(&slow_link.url()), &[]);
     let fast = Node::clustered("fast", &redis, &[]);
     let mut sender = Client::connect(&fast.ws_url("/ws?room=general")).await;
@@ -193,15 +193,24 @@ async fn readiness_follows_redis_and_failed_publishes_are_reported() {
         node.get("/readyz").is_some_and(|(status, _)| status == 503)
     });
     assert_eq!(node.metric("chat_redis_connected"), 0.0);
-    client
-        .send(json!({"type":"message","message":"during","ref":"lost?"}))
-        .await;
-    let refused = client.recv_type("error").await;
-    assert_eq!(refused["code"], "publish_failed");
-    assert_eq!(
-        refused["ref"], "lost?",
-        "the sender learns which message failed"
-    );
+    // A publish already on its way when the connection broke may have reached Redis: its
+    // outcome is unknown. Once the node knows Redis is gone, publishes fail at once.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        client
+            .send(json!({"type":"message","message":"during","ref":"lost?"}))
+            .await;
+        let refused = client.recv_type("error").await;
+        assert_eq!(
+            refused["ref"], "lost?",
+            "the sender learns which message failed"
+        );
+        if refused["code"] == "publish_failed" {
+            break;
+        }
+        assert_eq!(refused["code"], "publish_unknown");
+        assert!(std::time::Instant::now() < deadline, "publishes fail fast");
+    }
 
     redis.restart();
     wait_until("the node to be ready again", || {

@@ -447,7 +447,14 @@ fn socket_buffers_max() -> usize {
 
 #[tokio::test]
 async fn a_client_that_pauses_reading_gets_every_frame_in_order_when_it_resumes() {
-    let node = Node::single(&["--outbox-capacity", "4096", "--max-chat-bytes", "16384"]);
+    let node = Node::single(&[
+        "--outbox-capacity",
+        "4096",
+        "--outbox-bytes",
+        "134217728",
+        "--max-chat-bytes",
+        "16384",
+    ]);
     let mut paused = Client::connect(&node.ws_url("/ws?room=burst")).await;
     let mut sender = Client::connect(&node.ws_url("/ws?room=burst")).await;
     // More than the kernel's socket buffers can hold for the paused client, so the rest waits

@@ -16,7 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub mod slow_link;
+pub mod relay;
+pub mod traffic;
 
 /// How long any single wait in a test may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -379,6 +380,8 @@ pub struct Client {
     pub user_id: String,
     /// The node from the `userId` frame.
     pub node: String,
+    /// Messages sent with [`Client::say`], numbering their `ref`s.
+    said: u64,
 }
 
 /// What [`Client::next_event`] saw.
@@ -483,6 +486,25 @@ impl Client {
         }
     }
 
+    /// Waits for a WebSocket pong (the answer to a ping frame); text frames that arrive first
+    /// stay queued for `recv`. `false` if none came within `wait`.
+    pub async fn recv_pong(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.socket.next()).await else {
+                return false;
+            };
+            match next {
+                Some(Ok(Message::Pong(_))) => return true,
+                Some(Ok(Message::Text(text))) => self
+                    .pending
+                    .push_back(serde_json::from_str(&text).expect("server frames are JSON")),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return false,
+            }
+        }
+    }
+
     /// The next frame of type `kind`, skipping others.
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         loop {
@@ -526,8 +548,10 @@ impl Client {
     /// Sends a chat message to a room and waits for its ack; returns the message id. Frames
     /// that arrive meanwhile stay queued for `recv`.
     pub async fn say(&mut self, room: &str, text: &str) -> String {
+        self.said += 1;
+        let reference = format!("say-{}", self.said);
         self.send(
-            serde_json::json!({"type": "message", "room": room, "message": text, "ref": text}),
+            serde_json::json!({"type": "message", "room": room, "message": text, "ref": reference}),
         )
         .await;
         loop {
@@ -535,7 +559,7 @@ impl Client {
                 .read_within(PATIENCE)
                 .await
                 .expect("an ack arrived in time");
-            if frame["type"] == "ack" && frame["ref"] == text {
+            if frame["type"] == "ack" && frame["ref"] == reference.as_str() {
                 return frame["id"].as_str().expect("ack carries the id").to_owned();
             }
             assert_ne!(frame["type"], "error", "message refused: {frame}");
@@ -595,6 +619,7 @@ impl Client {
             pending: Default::default(),
             user_id: String::new(),
             node: String::new(),
+            said: 0,
         };
         let deadline = tokio::time::Instant::now() + within;
         let welcome: Value = loop {
@@ -684,7 +709,7 @@ pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<H
 }
 
 /// A WebSocket upgrade request for `path` with extra `headers` (and the RFC 6455 example key).
-fn upgrade_request(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+pub fn upgrade_request(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
@@ -745,6 +770,7 @@ impl Client {
             pending: Default::default(),
             user_id: String::new(),
             node: String::new(),
+            said: 0,
         };
         let welcome = client.recv().await;
         assert_eq!(
