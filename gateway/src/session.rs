@@ -1,5 +1,6 @@
-//! One WebSocket connection, served by one task: it reads and handles client frames, drains
-//! the connection's backlog when the socket falls behind, pings, and performs every close.
+//! One WebSocket connection, served by one task: it reads client frames and hands them to the
+//! connection core (`connection`), drains the connection's backlog when the socket falls
+//! behind, pings, and performs every close.
 //!
 //! Frames to the client do not pass through this task: whoever produces one (the fan-out, or
 //! this task answering a request) writes it straight to the socket through the connection's
