@@ -50,6 +50,10 @@ export PATH
 hash -r
 k6 version
 
+echo "==> cargo fmt --check, cargo clippy (warnings are errors)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
 

@@ -7,14 +7,14 @@
 //! its room.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, RwLock};
 use tungstenite::Utf8Bytes;
 
 use crate::broker::{Delivery, DeliveryKind, now_micros};
-use crate::lock;
 use crate::metrics;
 use crate::outbox::{Batch, CloseReason, Outbox};
 use crate::protocol::{Epoch, Offset, Position, RoomName};
@@ -178,7 +178,7 @@ pub struct Members {
 impl Members {
     /// Adds a member. With `hold`, its live traffic waits until [`Members::release`].
     pub fn insert(&self, conn: ConnId, outbox: Outbox, presence: bool, hold: bool) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let member = Member {
             outbox,
             presence,
@@ -192,13 +192,13 @@ impl Members {
     /// Sets where the room's history ended before this node subscribed to it: a repair before
     /// any delivery starts there.
     pub fn set_head(&self, head: Option<Position>) {
-        lock(&self.state).last = head;
+        self.state.lock().last = head;
     }
 
     /// Sends a member its replay, then what was held for it meanwhile, without a gap or a
     /// duplicate at the seam; from then on it gets live traffic directly.
     pub fn release(&self, conn: ConnId, epoch: Option<Epoch>, replay: Vec<(Offset, Utf8Bytes)>) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let Some(member) = state.members.get_mut(&conn) else {
             return;
         };
@@ -229,19 +229,19 @@ impl Members {
 
     /// Removes a member and says whether the room is now empty on this node.
     pub fn remove(&self, conn: ConnId) -> bool {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         state.members.remove(&conn);
         state.members.is_empty()
     }
 
     /// Whether nobody on this node is in the room.
     pub fn is_empty(&self) -> bool {
-        lock(&self.state).members.is_empty()
+        self.state.lock().members.is_empty()
     }
 
     /// How many connections on this node are in the room.
     pub fn len(&self) -> usize {
-        lock(&self.state).members.len()
+        self.state.lock().members.len()
     }
 
     /// Writes a delivery to every member now and returns how many took it.
@@ -256,7 +256,7 @@ impl Members {
     /// The lock is held for the whole pass on purpose: deliveries to one room never interleave,
     /// so every member sees the room's frames in the same order.
     pub fn deliver_into(&self, delivery: &Delivery, batch: &mut Batch) -> usize {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         match &mut state.repair {
             Some(repair) => {
                 if !repair.held.push(delivery, MAX_REPAIR_HOLD_BYTES) {
@@ -275,7 +275,7 @@ impl Members {
     /// Starts holding live traffic because messages may be missing from here on (a repair
     /// already under way keeps its place).
     pub fn hold(&self) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if state.repair.is_none() {
             state.repair = Some(Repair::default());
             // Whoever is here now may miss what the gap swallows.
@@ -287,7 +287,7 @@ impl Members {
 
     /// Where to repair from, when the room holds traffic for a repair.
     pub fn repair_from(&self) -> Option<RepairFrom> {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let last = state.last;
         let repair = state.repair.as_mut()?;
         let first_attempt = *repair.first_attempt.get_or_insert_with(Instant::now);
@@ -301,7 +301,7 @@ impl Members {
     /// Delivers what the repair found in history (all of `epoch`), then the held live
     /// traffic, skipping anything already delivered. Returns how many messages it recovered.
     pub fn finish_repair(&self, epoch: Option<Epoch>, found: Vec<(Offset, Utf8Bytes)>) -> usize {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let Some(repair) = state.repair.take() else {
             return 0;
         };
@@ -329,7 +329,7 @@ impl Members {
     /// learns whether history is complete; members that joined since get the held traffic.
     /// Returns how many members were closed.
     pub fn resync(&self) -> usize {
-        lock(&self.state).resync(true)
+        self.state.lock().resync(true)
     }
 }
 
@@ -370,7 +370,7 @@ impl Registry {
         if let Some(existing) = self.get(room.as_str()) {
             return existing;
         }
-        let mut rooms = self.write();
+        let mut rooms = self.rooms.write();
         let entry = rooms.entry(room.clone()).or_default().clone();
         metrics::set_local_rooms(rooms.len());
         entry
@@ -378,12 +378,12 @@ impl Registry {
 
     /// The room's entry if it exists.
     pub fn get(&self, room: &str) -> Option<Arc<Room>> {
-        self.read().get(room).cloned()
+        self.rooms.read().get(room).cloned()
     }
 
     /// Removes the room's entry if it is still `entry` (and not a newer one).
     pub fn remove(&self, room: &RoomName, entry: &Arc<Room>) {
-        let mut rooms = self.write();
+        let mut rooms = self.rooms.write();
         if rooms
             .get(room)
             .is_some_and(|current| Arc::ptr_eq(current, entry))
@@ -411,26 +411,12 @@ impl Registry {
 
     /// The names of every room with a local member.
     pub fn room_names(&self) -> Vec<RoomName> {
-        self.read().keys().cloned().collect()
+        self.rooms.read().keys().cloned().collect()
     }
 
     /// Every room with a local member.
     pub fn rooms(&self) -> Vec<Arc<Room>> {
-        self.read().values().cloned().collect()
-    }
-
-    // The map stays consistent after any single insert or remove, so a poisoned lock (a panic
-    // elsewhere while it was held) carries no information: recover the data, as `lock` does.
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<RoomName, Arc<Room>>> {
-        self.rooms
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<RoomName, Arc<Room>>> {
-        self.rooms
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.rooms.read().values().cloned().collect()
     }
 }
 

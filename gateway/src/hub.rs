@@ -9,9 +9,10 @@
 //! the node unsubscribed from a room that has members.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::broker::{
@@ -19,7 +20,6 @@ use crate::broker::{
     Published, RedisBroker, RedisSettings, now_micros,
 };
 use crate::fanout::{ConnId, Registry};
-use crate::lock;
 use crate::metrics;
 use crate::outbox::{Batch, Outbox};
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
@@ -37,7 +37,7 @@ impl Inbox for FanoutInbox {
     fn deliver(&self, room: &str, delivery: Delivery) {
         let recipients = self
             .registry
-            .deliver_into(room, &delivery, &mut lock(&self.batch));
+            .deliver_into(room, &delivery, &mut self.batch.lock());
         let latency =
             Duration::from_micros(now_micros().saturating_sub(delivery.published_at_micros));
         metrics::fanned_out(recipients, latency);
@@ -45,12 +45,12 @@ impl Inbox for FanoutInbox {
 
     fn flush(&self) {
         // Flushed in place so the batch keeps its allocation from one batch to the next.
-        lock(&self.batch).flush();
+        self.batch.lock().flush();
     }
 
     fn hold(&self) {
         // What was batched arrived before the gap: out it goes first.
-        lock(&self.batch).flush();
+        self.batch.lock().flush();
         let rooms = self.registry.rooms();
         tracing::debug!(rooms = rooms.len(), "holding room traffic for a repair");
         for room in rooms {
@@ -253,7 +253,7 @@ impl Hub {
 
     async fn mark_present(&self, room: &RoomName, user_id: &str, name: Option<&str>) {
         let first = {
-            let mut presence = lock(&self.presence);
+            let mut presence = self.presence.lock();
             let (count, _) = presence
                 .entry((room.clone(), user_id.to_owned()))
                 .or_insert((0, name.map(str::to_owned)));
@@ -274,7 +274,7 @@ impl Hub {
 
     async fn mark_absent(&self, room: &RoomName, user_id: &str) {
         let last = {
-            let mut presence = lock(&self.presence);
+            let mut presence = self.presence.lock();
             let key = (room.clone(), user_id.to_owned());
             match presence.get_mut(&key) {
                 Some((count, _)) if *count > 1 => {
@@ -300,7 +300,7 @@ impl Hub {
     /// This node's present users, grouped by room.
     fn present_by_room(&self) -> HashMap<RoomName, Vec<PresentUser>> {
         let mut by_room: HashMap<RoomName, Vec<PresentUser>> = HashMap::new();
-        for ((room, user_id), (_, name)) in lock(&self.presence).iter() {
+        for ((room, user_id), (_, name)) in self.presence.lock().iter() {
             by_room.entry(room.clone()).or_default().push(PresentUser {
                 user_id: user_id.clone(),
                 name: name.clone(),

@@ -23,14 +23,6 @@ pub mod session;
 pub mod upgrade;
 pub mod wire;
 
-/// Locks a mutex, recovering the data if a previous holder panicked: every map guarded this way
-/// stays consistent after any single insert or remove, so poisoning carries no information.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The items of comma-separated header values (`Connection`, `Sec-WebSocket-Protocol`,
 /// `X-Forwarded-For`, ...), trimmed, in order; values that are not text are skipped.
 pub(crate) fn header_list<'a>(

@@ -25,65 +25,42 @@ struct Origin {
 }
 
 impl Origin {
-    /// Parses an `Origin` header value. Anything but a bare `scheme://host[:port]` is refused.
+    /// Parses an `Origin` header value or allowlist entry. Anything but a bare
+    /// `scheme://host[:port]` (a path, a query, credentials) is refused. Hosts come out
+    /// lower-cased (and internationalised names as punycode), ports made explicit.
     fn parse(text: &str) -> Option<Origin> {
-        let (scheme, rest) = text.split_once("://")?;
-        let scheme = scheme.to_ascii_lowercase();
-        if scheme.is_empty()
-            || !scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-        {
+        if text.len() > 300 {
             return None;
         }
-        let (host, port) = split_host_port(rest)?;
-        let port = match port {
-            Some(port) => port,
-            None => default_port(&scheme)?,
-        };
-        Some(Origin { scheme, host, port })
-    }
-}
-
-/// Splits `host[:port]` (with `[v6]` literals), lower-casing the host. `None` if malformed.
-fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
-    if authority.is_empty() || authority.len() > 300 {
-        return None;
-    }
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':')?),
-        };
-        (format!("[{v6}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => (host.to_owned(), Some(port)),
-            None => (authority.to_owned(), None),
+        let url = url::Url::parse(text).ok()?;
+        let bare = matches!(url.path(), "" | "/")
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.password().is_none();
+        if !bare {
+            return None;
         }
-    };
-    let valid_host = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._*[]:".contains(&b));
-    if !valid_host {
-        return None;
+        Some(Origin {
+            scheme: url.scheme().to_owned(),
+            host: url.host_str()?.to_owned(),
+            // Schemes without a default port (browser extensions, app shells) match exactly.
+            port: url.port_or_known_default().unwrap_or(0),
+        })
     }
-    let port = match port {
-        Some(port) => Some(port.parse::<u16>().ok()?),
-        None => None,
-    };
-    Some((host.to_ascii_lowercase(), port))
 }
 
-fn default_port(scheme: &str) -> Option<u16> {
-    match scheme {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        // Other schemes (browser extensions, app shells) have no port; they match exactly.
-        _ => Some(0),
-    }
+/// The port a request for `host` (a `Host` header) went to, over `scheme`.
+fn host_and_port(host: &str, scheme: &str) -> Option<(String, u16)> {
+    let authority: axum::http::uri::Authority = host.parse().ok()?;
+    let default = match scheme {
+        "https" => 443,
+        _ => 80,
+    };
+    Some((
+        authority.host().to_ascii_lowercase(),
+        authority.port_u16().unwrap_or(default),
+    ))
 }
 
 /// One allowed origin: exact, or every subdomain of a host.
@@ -241,11 +218,8 @@ impl OriginPolicy {
                     && headers
                         .get(HOST)
                         .and_then(|host| host.to_str().ok())
-                        .and_then(split_host_port)
-                        .is_some_and(|(host, port)| {
-                            host == origin.host
-                                && port.or(default_port(scheme)) == Some(origin.port)
-                        })
+                        .and_then(|host| host_and_port(host, scheme))
+                        .is_some_and(|(host, port)| host == origin.host && port == origin.port)
             }
             OriginPolicy::List(allowed) => {
                 allowed.iter().any(|entry| entry.pattern.matches(&origin))
@@ -357,6 +331,9 @@ mod tests {
             "https://*.",
             "ftp//x",
             "https://x:99999",
+            "https://a.example/path",
+            "https://user@a.example",
+            "https://a.example?q",
         ] {
             assert!(AllowedOrigin::parse(bad).is_err(), "{bad}");
         }

@@ -11,12 +11,12 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
+use parking_lot::{Mutex, MutexGuard};
 
-use crate::lock;
 use crate::metrics;
 use crate::protocol::close_code;
 use crate::wire::WireFrame;
@@ -261,7 +261,7 @@ impl Outbox {
     }
 
     fn backlog(&self) -> MutexGuard<'_, Backlog> {
-        lock(&self.0.backlog)
+        self.0.backlog.lock()
     }
 
     /// The backlog, if `frame` may join it: not after the close frame, and (for
@@ -443,7 +443,7 @@ impl Transport for MemoryTransport {
         if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let mut bytes = lock(&self.bytes);
+        let mut bytes = self.bytes.lock();
         let before = bytes.len();
         for frame in frames {
             bytes.extend_from_slice(frame);
@@ -460,7 +460,7 @@ impl MemorySocket {
 
     /// The payload of the oldest text frame not taken yet, removing it.
     pub fn next_text(&self) -> Option<String> {
-        let mut bytes = lock(&self.transport.bytes);
+        let mut bytes = self.transport.bytes.lock();
         let (payload, rest) = split_frame(&bytes)?;
         let text = String::from_utf8_lossy(payload).into_owned();
         let taken = bytes.len() - rest.len();
@@ -470,7 +470,7 @@ impl MemorySocket {
 
     /// Bytes written so far, removing them.
     pub fn take_bytes(&self) -> Vec<u8> {
-        std::mem::take(&mut *lock(&self.transport.bytes))
+        std::mem::take(&mut *self.transport.bytes.lock())
     }
 
     /// Makes the socket take nothing (like a client that stopped reading), or take again.
@@ -569,7 +569,7 @@ mod tests {
         struct Counting(Mutex<(usize, Vec<u8>)>);
         impl Transport for Counting {
             fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
-                let mut state = lock(&self.0);
+                let mut state = self.0.lock();
                 state.0 += 1;
                 let before = state.1.len();
                 for frame in frames {
@@ -586,13 +586,13 @@ mod tests {
             outbox.defer(&text(word), &mut batch).unwrap();
         }
         outbox.push(&text("reply")).unwrap();
-        assert_eq!(lock(&socket.0).0, 0, "nothing is written before the flush");
+        assert_eq!(socket.0.lock().0, 0, "nothing is written before the flush");
         assert!(
             !outbox.has_backlog(),
             "the batch, not the task, owes the write"
         );
         batch.flush();
-        let (writes, bytes) = lock(&socket.0).clone();
+        let (writes, bytes) = socket.0.lock().clone();
         assert_eq!(writes, 1, "one write for the whole batch");
         let mut rest = bytes.as_slice();
         for expected in ["a", "b", "c", "reply"] {
@@ -652,7 +652,7 @@ mod tests {
                     .find(|f| !f.is_empty())
                     .expect("something to write");
                 let n = first.len().min(3);
-                lock(&self.0).extend_from_slice(&first[..n]);
+                self.0.lock().extend_from_slice(&first[..n]);
                 Ok(n)
             }
         }
@@ -661,7 +661,7 @@ mod tests {
         outbox.uncork();
         outbox.push(&text("hello")).unwrap();
         outbox.push(&text("world")).unwrap();
-        let bytes = lock(&trickle.0).clone();
+        let bytes = trickle.0.lock().clone();
         let (first, rest) = split_frame(&bytes).unwrap();
         assert_eq!(
             (first, split_frame(rest).unwrap().0),

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Client, Ended, Node, PATIENCE, tempdir::TempDir, wait_until, ws_handshake};
+use common::{Client, Ended, Node, PATIENCE, temp_dir, wait_until, ws_handshake};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -206,7 +206,7 @@ async fn rs256_and_es256_public_keys_verify_and_algorithm_confusion_is_refused()
 
 #[tokio::test]
 async fn the_tokens_sub_is_the_senders_user_id() {
-    let dir = TempDir::new("secret");
+    let dir = temp_dir("secret");
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let node = Node::single(&["--jwt-hs256-secret-file", secret_file.to_str().unwrap()]);
@@ -678,7 +678,7 @@ async fn a_slowloris_client_is_dropped_within_the_handshake_timeout() {
 async fn tokens_never_show_up_in_the_log() {
     // Run with debug logging, where refusals are logged, and check the secret parts of tokens
     // never appear in it.
-    let dir = TempDir::new("log");
+    let dir = temp_dir("log");
     let log = dir.path().join("gateway.log");
     let file = std::fs::File::create(&log).unwrap();
     let port = common::free_port();

@@ -2,16 +2,15 @@
 //! in-memory ring per room, presence a map. Same contract as Redis, without the network.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use tungstenite::Utf8Bytes;
 
 use super::{
     Delivery, DeliveryKind, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
     now_micros,
 };
-use crate::lock;
 use crate::protocol::{
     Epoch, Offset, Position, PresenceEvent, PresentUser, Replay, RoomName, to_json, with_offset,
 };
@@ -101,7 +100,7 @@ impl InProcessBroker {
 
     pub(super) fn publish(&self, room: &RoomName, message: Outgoing) -> Published {
         // Holding the lock while delivering keeps offsets and delivery order the same.
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.lock();
         let log = rooms.entry(room.clone()).or_default();
         let key = message.dedup.is_some().then(|| message.dedup_field());
         if let Some((offset, id)) = key.as_deref().and_then(|key| log.seen(key)) {
@@ -144,7 +143,7 @@ impl InProcessBroker {
     }
 
     pub(super) fn history(&self, room: &RoomName, replay: &Replay) -> History {
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.lock();
         let Some(log) = rooms.get_mut(room) else {
             return History::default();
         };
@@ -186,7 +185,7 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_upsert(&self, room: &RoomName, users: &[PresentUser]) {
-        let mut presence = lock(&self.presence);
+        let mut presence = self.presence.lock();
         let online = presence.entry(room.clone()).or_default();
         for user in users {
             if online
@@ -199,7 +198,7 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_remove(&self, room: &RoomName, users: &[&str]) {
-        let mut presence = lock(&self.presence);
+        let mut presence = self.presence.lock();
         let Some(online) = presence.get_mut(room) else {
             return;
         };
@@ -214,7 +213,8 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_list(&self, room: &RoomName) -> Vec<PresentUser> {
-        lock(&self.presence)
+        self.presence
+            .lock()
             .get(room)
             .map(|online| {
                 online

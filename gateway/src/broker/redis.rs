@@ -12,7 +12,7 @@
 //! is told to repair the gap from history; so is a reconnect.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::clients::SubscriberClient;
@@ -20,6 +20,7 @@ use fred::prelude::*;
 use fred::types::Message;
 use fred::types::config::{PerformanceConfig, ReconnectPolicy};
 use fred::types::scripts::Script;
+use parking_lot::Mutex;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
 use tungstenite::Utf8Bytes;
@@ -28,8 +29,8 @@ use super::{
     BrokerError, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
     decode_envelope, now_micros,
 };
+use crate::metrics;
 use crate::protocol::{Epoch, Offset, Position, PresentUser, Replay, RoomName, with_offset};
-use crate::{lock, metrics};
 
 /// Prefix of every room's pub/sub channel: room `lobby` is channel `chat:room:lobby`.
 pub const CHANNEL_PREFIX: &str = "chat:room:";
@@ -474,13 +475,13 @@ impl Subscriptions {
             return Err(BrokerError::Unavailable("redis is not connected"));
         }
         // Wanted before it is sent: a reconnect in between then subscribes it again.
-        lock(&self.wanted).insert(channel.clone());
+        self.wanted.lock().insert(channel.clone());
         let subscribed = match self.client.subscribe(channel.clone()).await {
             Ok(()) => self.confirm().await,
             Err(error) => Err(error.into()),
         };
         if subscribed.is_err() {
-            lock(&self.wanted).remove(&channel);
+            self.wanted.lock().remove(&channel);
         }
         subscribed
     }
@@ -488,13 +489,13 @@ impl Subscriptions {
     /// Unsubscribes from `channel`; a failure leaves nothing to retry, since a reconnect
     /// does not subscribe it again.
     async fn remove(&self, channel: String) -> Result<(), BrokerError> {
-        lock(&self.wanted).remove(&channel);
+        self.wanted.lock().remove(&channel);
         Ok(self.client.unsubscribe(channel).await?)
     }
 
     /// Subscribes a new connection to every wanted channel.
     async fn restore(&self) -> Result<(), BrokerError> {
-        let channels: Vec<String> = lock(&self.wanted).iter().cloned().collect();
+        let channels: Vec<String> = self.wanted.lock().iter().cloned().collect();
         if channels.is_empty() {
             return Ok(());
         }

@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,16 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod relay;
+
+pub use tempfile::TempDir;
+
+/// A fresh temporary directory, removed when dropped.
+pub fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temporary directory")
+}
 pub mod traffic;
 
 /// How long any single wait in a test may take before the test fails.
@@ -109,7 +118,7 @@ fn require(program: &str) {
 pub struct Redis {
     pub port: u16,
     process: Process,
-    dir: tempdir::TempDir,
+    dir: TempDir,
     persistence: Persistence,
 }
 
@@ -131,10 +140,10 @@ impl Redis {
 
     /// Starts a Redis server that keeps its data as `persistence` says.
     pub fn start_with(persistence: Persistence) -> Redis {
-        Self::launch(free_port(), tempdir::TempDir::new("redis"), persistence)
+        Self::launch(free_port(), temp_dir("redis"), persistence)
     }
 
-    fn launch(port: u16, dir: tempdir::TempDir, persistence: Persistence) -> Redis {
+    fn launch(port: u16, dir: TempDir, persistence: Persistence) -> Redis {
         require("redis-server");
         let aof: &[&str] = match persistence {
             Persistence::None => &["--appendonly", "no"],
@@ -176,7 +185,7 @@ impl Redis {
 
     /// Starts a killed server again on the same port and data directory.
     pub fn restart(&mut self) {
-        let dir = std::mem::replace(&mut self.dir, tempdir::TempDir::new("redis-unused"));
+        let dir = std::mem::replace(&mut self.dir, temp_dir("redis-unused"));
         *self = Self::launch(self.port, dir, self.persistence);
     }
 
@@ -230,7 +239,7 @@ pub struct Node {
     pub port: u16,
     pub id: String,
     pub process: Process,
-    log: tempdir::TempDir,
+    log: TempDir,
 }
 
 impl Node {
@@ -273,7 +282,7 @@ impl Node {
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
         }
-        let log = tempdir::TempDir::new("node-log");
+        let log = temp_dir("node-log");
         let file = std::fs::File::create(log.path().join("log")).expect("create the node's log");
         command.stderr(file.try_clone().expect("clone the log file"));
         command.stdout(file);
@@ -570,38 +579,6 @@ impl Client {
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
-    }
-}
-
-/// Temporary directories removed on drop.
-pub mod tempdir {
-    use super::*;
-
-    /// A directory under the system temp dir, removed on drop.
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        /// Creates a fresh directory whose name starts with `prefix`.
-        pub fn new(prefix: &str) -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "{prefix}-{}-{}",
-                std::process::id(),
-                super::free_port()
-            ));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir(path)
-        }
-
-        /// The path.
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 

@@ -7,11 +7,13 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Which requests reach Redis late, and by how much. Replies always pass straight back.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +100,7 @@ impl Relay {
     /// Cuts every connection through the relay; the node reconnects through it.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
-        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sockets = self.sockets.lock();
         for socket in sockets.drain(..) {
             let _ = socket.shutdown(Shutdown::Both);
         }
@@ -129,10 +131,7 @@ fn relay(
         return;
     };
     let handles = [&client, &redis].map(|socket| socket.try_clone().expect("clone socket"));
-    sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .extend(handles);
+    sockets.lock().extend(handles);
     let (due, queue) = mpsc::channel::<(Instant, Vec<u8>)>();
 
     let mut from_client = client.try_clone().expect("clone socket");

@@ -5,9 +5,11 @@
 //! told (`recovered: false`) that history was lost.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use serde_json::{Value, json};
 
@@ -40,8 +42,8 @@ impl Live {
         bases[n % bases.len()].clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Vec<String>> {
+        self.0.lock()
     }
 }
 
