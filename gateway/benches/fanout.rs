@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use gateway::broker::{Delivery, DeliveryKind};
-use gateway::fanout::Members;
-use gateway::outbox::{Batch, Outbox, Transport, in_memory};
-use gateway::protocol::{Epoch, Offset, Position};
-use tungstenite::Utf8Bytes;
+use gateway::protocol::{Delivery, DeliveryKind, Epoch, FrameText, Offset, Position};
+use gateway::rooms::fanout::Members;
+use gateway::transport::outbox::{Batch, Outbox, Transport, in_memory};
 
-fn frame() -> Utf8Bytes {
-    Utf8Bytes::from(format!(
+fn frame() -> FrameText {
+    FrameText::from(format!(
         r#"{{"type":"message","room":"bench","id":"0192f1c4-5d7a-7c3e-9a51-2f0c5b0e7d11","userId":"u-1","message":"{}","ts":1,"offset":"1-0","epoch":"e"}}"#,
         "x".repeat(64)
     ))

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::broker::{HistorySettings, RedisSettings};
-use crate::connection::SessionLimits;
-use crate::hub::HubSettings;
+use crate::connection::ConnectionLimits;
+use crate::rooms::hub::HubSettings;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,7 +117,7 @@ pub struct Config {
 
     /// Authentication, allowed origins and abuse limits (see docs/security.md).
     #[command(flatten)]
-    pub security: crate::gate::SecurityArgs,
+    pub security: crate::security::gate::SecurityArgs,
 }
 
 /// A configuration that parses but cannot work.
@@ -170,8 +170,8 @@ impl Config {
     }
 
     /// Limits and timings for each connection.
-    pub fn session_limits(&self) -> SessionLimits {
-        SessionLimits {
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
             max_chat_bytes: self.max_chat_bytes as usize,
             max_rooms: self.max_rooms_per_connection as usize,
             outbox_capacity: self.outbox_capacity as usize,

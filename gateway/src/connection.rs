@@ -18,21 +18,23 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, History, Outgoing, Published, now_micros};
-use crate::fanout::ConnId;
-use crate::gate::{ConnectionGuard, Inbound, Throttle};
-use crate::hub::{Hub, Joiner};
+use crate::broker::{BrokerError, History, Outgoing, Published};
+use crate::clock::now_micros;
 use crate::metrics;
-use crate::outbox::{CloseReason, Outbox};
+use crate::protocol::close::Disconnect;
 use crate::protocol::{
     ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
-    Refusal, Replay, RoomName, ServerFrame, close_code, to_json,
+    Refusal, Replay, RoomName, ServerFrame, to_json,
 };
-use crate::wire::WireFrame;
+use crate::rooms::fanout::ConnId;
+use crate::rooms::hub::{Hub, Joiner};
+use crate::security::gate::{ConnectionGuard, Inbound, Throttle};
+use crate::transport::outbox::Outbox;
+use crate::transport::wire::WireFrame;
 
 /// Per-connection limits and timings, from the node's configuration.
 #[derive(Debug, Clone)]
-pub struct SessionLimits {
+pub struct ConnectionLimits {
     /// Longest chat message text, in bytes.
     pub max_chat_bytes: usize,
     /// Most rooms one connection may be in at once.
@@ -49,21 +51,19 @@ pub struct SessionLimits {
     pub flush_deadline: Duration,
 }
 
-/// Everything a connection needs from the node.
-pub struct SessionContext {
+/// Everything a connection needs from the node, whatever its transport.
+pub struct NodeContext {
     /// The node's rooms and broker.
     pub hub: Arc<Hub>,
     /// This node's id, announced in the welcome frame.
     pub node_id: Arc<str>,
     /// Limits and timings.
-    pub limits: SessionLimits,
-    /// Frame and message size limits and the read buffer, for the WebSocket reader.
-    pub socket: tungstenite::protocol::WebSocketConfig,
+    pub limits: ConnectionLimits,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
     /// The close sent to clients at shutdown, set before `shutdown` is cancelled: 1012 for a
     /// restart (SIGTERM), 1001 otherwise.
-    pub shutdown_reason: Arc<OnceLock<CloseReason>>,
+    pub shutdown_reason: Arc<OnceLock<Disconnect>>,
 }
 
 /// Who is connecting, settled during the handshake.
@@ -78,12 +78,6 @@ pub struct Identity {
     /// Replay and presence asked for the default room in the handshake.
     pub default_options: JoinOptions,
 }
-
-/// The server closes with this after failing to join the default room: try again later.
-const TRY_AGAIN_LATER: CloseReason = CloseReason {
-    code: close_code::TRY_AGAIN_LATER,
-    reason: "broker unavailable, try again later",
-};
 
 /// Most frames that may wait behind a broker call; while this many wait, the transport stops
 /// reading (the client's further frames wait in its socket), so a burst is slowed, not refused.
@@ -128,7 +122,7 @@ pub struct Connection {
     identity: Identity,
     rooms: Vec<RoomName>,
     outbox: Outbox,
-    context: Arc<SessionContext>,
+    context: Arc<NodeContext>,
     /// What the token allows, when it expires, and the message budget.
     guard: ConnectionGuard,
     running: Option<Running>,
@@ -141,7 +135,7 @@ impl Connection {
         conn: ConnId,
         identity: Identity,
         outbox: Outbox,
-        context: Arc<SessionContext>,
+        context: Arc<NodeContext>,
         guard: ConnectionGuard,
     ) -> Connection {
         Connection {
@@ -174,7 +168,7 @@ impl Connection {
 
     /// Spends one frame of the rate limits; `false` when the frame must be dropped (its
     /// refusal, if any, is already sent). A `Throttle::Close` is returned as the reason.
-    pub fn throttle(&self, frame: Inbound<'_>) -> Result<bool, CloseReason> {
+    pub fn throttle(&self, frame: Inbound<'_>) -> Result<bool, Disconnect> {
         match self.guard.throttle(frame) {
             Throttle::Pass => Ok(true),
             Throttle::Refuse(refusal) => {
@@ -464,7 +458,7 @@ impl Connection {
                             ErrorCode::Unavailable,
                             "the broker is unavailable; reconnect later",
                         ));
-                        self.outbox.close_with(TRY_AGAIN_LATER);
+                        self.outbox.close_with(Disconnect::TryAgainLater);
                     }
                     Err(error) => {
                         tracing::warn!(%room, %error, "join failed");

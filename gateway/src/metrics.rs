@@ -18,6 +18,7 @@ const FANOUT_LATENCY_SECONDS: &str = "chat_fanout_latency_seconds";
 const SLOW_CONSUMER_DISCONNECTS: &str = "chat_slow_consumer_disconnects_total";
 const ROOMS_LOCAL: &str = "chat_rooms_local";
 const REDIS_CONNECTED: &str = "chat_redis_connected";
+const READY: &str = "chat_ready";
 const BROKER_LAG_EVENTS: &str = "chat_broker_lag_events_total";
 const BROKER_LAGGED_MESSAGES: &str = "chat_broker_lagged_messages_total";
 const CLIENT_ERRORS: &str = "chat_client_errors_total";
@@ -76,6 +77,10 @@ fn describe() {
     );
     describe_gauge!(ROOMS_LOCAL, "Rooms with at least one member on this node");
     describe_gauge!(REDIS_CONNECTED, "1 while both Redis connections are up");
+    describe_gauge!(
+        READY,
+        "1 while the node is ready for traffic (broker usable, not shutting down)"
+    );
     describe_counter!(
         BROKER_LAG_EVENTS,
         "Times the Redis subscriber fell behind and skipped messages"
@@ -166,6 +171,11 @@ pub fn slow_consumer_disconnect() {
 /// The number of rooms with a local member changed.
 pub fn set_local_rooms(count: usize) {
     gauge!(ROOMS_LOCAL).set(count as f64);
+}
+
+/// Whether the node is ready for traffic.
+pub fn set_ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 /// Whether both Redis connections are up.

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use axum::http::{HeaderMap, HeaderValue, header};
-use gateway::auth::handshake_token;
-use gateway::limits::{TrustedProxies, parse_net};
-use gateway::origin::{AllowedOrigin, OriginPolicy};
+use gateway::security::auth::handshake_token;
+use gateway::security::limits::{TrustedProxies, parse_net};
+use gateway::security::origin::{AllowedOrigin, OriginPolicy};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tungstenite::Utf8Bytes;
 
 use super::{
     Delivery, DeliveryKind, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
-    now_micros,
 };
+use crate::clock::now_micros;
 use crate::protocol::{
-    Epoch, Offset, Position, PresenceEvent, PresentUser, Replay, RoomName, to_json, with_offset,
+    Epoch, FrameText, Offset, Position, PresenceEvent, PresentUser, Replay, RoomName, to_json,
+    with_offset,
 };
 
 /// Delivers every publish straight to the local inbox. No Redis, no other nodes.
@@ -130,7 +130,7 @@ impl InProcessBroker {
             room.as_str(),
             Delivery {
                 kind: DeliveryKind::Chat(position),
-                frame: Utf8Bytes::from(delivered),
+                frame: FrameText::from(delivered),
                 published_at_micros: now_micros(),
             },
         );
@@ -151,7 +151,7 @@ impl InProcessBroker {
         let stamp = |(offset, frame, _): &(Offset, String, Instant)| {
             (
                 *offset,
-                Utf8Bytes::from(with_offset(frame, *offset, self.epoch)),
+                FrameText::from(with_offset(frame, *offset, self.epoch)),
             )
         };
         let history = History {
@@ -237,7 +237,7 @@ impl InProcessBroker {
         });
         let delivery = Delivery {
             kind: DeliveryKind::Presence,
-            frame: Utf8Bytes::from(frame),
+            frame: FrameText::from(frame),
             published_at_micros: now_micros(),
         };
         self.inbox.deliver(room.as_str(), delivery);

@@ -10,34 +10,15 @@ mod in_process;
 mod redis;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tungstenite::Utf8Bytes;
+use std::time::Duration;
 
 pub use in_process::InProcessBroker;
 pub use redis::{RedisBroker, RedisSettings};
 
-use crate::protocol::{Epoch, Offset, Position, PresentUser, Replay, RoomName, with_offset};
-
-/// What a broker hands back to the node.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// A chat message with its place in the history, or a presence event.
-    pub kind: DeliveryKind,
-    /// The frame exactly as clients receive it.
-    pub frame: Utf8Bytes,
-    /// The publishing node's clock when it published, in µs since the Unix epoch.
-    pub published_at_micros: u64,
-}
-
-/// The two kinds of room traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryKind {
-    /// A chat message stored in the room's history at this position.
-    Chat(Position),
-    /// A presence event (`presence_event` frame), not part of the history.
-    Presence,
-}
+pub use crate::protocol::{Delivery, DeliveryKind};
+use crate::protocol::{
+    Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
+};
 
 /// Where a broker hands what it receives.
 pub trait Inbox: Send + Sync + 'static {
@@ -138,7 +119,7 @@ pub struct History {
     /// The history's epoch; `None` when the room has no history at all.
     pub epoch: Option<Epoch>,
     /// Messages, oldest first, as clients receive them (with offset and epoch).
-    pub entries: Vec<(Offset, Utf8Bytes)>,
+    pub entries: Vec<(Offset, FrameText)>,
     /// For a `Since` replay: every message after the offset is in `entries`.
     pub complete: bool,
 }
@@ -313,13 +294,6 @@ impl Broker {
     }
 }
 
-/// Microseconds since the Unix epoch on this node's clock.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_micros() as u64)
-}
-
 /// Wraps a frame for the wire between nodes:
 /// `<publish time µs>\n<kind m|p>\n<offset>\n<epoch>\n<frame JSON>`. The header rides outside
 /// the JSON so a receiving node neither parses nor re-serializes the frame. The Lua scripts build
@@ -360,7 +334,7 @@ fn decode_envelope(envelope: &[u8]) -> Option<Delivery> {
     };
     Some(Delivery {
         kind,
-        frame: Utf8Bytes::from(frame),
+        frame: FrameText::from(frame),
         published_at_micros,
     })
 }
@@ -380,7 +354,7 @@ mod tests {
         assert_eq!(delivery.published_at_micros, 1234);
         assert_eq!(delivery.kind, DeliveryKind::Chat(position));
         assert_eq!(
-            delivery.frame.as_str(),
+            delivery.frame.to_text(),
             r#"{"type":"message","offset":"5-1","epoch":"ep1"}"#
         );
 

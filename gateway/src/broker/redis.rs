@@ -23,14 +23,16 @@ use fred::types::scripts::Script;
 use parking_lot::Mutex;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
-use tungstenite::Utf8Bytes;
 
 use super::{
     BrokerError, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
-    decode_envelope, now_micros,
+    decode_envelope,
 };
+use crate::clock::now_micros;
 use crate::metrics;
-use crate::protocol::{Epoch, Offset, Position, PresentUser, Replay, RoomName, with_offset};
+use crate::protocol::{
+    Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
+};
 
 /// Prefix of every room's pub/sub channel: room `lobby` is channel `chat:room:lobby`.
 pub const CHANNEL_PREFIX: &str = "chat:room:";
@@ -259,7 +261,7 @@ impl RedisBroker {
         for (id, fields) in raw {
             let offset = parse(&id)?;
             let frame = fields.get(1).ok_or(BrokerError::Reply("stream entry"))?;
-            entries.push((offset, Utf8Bytes::from(with_offset(frame, offset, epoch))));
+            entries.push((offset, FrameText::from(with_offset(frame, offset, epoch))));
         }
         if matches!(replay, Replay::Last(_)) {
             entries.reverse();
@@ -378,9 +380,7 @@ impl RedisBroker {
     }
 
     pub(super) fn is_ready(&self) -> bool {
-        let ready = self.publisher.is_connected() && self.subscriptions.client.is_connected();
-        metrics::set_redis_connected(ready);
-        ready
+        self.publisher.is_connected() && self.subscriptions.client.is_connected()
     }
 
     pub(super) async fn close(&self) {
@@ -567,7 +567,7 @@ fn resubscribe_after_reconnects(
 /// How long to wait before trying a failed resubscription again.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
 
-/// Logs connection losses and reconnects, and keeps the `redis_connected` gauge current.
+/// Logs connection losses and reconnects.
 fn watch_connection<C: EventInterface + ClientLike>(
     role: &'static str,
     client: &C,
@@ -578,10 +578,7 @@ fn watch_connection<C: EventInterface + ClientLike>(
         loop {
             tokio::select! {
                 error = errors.recv() => match error {
-                    Ok((error, _)) => {
-                        metrics::set_redis_connected(false);
-                        tracing::warn!(role, %error, "redis connection lost; retrying");
-                    }
+                    Ok((error, _)) => tracing::warn!(role, %error, "redis connection lost; retrying"),
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break,
                 },

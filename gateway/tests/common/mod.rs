@@ -816,7 +816,10 @@ impl RawWebSocket {
     /// The next frame from the server as (opcode, payload); `None` once the connection ends.
     pub fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if let Some((opcode, payload, used)) = parse_server_frame(&self.buffered) {
+            if let Some((opcode, payload, rest)) = gateway::transport::wire::decode(&self.buffered)
+            {
+                let (opcode, payload, used) =
+                    (opcode, payload.to_vec(), self.buffered.len() - rest.len());
                 self.buffered.drain(..used);
                 return Some((opcode, payload));
             }
@@ -845,22 +848,4 @@ impl RawWebSocket {
         }
         (texts, None)
     }
-}
-
-/// Parses one unmasked server frame: opcode, payload and bytes used, if complete.
-fn parse_server_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    let opcode = bytes.first()? & 0x0f;
-    let (len, start) = match bytes.get(1)? & 0x7f {
-        126 => (
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        short => (short as usize, 2),
-    };
-    let payload = bytes.get(start..start + len)?.to_vec();
-    Some((opcode, payload, start + len))
 }

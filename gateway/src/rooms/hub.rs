@@ -17,12 +17,13 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Outgoing,
-    Published, RedisBroker, RedisSettings, now_micros,
+    Published, RedisBroker, RedisSettings,
 };
-use crate::fanout::{ConnId, Registry};
+use crate::clock::now_micros;
 use crate::metrics;
-use crate::outbox::{Batch, Outbox};
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
+use crate::rooms::fanout::{ConnId, Registry};
+use crate::transport::outbox::{Batch, Outbox};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
 struct FanoutInbox {
@@ -419,8 +420,8 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{MemorySocket, in_memory};
     use crate::protocol::Offset;
+    use crate::transport::outbox::{MemorySocket, in_memory};
 
     fn hub() -> Arc<Hub> {
         let history = HistorySettings {

@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::header_list;
+use crate::headers::header_list;
 
 /// A valid WebSocket upgrade request, not yet answered.
 pub struct WebSocketRequest {

@@ -13,52 +13,17 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
-use tungstenite::protocol::Role;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
-use crate::connection::{Connection, Identity, SessionContext};
-use crate::fanout::next_conn_id;
-use crate::gate::{ConnectionGuard, Inbound};
+use crate::connection::{Connection, Identity, NodeContext};
 use crate::metrics;
-use crate::outbox::{CloseReason, Outbox, QueueError};
-use crate::protocol::{ErrorCode, Refusal, close_code, parse_client_frame};
-use crate::wire::WireFrame;
-
-/// The server closes with this when a frame or message exceeds the size limit.
-const TOO_BIG: CloseReason = CloseReason {
-    code: close_code::MESSAGE_TOO_BIG,
-    reason: "frame or message too big",
-};
-/// The server closes with this when the node restarts (SIGTERM): reconnect and resume elsewhere.
-pub const SERVICE_RESTART: CloseReason = CloseReason {
-    code: close_code::SERVICE_RESTART,
-    reason: "node restarting",
-};
-/// The server closes with this at shutdown, unless told it is a restart.
-pub const GOING_AWAY: CloseReason = CloseReason {
-    code: close_code::GOING_AWAY,
-    reason: "node shutting down",
-};
-/// The server closes with this when nothing was heard within the idle timeout.
-const IDLE: CloseReason = CloseReason {
-    code: close_code::IDLE_TIMEOUT,
-    reason: "idle timeout",
-};
-/// The server closes with this when the client breaks the WebSocket protocol.
-const PROTOCOL_ERROR: CloseReason = CloseReason {
-    code: close_code::PROTOCOL_ERROR,
-    reason: "websocket protocol error",
-};
-/// The server closes with this when a text frame is not valid UTF-8.
-const INVALID_TEXT: CloseReason = CloseReason {
-    code: close_code::INVALID_PAYLOAD,
-    reason: "text frame is not valid UTF-8",
-};
-/// Marks a close the client started: only the protocol's reply is sent.
-const PEER_CLOSED: CloseReason = CloseReason {
-    code: 1000,
-    reason: "",
-};
+use crate::protocol::close::Disconnect;
+use crate::protocol::{ErrorCode, Refusal, parse_client_frame};
+use crate::rooms::fanout::next_conn_id;
+use crate::security::gate::{ConnectionGuard, Inbound};
+use crate::transport::outbox::{Outbox, QueueError};
+use crate::transport::wire::WireFrame;
 
 /// Frames read in a row before the session lets other tasks run.
 const READ_BATCH: usize = 64;
@@ -75,8 +40,9 @@ const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 pub fn serve(
     socket: TcpStream,
     pipelined: Vec<u8>,
+    config: WebSocketConfig,
     identity: Identity,
-    context: Arc<SessionContext>,
+    context: Arc<NodeContext>,
     guard: ConnectionGuard,
 ) -> impl Future<Output = ()> + Send {
     let socket = Arc::new(socket);
@@ -86,8 +52,7 @@ pub fn serve(
         socket: socket.clone(),
         outbox: outbox.clone(),
     };
-    let websocket =
-        WebSocket::from_partially_read(io, pipelined, Role::Server, Some(context.socket));
+    let websocket = WebSocket::from_partially_read(io, pipelined, Role::Server, Some(config));
     let session = Session {
         core: Connection::new(
             next_conn_id(),
@@ -163,7 +128,7 @@ enum Wake {
 struct Session {
     core: Connection,
     outbox: Outbox,
-    context: Arc<SessionContext>,
+    context: Arc<NodeContext>,
 }
 
 impl Session {
@@ -189,11 +154,7 @@ impl Session {
 
     /// Reads and hands client frames to the core, drains the backlog when one forms, pings,
     /// and watches for anything that ends the connection; returns why it ends.
-    async fn run(
-        &mut self,
-        websocket: &mut WebSocket<SocketIo>,
-        socket: &TcpStream,
-    ) -> CloseReason {
+    async fn run(&mut self, websocket: &mut WebSocket<SocketIo>, socket: &TcpStream) -> Disconnect {
         let context = self.context.clone();
         let limits = &context.limits;
         let mut ping = tokio::time::interval_at(
@@ -233,27 +194,31 @@ impl Session {
                 Wake::Outbox => {}
                 Wake::Writable => {
                     if self.outbox.write_backlog().is_err() {
-                        return CloseReason::CONNECTION_LOST;
+                        return Disconnect::ConnectionLost;
                     }
                 }
                 Wake::Shutdown => {
-                    return context.shutdown_reason.get().copied().unwrap_or(GOING_AWAY);
+                    return context
+                        .shutdown_reason
+                        .get()
+                        .copied()
+                        .unwrap_or(Disconnect::GoingAway);
                 }
                 Wake::Expired => {
                     metrics::policy_close("token_expired");
-                    return crate::gate::TOKEN_EXPIRED;
+                    return Disconnect::TokenExpired;
                 }
-                Wake::Lost => return CloseReason::CONNECTION_LOST,
+                Wake::Lost => return Disconnect::ConnectionLost,
                 Wake::Tick => {
                     // A client whose frames wait unread is not idle, whatever the clock says.
                     if last_heard.elapsed() > limits.idle_timeout && !self.core.is_full() {
-                        return IDLE;
+                        return Disconnect::IdleTimeout;
                     }
                     if self.outbox.push(&WireFrame::ping()).is_err() {
                         // A full backlog has asked for a slow-consumer close; a failed
                         // write, for a lost connection. Either way the check below ends it.
                         if self.outbox.close_requested().is_none() {
-                            return CloseReason::CONNECTION_LOST;
+                            return Disconnect::ConnectionLost;
                         }
                     }
                 }
@@ -292,12 +257,12 @@ impl Session {
     }
 
     /// Handles one message from the client; `Break` ends the connection.
-    fn on_message(&mut self, message: Message) -> ControlFlow<CloseReason> {
+    fn on_message(&mut self, message: Message) -> ControlFlow<Disconnect> {
         let inbound = match &message {
             Message::Text(text) => Inbound::Text(text.as_str()),
             Message::Binary(_) => Inbound::Binary,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Control,
-            Message::Close(_) => return ControlFlow::Break(PEER_CLOSED),
+            Message::Close(_) => return ControlFlow::Break(Disconnect::Normal),
         };
         match self.core.throttle(inbound) {
             Ok(true) => {}
@@ -328,21 +293,21 @@ impl Session {
         &mut self,
         websocket: &mut WebSocket<SocketIo>,
         socket: &TcpStream,
-        reason: CloseReason,
+        reason: Disconnect,
     ) {
-        if reason == CloseReason::CONNECTION_LOST {
+        if reason == Disconnect::ConnectionLost {
             self.outbox.seal();
             return;
         }
-        if reason == PEER_CLOSED {
+        if reason == Disconnect::Normal {
             // The library queued its reply to the client's close; this writes it out.
             let _ = websocket.flush();
         } else {
             let _ = self
                 .outbox
-                .push_close(&WireFrame::close(reason.code, reason.reason));
+                .push_close(&WireFrame::close(reason.code(), reason.reason()));
         }
-        let deadline = if reason == CloseReason::SLOW_CONSUMER {
+        let deadline = if reason == Disconnect::SlowConsumer {
             SLOW_CLOSE_DEADLINE
         } else {
             self.context.limits.flush_deadline
@@ -354,8 +319,7 @@ impl Session {
             // close frame still waiting in the client's receive buffer. After the client's own
             // close there is nothing to wait for, and after a broken frame the reader cannot
             // be trusted to find one.
-            let reader_failed = [TOO_BIG, PROTOCOL_ERROR, INVALID_TEXT].contains(&reason);
-            if reason != PEER_CLOSED && !reader_failed {
+            if reason != Disconnect::Normal && !reason.reader_failed() {
                 await_close_reply(websocket, socket).await;
             }
             std::io::Result::Ok(())
@@ -402,18 +366,20 @@ fn would_block(error: &tungstenite::Error) -> bool {
 }
 
 /// Why a failed read ends the connection.
-fn read_failed(error: &tungstenite::Error) -> CloseReason {
+fn read_failed(error: &tungstenite::Error) -> Disconnect {
     match error {
-        tungstenite::Error::Capacity(_) => TOO_BIG,
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => PEER_CLOSED,
+        tungstenite::Error::Capacity(_) => Disconnect::TooBig,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            Disconnect::Normal
+        }
         tungstenite::Error::Protocol(error) => {
             tracing::debug!(%error, "websocket protocol error");
-            PROTOCOL_ERROR
+            Disconnect::ProtocolError
         }
-        tungstenite::Error::Utf8(_) => INVALID_TEXT,
+        tungstenite::Error::Utf8(_) => Disconnect::InvalidPayload,
         error => {
             tracing::debug!(%error, "connection read failed");
-            CloseReason::CONNECTION_LOST
+            Disconnect::ConnectionLost
         }
     }
 }

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub mod close;
+
 /// Protocol version announced in the `userId` frame.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -24,32 +26,6 @@ pub const MAX_REF_BYTES: usize = 128;
 
 /// Longest client message id (`cid`), in bytes.
 pub const MAX_CID_BYTES: usize = 64;
-
-/// WebSocket close codes the gateway uses (see `docs/protocol.md`).
-pub mod close_code {
-    /// The node is shutting down; reconnect through the load balancer.
-    pub const GOING_AWAY: u16 = 1001;
-    /// A frame or message exceeded the configured size limit.
-    pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The client broke the WebSocket protocol (for example an unmasked frame).
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame was not valid UTF-8.
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    /// The node is restarting (SIGTERM); reconnect and resume on another node.
-    pub const SERVICE_RESTART: u16 = 1012;
-    /// The broker was unavailable when the connection joined its default room.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// The connection's outgoing queue was full.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    /// Nothing was heard from the client within the idle timeout.
-    pub const IDLE_TIMEOUT: u16 = 4001;
-    /// The node missed messages it could not repair from history: resume.
-    pub const RESYNC: u16 = 4002;
-    /// Sustained sending over the rate limits.
-    pub const POLICY_VIOLATION: u16 = 1008;
-    /// The connection's token expired and was not refreshed in time.
-    pub const TOKEN_EXPIRED: u16 = 4003;
-}
 
 /// Machine-readable error codes carried in `error` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -652,6 +628,77 @@ pub struct Position {
     pub offset: Offset,
     /// The history it belongs to.
     pub epoch: Epoch,
+}
+
+/// The JSON text of one server frame, shared: a room's message is serialized once per node and
+/// the same bytes go to every member. Made only from `String`s, so always UTF-8.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FrameText(bytes::Bytes);
+
+impl FrameText {
+    /// The text as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text (validated again: for the rare reader that needs a `str`).
+    pub fn to_text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl From<String> for FrameText {
+    fn from(text: String) -> Self {
+        FrameText(bytes::Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for FrameText {
+    fn from(text: &'static str) -> Self {
+        FrameText(bytes::Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl AsRef<[u8]> for FrameText {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for FrameText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FrameText({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// A frame for the members of one room, as the broker hands it over.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// A chat message with its place in the history, or a presence event.
+    pub kind: DeliveryKind,
+    /// The frame exactly as clients receive it.
+    pub frame: FrameText,
+    /// The publishing node's clock when it published, in µs since the Unix epoch.
+    pub published_at_micros: u64,
+}
+
+/// The two kinds of room traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// A chat message stored in the room's history at this position.
+    Chat(Position),
+    /// A presence event (`presence_event` frame), not part of the history.
+    Presence,
 }
 
 /// One user online in a room.

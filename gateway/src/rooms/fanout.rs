@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tungstenite::Utf8Bytes;
 
-use crate::broker::{Delivery, DeliveryKind, now_micros};
+use crate::clock::now_micros;
 use crate::metrics;
-use crate::outbox::{Batch, CloseReason, Outbox};
-use crate::protocol::{Epoch, Offset, Position, RoomName};
-use crate::wire::WireFrame;
+use crate::protocol::close::Disconnect;
+use crate::protocol::{Delivery, DeliveryKind, Epoch, FrameText, Offset, Position, RoomName};
+use crate::transport::outbox::{Batch, Outbox};
+use crate::transport::wire::WireFrame;
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
@@ -143,7 +143,7 @@ impl RoomState {
                 member.late = false;
                 return true;
             }
-            member.outbox.close_with(CloseReason::RESYNC);
+            member.outbox.close_with(Disconnect::Resync);
             closed += 1;
             false
         });
@@ -197,7 +197,7 @@ impl Members {
 
     /// Sends a member its replay, then what was held for it meanwhile, without a gap or a
     /// duplicate at the seam; from then on it gets live traffic directly.
-    pub fn release(&self, conn: ConnId, epoch: Option<Epoch>, replay: Vec<(Offset, Utf8Bytes)>) {
+    pub fn release(&self, conn: ConnId, epoch: Option<Epoch>, replay: Vec<(Offset, FrameText)>) {
         let mut state = self.state.lock();
         let Some(member) = state.members.get_mut(&conn) else {
             return;
@@ -300,7 +300,7 @@ impl Members {
 
     /// Delivers what the repair found in history (all of `epoch`), then the held live
     /// traffic, skipping anything already delivered. Returns how many messages it recovered.
-    pub fn finish_repair(&self, epoch: Option<Epoch>, found: Vec<(Offset, Utf8Bytes)>) -> usize {
+    pub fn finish_repair(&self, epoch: Option<Epoch>, found: Vec<(Offset, FrameText)>) -> usize {
         let mut state = self.state.lock();
         let Some(repair) = state.repair.take() else {
             return 0;
@@ -325,7 +325,7 @@ impl Members {
     }
 
     /// Gives up a repair: closes every member that was here when the gap began with
-    /// [`CloseReason::RESYNC`], so it resumes (from its own last offset, on any node) and
+    /// [`Disconnect::Resync`], so it resumes (from its own last offset, on any node) and
     /// learns whether history is complete; members that joined since get the held traffic.
     /// Returns how many members were closed.
     pub fn resync(&self) -> usize {
@@ -423,12 +423,12 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::{CloseReason, in_memory};
+    use crate::transport::outbox::in_memory;
 
     fn frame(text: &str) -> Delivery {
         Delivery {
             kind: DeliveryKind::Presence,
-            frame: Utf8Bytes::from(text),
+            frame: FrameText::from(text.to_owned()),
             published_at_micros: 0,
         }
     }
@@ -443,7 +443,7 @@ mod tests {
                 offset: Offset { ms, seq: 0 },
                 epoch: epoch(epoch_name),
             }),
-            frame: Utf8Bytes::from(ms.to_string()),
+            frame: FrameText::from(ms.to_string()),
             published_at_micros: 0,
         }
     }
@@ -452,10 +452,10 @@ mod tests {
         chat_in("e1", ms)
     }
 
-    fn stored(offsets: &[u64]) -> Vec<(Offset, Utf8Bytes)> {
+    fn stored(offsets: &[u64]) -> Vec<(Offset, FrameText)> {
         offsets
             .iter()
-            .map(|&ms| (Offset { ms, seq: 0 }, Utf8Bytes::from(ms.to_string())))
+            .map(|&ms| (Offset { ms, seq: 0 }, FrameText::from(ms.to_string())))
             .collect()
     }
 
@@ -509,7 +509,7 @@ mod tests {
         assert_eq!(members.len(), 1, "the slow member was dropped");
         assert_eq!(
             slow_socket.close_requested(),
-            Some(CloseReason::SLOW_CONSUMER)
+            Some(Disconnect::SlowConsumer)
         );
     }
 
@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(members.resync(), 2);
         assert!(members.is_empty());
         for socket in [a_socket, b_socket] {
-            assert_eq!(socket.close_requested(), Some(CloseReason::RESYNC));
+            assert_eq!(socket.close_requested(), Some(Disconnect::Resync));
         }
         assert_eq!(members.repair_from(), None, "nothing left to repair");
     }
@@ -597,7 +597,7 @@ mod tests {
         members.insert(2, late, false, false);
         members.deliver(&chat(7));
         assert_eq!(members.resync(), 1);
-        assert_eq!(early_socket.close_requested(), Some(CloseReason::RESYNC));
+        assert_eq!(early_socket.close_requested(), Some(Disconnect::Resync));
         assert_eq!(late_socket.close_requested(), None);
         assert_eq!(
             late_socket.take_texts(),
@@ -618,7 +618,7 @@ mod tests {
         let (outbox, socket) = in_memory(4);
         members.insert(1, outbox, false, false);
         members.hold();
-        let big = Utf8Bytes::from("x".repeat(1 << 20));
+        let big = FrameText::from("x".repeat(1 << 20));
         for ms in 0..17 {
             let delivery = Delivery {
                 frame: big.clone(),
@@ -630,7 +630,7 @@ mod tests {
             members.is_empty(),
             "members resync once more than 16 MiB would be held"
         );
-        assert_eq!(socket.close_requested(), Some(CloseReason::RESYNC));
+        assert_eq!(socket.close_requested(), Some(Disconnect::Resync));
     }
 
     #[test]

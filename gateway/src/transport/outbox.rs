@@ -18,8 +18,8 @@ use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::metrics;
-use crate::protocol::close_code;
-use crate::wire::WireFrame;
+use crate::protocol::close::Disconnect;
+use crate::transport::wire::WireFrame;
 
 /// Where an outbox's bytes go: the connection's socket (or memory, in tests).
 pub trait Transport: Send + Sync + 'static {
@@ -31,35 +31,6 @@ impl Transport for tokio::net::TcpStream {
     fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
         tokio::net::TcpStream::try_write_vectored(self, frames)
     }
-}
-
-/// Why the server is closing a connection: a WebSocket close code and a short reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReason {
-    /// WebSocket close code.
-    pub code: u16,
-    /// Human-readable reason sent in the close frame.
-    pub reason: &'static str,
-}
-
-impl CloseReason {
-    /// The backlog overflowed.
-    pub const SLOW_CONSUMER: CloseReason = CloseReason {
-        code: close_code::SLOW_CONSUMER,
-        reason: "slow consumer: outgoing queue full",
-    };
-    /// The node missed messages of one of the connection's rooms and could not repair the gap
-    /// from history: the client resumes (on any node) and learns whether history is complete.
-    pub const RESYNC: CloseReason = CloseReason {
-        code: close_code::RESYNC,
-        reason: "missed messages could not be repaired; resume",
-    };
-    /// A write failed: the peer is gone, so nothing more (not even a close frame) can be sent.
-    /// 1006 is reserved for exactly this and never appears on the wire.
-    pub const CONNECTION_LOST: CloseReason = CloseReason {
-        code: 1006,
-        reason: "connection lost",
-    };
 }
 
 /// Why a frame could not be sent.
@@ -111,7 +82,7 @@ struct Link {
     wake: AtomicBool,
     waker: AtomicWaker,
     /// The first close request, if any.
-    close: OnceLock<CloseReason>,
+    close: OnceLock<Disconnect>,
 }
 
 #[derive(Default)]
@@ -238,13 +209,13 @@ impl Outbox {
     }
 
     /// The close requested for this connection, if any.
-    pub fn close_requested(&self) -> Option<CloseReason> {
+    pub fn close_requested(&self) -> Option<Disconnect> {
         self.0.close.get().copied()
     }
 
     /// Closes the connection as a slow consumer; returns whether this was the first close request.
     pub fn close_slow(&self) -> bool {
-        let first = self.close_with(CloseReason::SLOW_CONSUMER);
+        let first = self.close_with(Disconnect::SlowConsumer);
         if first {
             metrics::slow_consumer_disconnect();
         }
@@ -252,7 +223,7 @@ impl Outbox {
     }
 
     /// Asks the connection to close. Only the first request counts; returns whether it was this one.
-    pub fn close_with(&self, reason: CloseReason) -> bool {
+    pub fn close_with(&self, reason: Disconnect) -> bool {
         let first = self.0.close.set(reason).is_ok();
         if first {
             self.wake();
@@ -339,7 +310,7 @@ impl Outbox {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
                     backlog.clear_sealed();
-                    self.close_with(CloseReason::CONNECTION_LOST);
+                    self.close_with(Disconnect::ConnectionLost);
                     return Err(error);
                 }
             }
@@ -408,11 +379,13 @@ impl Backlog {
 }
 
 /// An outbox that writes into memory: for tests and benchmarks of the fan-out.
+#[cfg(any(test, feature = "test-util"))]
 pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
     in_memory_bounded(capacity, usize::MAX)
 }
 
 /// [`in_memory`] with a byte bound on the backlog too.
+#[cfg(any(test, feature = "test-util"))]
 pub fn in_memory_bounded(capacity: usize, max_bytes: usize) -> (Outbox, MemorySocket) {
     let socket = Arc::new(MemoryTransport::default());
     let outbox = Outbox::new(socket.clone(), capacity, max_bytes);
@@ -427,17 +400,20 @@ pub fn in_memory_bounded(capacity: usize, max_bytes: usize) -> (Outbox, MemorySo
 }
 
 /// The far end of an [`in_memory`] outbox.
+#[cfg(any(test, feature = "test-util"))]
 pub struct MemorySocket {
     transport: Arc<MemoryTransport>,
     outbox: Outbox,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Default)]
 struct MemoryTransport {
     bytes: Mutex<Vec<u8>>,
     stalled: std::sync::atomic::AtomicBool,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Transport for MemoryTransport {
     fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
         if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
@@ -452,6 +428,7 @@ impl Transport for MemoryTransport {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl MemorySocket {
     /// The payloads of the text frames written so far, oldest first, removing them.
     pub fn take_texts(&self) -> Vec<String> {
@@ -461,7 +438,7 @@ impl MemorySocket {
     /// The payload of the oldest text frame not taken yet, removing it.
     pub fn next_text(&self) -> Option<String> {
         let mut bytes = self.transport.bytes.lock();
-        let (payload, rest) = split_frame(&bytes)?;
+        let (_, payload, rest) = crate::transport::wire::decode(&bytes)?;
         let text = String::from_utf8_lossy(payload).into_owned();
         let taken = bytes.len() - rest.len();
         bytes.drain(..taken);
@@ -481,7 +458,7 @@ impl MemorySocket {
     }
 
     /// The close requested for the connection, if any.
-    pub fn close_requested(&self) -> Option<CloseReason> {
+    pub fn close_requested(&self) -> Option<Disconnect> {
         self.outbox.close_requested()
     }
 
@@ -491,27 +468,15 @@ impl MemorySocket {
     }
 }
 
-/// Splits one unmasked server frame off the front: its payload and what follows.
-fn split_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (&_first, rest) = bytes.split_first()?;
-    let (&len_byte, rest) = rest.split_first()?;
-    let (len, rest) = match len_byte & 0x7f {
-        126 => {
-            let (len, rest) = rest.split_at_checked(2)?;
-            (u16::from_be_bytes([len[0], len[1]]) as usize, rest)
-        }
-        127 => {
-            let (len, rest) = rest.split_at_checked(8)?;
-            (u64::from_be_bytes(len.try_into().ok()?) as usize, rest)
-        }
-        short => (short as usize, rest),
-    };
-    rest.split_at_checked(len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame's payload and what follows it.
+    fn split_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (_, payload, rest) = crate::transport::wire::decode(bytes)?;
+        Some((payload, rest))
+    }
 
     fn text(s: &str) -> WireFrame {
         WireFrame::text(s)
@@ -559,7 +524,7 @@ mod tests {
             outbox.push(&text(word)).unwrap();
         }
         assert_eq!(outbox.push(&text("g")), Err(QueueError::Full));
-        assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+        assert_eq!(socket.close_requested(), Some(Disconnect::SlowConsumer));
     }
 
     #[test]
@@ -609,7 +574,7 @@ mod tests {
         // One frame always fits, however large; then the byte bound applies.
         outbox.push(&text(&"x".repeat(150))).unwrap();
         assert_eq!(outbox.push(&WireFrame::ping()), Err(QueueError::Full));
-        assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+        assert_eq!(socket.close_requested(), Some(Disconnect::SlowConsumer));
 
         let (outbox, socket) = in_memory_bounded(1000, 100);
         socket.stall(true);
@@ -681,16 +646,13 @@ mod tests {
         outbox.uncork();
         assert_eq!(outbox.push(&text("x")), Err(QueueError::Closed));
         assert_eq!(outbox.push(&text("y")), Err(QueueError::Closed));
-        assert_eq!(outbox.close_requested(), Some(CloseReason::CONNECTION_LOST));
+        assert_eq!(outbox.close_requested(), Some(Disconnect::ConnectionLost));
     }
 
     #[test]
     fn the_first_close_reason_wins() {
         let (outbox, socket) = in_memory(1);
-        let other = CloseReason {
-            code: 1001,
-            reason: "going away",
-        };
+        let other = Disconnect::GoingAway;
         assert!(outbox.close_with(other));
         assert!(!outbox.close_slow());
         assert_eq!(socket.close_requested(), Some(other));

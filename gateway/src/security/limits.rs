@@ -18,7 +18,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use ipnet::IpNet;
 use parking_lot::Mutex;
 
-use crate::header_list;
+use crate::headers::header_list;
 
 /// The limit flags (all per node; `0` turns a rate or count limit off).
 #[derive(Debug, Clone, clap::Args)]

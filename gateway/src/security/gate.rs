@@ -21,33 +21,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthArgs, AuthSetupError, Authenticator, Grants, TokenError, handshake_token};
-use crate::limits::{
+use crate::metrics;
+use crate::protocol::close::Disconnect;
+use crate::protocol::{ErrorCode, MAX_REF_BYTES, Refusal, RoomName, json_len, to_json};
+use crate::security::auth::{
+    AuthArgs, AuthSetupError, Authenticator, Grants, TokenError, handshake_token,
+};
+use crate::security::limits::{
     ConnectLimiter, ConnectionCap, ConnectionSlot, LimitArgs, MessageBudget, TrustedProxies,
     UserLimiters, Verdict, quota,
 };
-use crate::metrics;
-use crate::origin::{AllowedOrigin, OriginPolicy};
-use crate::outbox::CloseReason;
-use crate::protocol::{ErrorCode, MAX_REF_BYTES, Refusal, RoomName, close_code, json_len, to_json};
+use crate::security::origin::{AllowedOrigin, OriginPolicy};
 
 /// `Retry-After` sent with 503 when the node is full, in seconds.
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 
 /// How often forgotten per-address buckets are swept.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// The server closes with this when the connection's token expired and was not refreshed.
-pub const TOKEN_EXPIRED: CloseReason = CloseReason {
-    code: close_code::TOKEN_EXPIRED,
-    reason: "token expired",
-};
-
-/// The server closes with this after sustained sending over the rate limits.
-pub const RATE_LIMIT_ABUSE: CloseReason = CloseReason {
-    code: close_code::POLICY_VIOLATION,
-    reason: "rate limit exceeded",
-};
 
 /// Every security flag: authentication, origins, limits.
 #[derive(Debug, Clone, clap::Args)]
@@ -114,7 +104,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
 /// A handshake the gate let through: who it is and its place under the connection cap.
 #[derive(Debug)]
 pub struct Admission {
-    principal: Option<crate::auth::Principal>,
+    principal: Option<crate::security::auth::Principal>,
     slot: ConnectionSlot,
 }
 
@@ -364,7 +354,7 @@ pub enum Throttle {
     /// has no `ref` and whose pong already answers it).
     Refuse(Option<Refusal>),
     /// Close the connection.
-    Close(CloseReason),
+    Close(Disconnect),
 }
 
 /// A frame a client sent, as far as the rate limits care.
@@ -417,6 +407,7 @@ struct Authenticated<'a> {
 
 impl ConnectionGuard {
     /// A guard that allows everything and never expires, for a connection outside any gate.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn unrestricted(user_id: &str) -> ConnectionGuard {
         ConnectionGuard {
             user_id: user_id.to_owned(),
@@ -435,7 +426,7 @@ impl ConnectionGuard {
             Verdict::Abusive(scope) => {
                 metrics::rate_limited(scope.as_str());
                 metrics::policy_close("rate_limit");
-                return Throttle::Close(RATE_LIMIT_ABUSE);
+                return Throttle::Close(Disconnect::PolicyViolation);
             }
             Verdict::Limited(scope) => scope,
         };
