@@ -20,7 +20,8 @@ pub enum LogFormat {
 
 /// A chat gateway node: WebSocket clients in, rooms shared through Redis pub/sub.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chat-gateway", version, about, long_about = None)]
+// A flag given twice takes its last value (a wrapper script's defaults, then the caller's).
+#[command(name = "chat-gateway", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
     /// Address to listen on for WebSocket, HTTP and metrics.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
@@ -249,6 +250,19 @@ mod tests {
             config.validate(),
             Err(ConfigError::IdleShorterThanPing { .. })
         ));
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let config = Config::try_parse_from([
+            "chat-gateway",
+            "--max-frame-bytes",
+            "1000",
+            "--max-frame-bytes",
+            "2000",
+        ])
+        .unwrap();
+        assert_eq!(config.max_frame_bytes, 2000);
     }
 
     #[test]

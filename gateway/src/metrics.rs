@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 const CONNECTIONS_OPEN: &str = "chat_connections_open";
 const CONNECTIONS_ACCEPTED: &str = "chat_connections_accepted_total";
@@ -33,9 +35,10 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Installs the global Prometheus recorder; every series carries `node="<node_id>"`.
-pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new()
+/// A Prometheus recorder for node `node_id` (every series carries `node="<node_id>"`), not yet
+/// installed: the binary installs it globally, in-process test nodes each use their own.
+pub fn recorder(node_id: &str) -> Result<PrometheusRecorder, BuildError> {
+    Ok(PrometheusBuilder::new()
         .add_global_label("node", node_id)
         .set_buckets_for_metric(
             Matcher::Full(BROKER_PUBLISH_SECONDS.into()),
@@ -45,10 +48,23 @@ pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prome
             Matcher::Full(FANOUT_LATENCY_SECONDS.into()),
             LATENCY_BUCKETS,
         )?
-        .install_recorder()?;
+        .build_recorder())
+}
+
+/// Installs the global Prometheus recorder for node `node_id` and registers every metric.
+pub fn install(node_id: &str) -> Result<PrometheusHandle, BuildError> {
+    let recorder = recorder(node_id)?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    register();
+    Ok(handle)
+}
+
+/// Describes every metric and creates the rarely moving ones at zero, through the recorder in
+/// effect (the global one, or a thread's local one).
+pub fn register() {
     describe();
     register_at_zero();
-    Ok(handle)
 }
 
 fn describe() {

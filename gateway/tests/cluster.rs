@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::relay::{Delay, Relay};
-use common::{Client, Node, Persistence, Redis, wait_until};
+use common::{Client, Gateway, Node, Persistence, Redis, wait_until};
 use serde_json::json;
 
 fn three_nodes(redis: &Redis) -> [Node; 3] {

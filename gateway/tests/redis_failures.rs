@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::relay::{Delay, Relay};
 use common::traffic::{Live, Traffic};
-use common::{Client, Node, Persistence, Redis, upgrade_request, wait_until};
+use common::{Client, Gateway, Node, Persistence, Redis, upgrade_request, wait_until};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::traffic::{Live, Traffic};
-use common::{Client, Ended, Node, PATIENCE, Persistence, Redis, wait_until};
+use common::{Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, wait_until};
 use serde_json::{Value, json};
 
 /// A message frame's offset as `(ms, seq)`, for ordering checks.

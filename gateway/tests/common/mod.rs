@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod local;
 pub mod relay;
 
 pub use tempfile::TempDir;
@@ -296,25 +297,44 @@ impl Node {
         wait_until("the node to listen", || node.get("/healthz").is_some());
         node
     }
+}
+
+/// What tests ask of any gateway node, in this process or not.
+pub trait Gateway {
+    /// The port it listens on (loopback).
+    fn port(&self) -> u16;
+
+    /// Its metrics in Prometheus text format.
+    fn metrics_text(&self) -> String;
 
     /// The WebSocket URL for `path_and_query` (e.g. "/ws?room=a").
-    pub fn ws_url(&self, path_and_query: &str) -> String {
-        format!("ws://127.0.0.1:{}{path_and_query}", self.port)
+    fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{path_and_query}", self.port())
     }
 
     /// A plain HTTP GET; returns status and body, or `None` if nothing answered.
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.port, path, &[])
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port(), path, &[])
     }
 
-    /// The value of a metric (summed over label sets) from `/metrics`.
-    pub fn metric(&self, name: &str) -> f64 {
-        let (_, body) = self.get("/metrics").expect("metrics answer");
-        body.lines()
+    /// The value of a metric (summed over label sets).
+    fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .lines()
             .filter(|line| !line.starts_with('#'))
             .filter(|line| line.split(['{', ' ']).next() == Some(name))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+}
+
+impl Gateway for Node {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn metrics_text(&self) -> String {
+        self.get("/metrics").expect("metrics answer").1
     }
 }
 
