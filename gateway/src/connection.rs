@@ -198,6 +198,11 @@ impl Connection {
         }
     }
 
+    /// Whether nothing is under way or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_none() && self.waiting.is_empty()
+    }
+
     /// Whether the transport should stop reading until a broker call finishes.
     pub fn is_full(&self) -> bool {
         self.waiting.len() >= MAX_WAITING
@@ -559,5 +564,168 @@ impl Connection {
             reference,
         }));
         self.context.hub.release(room, self.conn, history);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::broker::HistorySettings;
+    use crate::protocol::parse_client_frame;
+    use crate::rooms::hub::HubSettings;
+    use crate::transport::outbox::{MemorySocket, in_memory};
+
+    fn node() -> Arc<NodeContext> {
+        let settings = HubSettings {
+            history: HistorySettings {
+                max_len: 100,
+                max_age: Duration::from_secs(60),
+                dedup_window: Duration::from_secs(60),
+            },
+            presence_ttl: Duration::from_secs(30),
+            repair_timeout: Duration::from_secs(5),
+        };
+        Arc::new(NodeContext {
+            hub: Hub::start(settings, None).unwrap(),
+            node_id: "n1".into(),
+            limits: ConnectionLimits {
+                max_chat_bytes: 100,
+                max_rooms: 2,
+                outbox_capacity: 64,
+                outbox_bytes: 1 << 20,
+                ping_interval: Duration::from_secs(20),
+                idle_timeout: Duration::from_secs(60),
+                flush_deadline: Duration::from_secs(1),
+            },
+            shutdown: CancellationToken::new(),
+            shutdown_reason: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// A connection whose outbox writes into memory: the transport a test plays.
+    fn connect(node: &Arc<NodeContext>, user: &str) -> (Connection, MemorySocket) {
+        let (outbox, socket) = in_memory(64);
+        let identity = Identity {
+            user_id: user.to_owned(),
+            name: None,
+            default_room: RoomName::parse("lobby").unwrap(),
+            default_options: JoinOptions::PLAIN,
+        };
+        let guard = ConnectionGuard::unrestricted(user);
+        let conn = crate::rooms::fanout::next_conn_id();
+        let core = Connection::new(conn, identity, outbox, node.clone(), guard);
+        (core, socket)
+    }
+
+    /// Polls the core until no broker call is under way or waiting.
+    async fn settle(core: &mut Connection) {
+        std::future::poll_fn(|cx| {
+            let _ = core.poll(cx);
+            if core.is_idle() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// What the client reads: every frame written so far, parsed.
+    fn frames(socket: &MemorySocket) -> Vec<Value> {
+        socket
+            .take_texts()
+            .iter()
+            .map(|text| serde_json::from_str(text).unwrap())
+            .collect()
+    }
+
+    async fn send(core: &mut Connection, frame: Value) {
+        match parse_client_frame(&frame.to_string(), 100) {
+            Ok(frame) => core.receive(frame),
+            Err(refusal) => core.refuse(refusal),
+        }
+        settle(core).await;
+    }
+
+    #[tokio::test]
+    async fn the_core_answers_every_kind_of_frame_through_its_outbox() {
+        let node = node();
+        let (mut core, socket) = connect(&node, "u-1");
+        core.start();
+        settle(&mut core).await;
+        let welcome = frames(&socket);
+        assert_eq!(welcome[0]["type"], "userId", "the welcome comes first");
+
+        send(
+            &mut core,
+            json!({"type":"message","message":"hi","cid":"c1","ref":1}),
+        )
+        .await;
+        // The in-process broker delivers before the call returns: the echo comes first.
+        let [echo, ack] = <[Value; 2]>::try_from(frames(&socket)).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["ref"].as_i64()),
+            (Some("ack"), Some(1))
+        );
+        assert_eq!(
+            (ack["cid"].as_str(), ack["offset"].clone()),
+            (Some("c1"), echo["offset"].clone())
+        );
+        assert_eq!(echo["message"], "hi");
+
+        send(
+            &mut core,
+            json!({"type":"message","message":"hi","cid":"c1","ref":2}),
+        )
+        .await;
+        let retry = frames(&socket);
+        assert_eq!(retry.len(), 1, "the retry is answered, not delivered again");
+        assert_eq!(
+            (retry[0]["duplicate"].as_bool(), retry[0]["id"].clone()),
+            (Some(true), ack["id"].clone())
+        );
+
+        send(&mut core, json!({"type":"join","room":"news","ref":3})).await;
+        send(&mut core, json!({"type":"presence","room":"news","ref":4})).await;
+        send(&mut core, json!({"type":"ping","ref":5})).await;
+        send(&mut core, json!({"type":"leave","room":"news","ref":6})).await;
+        send(
+            &mut core,
+            json!({"type":"message","room":"news","message":"x","ref":7}),
+        )
+        .await;
+        send(&mut core, json!({"type":"join","room":"a","ref":8})).await;
+        send(&mut core, json!({"type":"join","room":"b","ref":9})).await;
+        let kinds: Vec<(String, Value)> = frames(&socket)
+            .iter()
+            .map(|frame| {
+                let kind = frame["code"].as_str().or(frame["type"].as_str()).unwrap();
+                (kind.to_owned(), frame["ref"].clone())
+            })
+            .collect();
+        let expected = [
+            ("joined", 3),
+            ("presence", 4),
+            ("pong", 5),
+            ("left", 6),
+            ("not_in_room", 7),
+            ("joined", 8),
+            ("too_many_rooms", 9),
+        ]
+        .map(|(kind, reference)| (kind.to_owned(), json!(reference)));
+        assert_eq!(kinds, expected);
+
+        core.finish().await;
+        assert!(
+            node.hub
+                .presence(&RoomName::parse("lobby").unwrap())
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -206,6 +206,34 @@ async fn an_oversize_frame_closes_with_1009() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_an_oversize_frame_reads_the_1009_close_not_a_reset() {
+    let node = LocalNode::start(&["--max-frame-bytes", "1024"]);
+    let mut raw = RawWebSocket::open(node.port, "/ws", &[]);
+    let (_, welcome) = raw.next_frame().expect("the welcome frame");
+    assert!(String::from_utf8_lossy(&welcome).contains("userId"));
+    // A 4 MiB frame: the node refuses it on its header, while most of it is still on its way.
+    let len: u64 = 4 << 20;
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + len as usize, b'x');
+    let mut writer = raw.try_clone();
+    let sending = std::thread::spawn(move || writer.try_send(&frame));
+    // A client busy writing reads a little later: the close must still be there to read.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, close) = raw.texts_until_close();
+    assert_eq!(close, Some(1009), "the close frame arrived intact");
+    let sent = sending.join().expect("the writer");
+    assert!(sent.is_ok(), "the node read and dropped the rest: {sent:?}");
+    // The client answers the close and closes; the node had closed its side already.
+    raw.send(&RawWebSocket::frame(0x8, &1009u16.to_be_bytes(), true));
+    assert!(
+        raw.read_to_end().is_ok(),
+        "the connection ended cleanly, not reset"
+    );
+}
+
+#[tokio::test]
 async fn handshakes_with_a_bad_room_or_name_are_refused_before_upgrading() {
     let node = LocalNode::start(&[]);
     for query in [
@@ -397,6 +425,29 @@ async fn the_handshake_follows_rfc_6455_and_refuses_what_it_cannot_serve() {
     assert!(body.contains("Sec-WebSocket-Key"), "{body}");
     let (status, _) = http_get(node.port, "/ws", &[("Upgrade", "websocket")]).expect("answer");
     assert_eq!(status, 400, "not an upgrade");
+
+    // The key must be the base64 of 16 bytes (RFC 6455 §4.2.1), and given once.
+    let version = [keyless, &[("Sec-WebSocket-Version", "13")]].concat();
+    for key in [
+        "abc",
+        "not base64 at all!",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "",
+    ] {
+        let with_key = [&version[..], &[("Sec-WebSocket-Key", key)]].concat();
+        let (status, body) = http_get(node.port, "/ws", &with_key).expect("answer");
+        assert_eq!(status, 400, "key {key:?}: {body}");
+    }
+    let twice = [
+        &version[..],
+        &[
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Key", "AQIDBAUGBwgJCgsMDQ4PEA=="),
+        ],
+    ]
+    .concat();
+    let (status, body) = http_get(node.port, "/ws", &twice).expect("answer");
+    assert_eq!(status, 400, "two keys: {body}");
 }
 
 #[tokio::test]

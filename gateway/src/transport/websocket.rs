@@ -315,17 +315,38 @@ impl Session {
         let _ = tokio::time::timeout(deadline, async {
             drain(&self.outbox, socket).await?;
             // Closing the socket before the client has read our close and answered would reset
-            // the connection if it sends meanwhile (a pong, a message), and a reset discards the
-            // close frame still waiting in the client's receive buffer. After the client's own
-            // close there is nothing to wait for, and after a broken frame the reader cannot
-            // be trusted to find one.
-            if reason != Disconnect::Normal && !reason.reader_failed() {
+            // the connection if it sends meanwhile (a pong, a message, the rest of an oversized
+            // frame), and a reset can discard the close frame still waiting in the client's
+            // receive buffer. After the client's own close there is nothing to wait for. After a
+            // broken frame the reader cannot be trusted to find the client's close, so the
+            // connection is half-closed and what still comes is read and dropped until the
+            // client closes too (a lingering close).
+            if reason.reader_failed() {
+                let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
+                discard_until_closed(socket).await;
+            } else if reason != Disconnect::Normal {
                 await_close_reply(websocket, socket).await;
             }
             std::io::Result::Ok(())
         })
         .await;
         self.outbox.seal();
+    }
+}
+
+/// Reads and drops whatever the client still sends until it closes its side (or fails).
+async fn discard_until_closed(socket: &TcpStream) {
+    let mut sink = [0u8; 4096];
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
     }
 }
 

@@ -833,6 +833,21 @@ impl RawWebSocket {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Writes raw bytes; `Err` if the server reset the connection (or stopped taking them
+    /// within [`PATIENCE`]).
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.set_write_timeout(Some(PATIENCE))?;
+        self.stream.write_all(bytes)
+    }
+
+    /// A second handle on the same connection (for writing while another thread reads).
+    pub fn try_clone(&self) -> RawWebSocket {
+        RawWebSocket {
+            stream: self.stream.try_clone().expect("clone the socket"),
+            buffered: Vec::new(),
+        }
+    }
+
     /// The next frame from the server as (opcode, payload); `None` once the connection ends.
     pub fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
@@ -849,6 +864,13 @@ impl RawWebSocket {
                 Ok(read) => self.buffered.extend_from_slice(&buffer[..read]),
             }
         }
+    }
+
+    /// What follows the server's close frame: `Ok` once the server closed its side cleanly
+    /// (end of stream), `Err` if the connection was reset.
+    pub fn read_to_end(&mut self) -> std::io::Result<()> {
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest).map(|_| ())
     }
 
     /// Text frames until the server's close frame: the texts and the close code, if any came.
