@@ -26,7 +26,7 @@ use crate::protocol::{
     ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
     Refusal, Replay, RoomName, ServerFrame, to_json,
 };
-use crate::rooms::fanout::ConnId;
+use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
 use crate::security::gate::{ConnectionGuard, Inbound, Throttle};
 use crate::transport::outbox::Outbox;
@@ -132,14 +132,13 @@ pub struct Connection {
 impl Connection {
     /// A connection answering through `outbox`.
     pub fn new(
-        conn: ConnId,
         identity: Identity,
         outbox: Outbox,
         context: Arc<NodeContext>,
         guard: ConnectionGuard,
     ) -> Connection {
         Connection {
-            conn,
+            conn: next_conn_id(),
             identity,
             rooms: Vec::new(),
             outbox,
@@ -616,8 +615,7 @@ mod tests {
             default_options: JoinOptions::PLAIN,
         };
         let guard = ConnectionGuard::unrestricted(user);
-        let conn = crate::rooms::fanout::next_conn_id();
-        let core = Connection::new(conn, identity, outbox, node.clone(), guard);
+        let core = Connection::new(identity, outbox, node.clone(), guard);
         (core, socket)
     }
 

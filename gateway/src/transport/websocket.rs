@@ -20,7 +20,6 @@ use crate::connection::{Connection, Identity, NodeContext};
 use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::protocol::{ErrorCode, Refusal, parse_client_frame};
-use crate::rooms::fanout::next_conn_id;
 use crate::security::gate::{ConnectionGuard, Inbound};
 use crate::transport::outbox::{Outbox, QueueError};
 use crate::transport::wire::WireFrame;
@@ -54,13 +53,7 @@ pub fn serve(
     };
     let websocket = WebSocket::from_partially_read(io, pipelined, Role::Server, Some(config));
     let session = Session {
-        core: Connection::new(
-            next_conn_id(),
-            identity,
-            outbox.clone(),
-            context.clone(),
-            guard,
-        ),
+        core: Connection::new(identity, outbox.clone(), context.clone(), guard),
         outbox,
         context,
     };
@@ -144,7 +137,9 @@ impl Session {
             metrics::connection_opened();
             self.core.start();
             let reason = self.run(&mut websocket, &socket).await;
-            self.close(&mut websocket, &socket, reason).await;
+            // Boxed, as the calls below: closing happens once, and its state should not
+            // count in what every idle connection's task holds.
+            Box::pin(self.close(&mut websocket, &socket, reason)).await;
             // Broker calls build large futures; boxing keeps them out of an idle connection's
             // task (they exist only while they run).
             Box::pin(self.core.finish()).await;
@@ -336,12 +331,17 @@ impl Session {
 
 /// Reads and drops whatever the client still sends until it closes its side (or fails).
 async fn discard_until_closed(socket: &TcpStream) {
-    let mut sink = [0u8; 4096];
     loop {
         if socket.readable().await.is_err() {
             return;
         }
-        match socket.try_read(&mut sink) {
+        // The buffer lives only between awaits, so it is not part of the task's state: every
+        // connection's task is as large as its largest state, idle or not.
+        let read = {
+            let mut sink = [0u8; 4096];
+            socket.try_read(&mut sink)
+        };
+        match read {
             Ok(0) => return,
             Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
