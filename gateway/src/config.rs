@@ -27,9 +27,37 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://host:port). Without it the node runs alone with an in-process broker.
+    /// Redis URL. Without it the node runs alone with an in-process broker. One server:
+    /// redis://[user:password@]host:port[/db]; a Redis Cluster:
+    /// redis-cluster://host:port?node=host:port&node=...; a Sentinel-managed primary:
+    /// redis-sentinel://host:port?node=host:port&sentinelServiceName=NAME; rediss... for TLS.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// A file holding the Redis password (replaces the URL's; keeps it off the command line).
+    #[arg(long, env = "GATEWAY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+
+    /// A PEM file of certificate authorities to trust for a rediss URL, besides the system's.
+    #[arg(long, env = "GATEWAY_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
+
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    #[arg(long, env = "GATEWAY_REDIS_PREFIX", default_value = "chat:")]
+    pub redis_prefix: String,
+
+    /// Replicas that must have a message before it is acknowledged (Redis WAIT after the
+    /// append): with 1, a failover loses nothing acknowledged, at the cost of a replication
+    /// round trip per publish call. 0: acknowledged once the primary has it.
+    #[arg(long, env = "GATEWAY_ACK_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub ack_replicas: u32,
+
+    /// Redis subscriber connections the node's rooms are split over, each read by its own
+    /// task, so fan-out uses that many cores [default: the cores available, at most 8].
+    #[arg(long, env = "GATEWAY_FANOUT_PARTITIONS",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub fanout_partitions: Option<u32>,
 
     /// This node's id in logs, metrics and welcome frames [default: random]
     #[arg(long, env = "GATEWAY_NODE_ID")]
@@ -135,6 +163,17 @@ pub enum ConfigError {
     /// A duration of zero makes no sense here.
     #[error("--{0} must be greater than zero")]
     ZeroDuration(&'static str),
+    /// A file named by a flag cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Redis key prefix would break the keys' hash tags.
+    #[error("--redis-prefix must not contain braces")]
+    PrefixWithBraces,
 }
 
 impl Config {
@@ -152,6 +191,9 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if self.redis_prefix.contains(['{', '}']) {
+            return Err(ConfigError::PrefixWithBraces);
         }
         if self.idle_timeout <= self.ping_interval {
             return Err(ConfigError::IdleShorterThanPing {
@@ -210,15 +252,39 @@ impl Config {
     }
 
     /// Redis settings for node `node_id`, when a Redis URL is configured.
-    pub fn redis(&self, node_id: &str) -> Option<RedisSettings> {
-        self.redis_url.as_ref().map(|url| RedisSettings {
+    pub fn redis(&self, node_id: &str) -> Result<Option<RedisSettings>, ConfigError> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Unreadable {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let partitions = self.fanout_partitions.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |cores| cores.get().min(8)),
+            |partitions| partitions as usize,
+        );
+        Ok(Some(RedisSettings {
             url: url.clone(),
+            password,
+            tls_ca: self.redis_tls_ca.clone(),
+            prefix: self.redis_prefix.clone(),
             node_id: node_id.to_owned(),
             history: self.history(),
             presence_ttl: self.presence_ttl,
             subscriber_capacity: self.redis_subscriber_capacity as usize,
             command_timeout: self.redis_timeout,
-        })
+            ack_replicas: self.ack_replicas,
+            partitions,
+        }))
     }
 }
 

@@ -167,9 +167,9 @@ pub fn message_received() {
     counter!(MESSAGES_RECEIVED).increment(1);
 }
 
-/// The broker accepted a message after `elapsed`.
-pub fn message_published(elapsed: Duration) {
-    counter!(MESSAGES_PUBLISHED).increment(1);
+/// The broker stored `count` messages in one call that took `elapsed`.
+pub fn messages_published(count: usize, elapsed: Duration) {
+    counter!(MESSAGES_PUBLISHED).increment(count as u64);
     histogram!(BROKER_PUBLISH_SECONDS).record(elapsed.as_secs_f64());
 }
 

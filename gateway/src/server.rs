@@ -27,6 +27,9 @@ pub enum ServerError {
     /// The broker could not be set up (for example an invalid Redis URL).
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The configuration cannot work (for example an unreadable password file).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Authentication or limits are misconfigured (for example an unreadable key file).
     #[error(transparent)]
     Security(#[from] SecurityError),
@@ -44,7 +47,7 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     stop: impl Future<Output = Disconnect>,
 ) -> Result<(), ServerError> {
-    let hub = Hub::start(config.hub_settings(), config.redis(&node_id).as_ref())?;
+    let hub = Hub::start(config.hub_settings(), config.redis(&node_id)?.as_ref())?;
     let shutdown = CancellationToken::new();
     let shutdown_reason = Arc::new(OnceLock::new());
     let gate = Arc::new(Gate::new(&config.security)?);

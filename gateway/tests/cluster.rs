@@ -74,9 +74,9 @@ async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns
     redis.restart();
     // The node resubscribes all its rooms with one command: once one is back, all are.
     wait_until("the node to resubscribe", || {
-        !redis.room_channels().is_empty()
+        !redis.subscribed_rooms().is_empty()
     });
-    assert_eq!(redis.room_channels(), ["chat:room:stays"]);
+    assert_eq!(redis.subscribed_rooms(), ["stays"]);
     drop(stays);
 }
 
@@ -139,21 +139,21 @@ async fn rooms_are_isolated_across_nodes() {
 async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_leaves() {
     let redis = Redis::start();
     let [a, b, _c] = three_nodes(&redis);
-    let channel = "chat:room:topic";
+    let room = "topic";
     let redis = &redis;
-    let subscribers = |count: u64| move || redis.subscribers(channel) == count;
+    let subscribers = |count: u64| move || redis.subscribers(room) == count;
 
     let mut first = Client::connect(&a.ws_url("/ws?room=lobby")).await;
     first.join("topic").await;
     assert_eq!(
-        redis.subscribers(channel),
+        redis.subscribers(room),
         1,
         "subscribed by the time join is acknowledged"
     );
     let mut second = Client::connect(&a.ws_url("/ws?room=lobby")).await;
     second.join("topic").await;
     assert_eq!(
-        redis.subscribers(channel),
+        redis.subscribers(room),
         1,
         "one subscription per node, not per member"
     );
@@ -164,18 +164,16 @@ async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_l
         .send(json!({"type":"leave","room":"topic","ref":1}))
         .await;
     first.recv_type("left").await;
-    assert_eq!(redis.subscribers(channel), 2, "node a still has a member");
+    assert_eq!(redis.subscribers(room), 2, "node a still has a member");
     second.close().await;
     wait_until("node a to unsubscribe", subscribers(1));
     remote.say("topic", "still flowing").await;
     drop(remote);
     wait_until("the channel to disappear", || {
-        !redis.room_channels().contains(&channel.to_owned())
+        !redis.subscribed_rooms().contains(&room.to_owned())
     });
     assert!(
-        redis
-            .room_channels()
-            .contains(&"chat:room:lobby".to_owned()),
+        redis.subscribed_rooms().contains(&"lobby".to_owned()),
         "lobby still has a member"
     );
     drop(first);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use in_process::InProcessBroker;
-pub use redis::{RedisBroker, RedisSettings};
+pub use redis::{KeySpace, RedisBroker, RedisSettings};
 
 pub use crate::protocol::{Delivery, DeliveryKind};
 use crate::protocol::{
@@ -26,10 +26,11 @@ pub trait Inbox: Send + Sync + 'static {
     fn deliver(&self, room: &str, delivery: Delivery);
     /// The broker has handed over everything it has for now: write it out.
     fn flush(&self);
-    /// Messages may be missing from here on (the subscriber lagged or lost its connection):
-    /// hold every room's live traffic where it is until [`Inbox::repair`] has filled the gap.
-    /// Called before anything that arrives after the gap is delivered.
-    fn hold(&self);
+    /// Messages may be missing from here on (the subscriber lagged, lost its connection, or a
+    /// room's slot moved): hold the live traffic of every room `which` says, where it is, until
+    /// [`Inbox::repair`] has filled the gap. Called before anything that arrives after the gap
+    /// is delivered.
+    fn hold(&self, which: &dyn Fn(&str) -> bool);
     /// The subscriptions are in effect again: repair every held room from history.
     fn repair(&self);
 }
@@ -38,7 +39,7 @@ pub trait Inbox: Send + Sync + 'static {
 pub type SharedInbox = Arc<dyn Inbox>;
 
 /// A broker operation that failed; the caller tells the client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// The broker is not connected right now; nothing was sent.
     #[error("broker unavailable: {0}")]
@@ -49,6 +50,12 @@ pub enum BrokerError {
     /// Redis answered something this node cannot read.
     #[error("unexpected reply from redis: {0}")]
     Reply(&'static str),
+    /// A script failed part way: what it did before the error stays done.
+    #[error("redis script failed part way: {0}")]
+    Partial(fred::error::Error),
+    /// The Redis server cannot serve this gateway.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
 impl BrokerError {
@@ -59,8 +66,8 @@ impl BrokerError {
     pub fn outcome_unknown(&self) -> bool {
         use fred::error::ErrorKind;
         match self {
-            BrokerError::Unavailable(_) => false,
-            BrokerError::Reply(_) => true,
+            BrokerError::Unavailable(_) | BrokerError::Incompatible(_) => false,
+            BrokerError::Reply(_) | BrokerError::Partial(_) => true,
             BrokerError::Redis(error) => matches!(
                 error.kind(),
                 ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Protocol
@@ -168,6 +175,12 @@ struct Retained {
     trimmed: bool,
 }
 
+/// Which of `count` fan-out partitions `room` belongs to: one subscriber connection and one
+/// receive loop each, so a room's traffic always takes the same path and keeps its order.
+pub fn partition_of(room: &str, count: usize) -> usize {
+    usize::from(fred::util::redis_keyslot(room.as_bytes())) % count.max(1)
+}
+
 /// The node's broker: in-process or Redis.
 pub enum Broker {
     /// Single node, no Redis.
@@ -186,7 +199,7 @@ impl Broker {
     ) -> Result<Published, BrokerError> {
         match self {
             Broker::InProcess(broker) => Ok(broker.publish(room, message)),
-            Broker::Redis(broker) => broker.publish(room, &message).await,
+            Broker::Redis(broker) => broker.publish(room, message).await,
         }
     }
 
@@ -262,11 +275,28 @@ impl Broker {
         }
     }
 
-    /// Drops presence entries of dead nodes in `room`, announcing who left.
-    pub async fn presence_reap(&self, room: &RoomName) -> Result<(), BrokerError> {
+    /// Refreshes this node's presence entries in every room it has users in, and drops those
+    /// of dead nodes, announcing who left.
+    pub async fn presence_heartbeat(
+        &self,
+        rooms: &[(RoomName, Vec<PresentUser>)],
+    ) -> Result<(), BrokerError> {
         match self {
-            Broker::InProcess(_) => Ok(()),
-            Broker::Redis(broker) => broker.presence_reap(room).await,
+            Broker::InProcess(broker) => {
+                for (room, users) in rooms {
+                    broker.presence_upsert(room, users);
+                }
+                Ok(())
+            }
+            Broker::Redis(broker) => broker.presence_heartbeat(rooms).await,
+        }
+    }
+
+    /// Why the node can never be ready on this broker, if it cannot (a Redis too old).
+    pub fn incompatible(&self) -> Option<&BrokerError> {
+        match self {
+            Broker::InProcess(_) => None,
+            Broker::Redis(broker) => broker.incompatible(),
         }
     }
 

@@ -414,9 +414,14 @@ impl Registry {
         self.rooms.read().keys().cloned().collect()
     }
 
-    /// Every room with a local member.
-    pub fn rooms(&self) -> Vec<Arc<Room>> {
-        self.rooms.read().values().cloned().collect()
+    /// Every room with a local member whose name `which` accepts.
+    pub fn rooms_where(&self, which: &dyn Fn(&str) -> bool) -> Vec<Arc<Room>> {
+        self.rooms
+            .read()
+            .iter()
+            .filter(|(name, _)| which(name.as_str()))
+            .map(|(_, room)| room.clone())
+            .collect()
     }
 }
 

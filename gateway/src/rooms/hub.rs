@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{
     Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Outgoing,
-    Published, RedisBroker, RedisSettings,
+    Published, RedisBroker, RedisSettings, SharedInbox,
 };
 use crate::clock::now_micros;
 use crate::metrics;
@@ -49,10 +49,10 @@ impl Inbox for FanoutInbox {
         self.batch.lock().flush();
     }
 
-    fn hold(&self) {
+    fn hold(&self, which: &dyn Fn(&str) -> bool) {
         // What was batched arrived before the gap: out it goes first.
         self.batch.lock().flush();
-        let rooms = self.registry.rooms();
+        let rooms = self.registry.rooms_where(which);
         tracing::debug!(rooms = rooms.len(), "holding room traffic for a repair");
         for room in rooms {
             room.members.hold();
@@ -117,14 +117,20 @@ impl Hub {
     ) -> Result<Arc<Hub>, BrokerError> {
         let registry = Arc::new(Registry::default());
         let repairs = Arc::new(Notify::new());
-        let inbox = Arc::new(FanoutInbox {
-            registry: registry.clone(),
-            repairs: repairs.clone(),
-            batch: Mutex::new(Batch::default()),
-        });
+        // One inbox per fan-out partition: each receive loop batches into its own.
+        let inbox = || -> SharedInbox {
+            Arc::new(FanoutInbox {
+                registry: registry.clone(),
+                repairs: repairs.clone(),
+                batch: Mutex::new(Batch::default()),
+            })
+        };
         let broker = match redis {
-            Some(redis) => Broker::Redis(Box::new(RedisBroker::start(redis, inbox)?)),
-            None => Broker::InProcess(InProcessBroker::new(inbox, settings.history)),
+            Some(redis) => {
+                let inboxes = (0..redis.partitions.max(1)).map(|_| inbox()).collect();
+                Broker::Redis(Box::new(RedisBroker::start(redis, inboxes)?))
+            }
+            None => Broker::InProcess(InProcessBroker::new(inbox(), settings.history)),
         };
         let hub = Arc::new(Hub {
             registry,
@@ -407,12 +413,9 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
         if !hub.is_ready() {
             continue;
         }
-        for (room, users) in hub.present_by_room() {
-            let refreshed = hub.broker.presence_upsert(&room, &users).await;
-            let reaped = hub.broker.presence_reap(&room).await;
-            if let Err(error) = refreshed.and(reaped) {
-                tracing::warn!(%room, %error, "presence heartbeat failed");
-            }
+        let rooms: Vec<(RoomName, Vec<PresentUser>)> = hub.present_by_room().into_iter().collect();
+        if let Err(error) = hub.broker.presence_heartbeat(&rooms).await {
+            tracing::warn!(rooms = rooms.len(), %error, "presence heartbeat failed");
         }
     }
 }

@@ -208,24 +208,21 @@ impl Redis {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
-    /// The room channels Redis has subscribers for.
-    pub fn room_channels(&self) -> Vec<String> {
+    /// The rooms whose shard channel Redis has subscribers for, sorted.
+    pub fn subscribed_rooms(&self) -> Vec<String> {
         let reply = self
-            .command(&["PUBSUB", "CHANNELS", "chat:room:*"])
+            .command(&["PUBSUB", "SHARDCHANNELS", "chat:*"])
             .unwrap_or_default();
-        let mut channels: Vec<String> = reply
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect();
-        channels.sort();
-        channels
+        let mut rooms: Vec<String> = reply.lines().filter_map(room_of_channel).collect();
+        rooms.sort();
+        rooms
     }
 
-    /// How many subscribers a channel has.
-    pub fn subscribers(&self, channel: &str) -> u64 {
+    /// How many subscribers a room's shard channel has.
+    pub fn subscribers(&self, room: &str) -> u64 {
+        let channel = format!("chat:{{{room}}}:messages");
         let reply = self
-            .command(&["PUBSUB", "NUMSUB", channel])
+            .command(&["PUBSUB", "SHARDNUMSUB", &channel])
             .unwrap_or_default();
         reply
             .lines()
@@ -233,6 +230,16 @@ impl Redis {
             .and_then(|count| count.trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// The room a gateway shard channel (`chat:{room}:messages`) belongs to.
+pub fn room_of_channel(channel: &str) -> Option<String> {
+    Some(
+        channel
+            .strip_prefix("chat:{")?
+            .strip_suffix("}:messages")?
+            .to_owned(),
+    )
 }
 
 /// A `chat-gateway` process. Its log goes to a file, printed when the test fails.

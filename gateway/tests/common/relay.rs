@@ -2,8 +2,9 @@
 //! whose link to Redis is slow for one of its two connections only (a busy host, a congested
 //! path), and can cut every connection through it at once (a network blip).
 //!
-//! A node has two connections to Redis: the subscriber (it sends `SUBSCRIBE`) and the publisher
-//! (it runs the scripts: `EVALSHA`). The relay tells them apart by what they send.
+//! A node has subscriber connections (they send `SSUBSCRIBE`) and command connections (they
+//! call the gateway's functions: `FCALL`, to publish and to read history). The relay tells them
+//! apart by what they send.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -18,11 +19,11 @@ use parking_lot::Mutex;
 /// Which requests reach Redis late, and by how much. Replies always pass straight back.
 #[derive(Debug, Clone, Copy)]
 pub enum Delay {
-    /// Everything a connection sends once it has sent `SUBSCRIBE`: the subscriber.
+    /// Everything a connection sends once it has sent `SSUBSCRIBE`: a subscriber.
     Subscriptions(Duration),
-    /// Everything a connection opened after [`Relay::cut`] sends once it has sent `EVALSHA`
-    /// (the publisher), while the connection is younger than `window`: a publisher slow to come
-    /// back after a reconnect.
+    /// Everything a connection opened after [`Relay::cut`] sends once it has sent `FCALL` (a
+    /// command connection: publishing, reading history), while the connection is younger than
+    /// `window`: command connections slow to come back after a reconnect.
     YoungPublisher { delay: Duration, window: Duration },
 }
 
@@ -32,7 +33,7 @@ impl Delay {
     fn of(&self, chunk: &[u8], seen: &mut Seen, age: Duration, reconnected: bool) -> Duration {
         let has = |word: &[u8]| chunk.windows(word.len()).any(|window| window == word);
         seen.subscribe |= has(b"SUBSCRIBE");
-        seen.eval |= has(b"EVALSHA");
+        seen.eval |= has(b"FCALL");
         match *self {
             Delay::Subscriptions(delay) if seen.subscribe => delay,
             Delay::YoungPublisher { delay, window } if reconnected && seen.eval && age < window => {
