@@ -53,6 +53,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub ack_replicas: u32,
 
+    /// While the node publishes more than one message per Redis call (it is busy), how long it
+    /// waits for more before the next call, up to a full batch of 64. Larger calls cost Redis
+    /// less per message (docs/benchmarks.md), this long in latency. 0: send at once.
+    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub publish_linger: Duration,
+
     /// Redis subscriber connections the node's rooms are split over, each read by its own
     /// task, so fan-out uses that many cores [default: the cores available, at most 8].
     #[arg(long, env = "GATEWAY_FANOUT_PARTITIONS",
@@ -284,6 +290,7 @@ impl Config {
             command_timeout: self.redis_timeout,
             ack_replicas: self.ack_replicas,
             partitions,
+            publish_linger: self.publish_linger,
         }))
     }
 }

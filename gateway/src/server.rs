@@ -16,7 +16,6 @@ use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::connection::NodeContext;
 use crate::http::AppState;
-use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::rooms::hub::Hub;
 use crate::security::gate::{Gate, SecurityError};
@@ -66,7 +65,6 @@ pub async fn run(
         metrics: metrics.clone(),
         gate,
     });
-    tokio::spawn(report_readiness(hub.clone(), shutdown.clone()).in_current_span());
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));
     }
@@ -85,7 +83,6 @@ pub async fn run(
     tracing::info!(close = %reason, "shutting down: closing connections");
     let _ = shutdown_reason.set(reason);
     shutdown.cancel();
-    metrics::set_ready(false);
     state.sessions.close();
     let grace = config.shutdown_grace + Duration::from_secs(1);
     if tokio::time::timeout(grace, state.sessions.wait())
@@ -103,23 +100,6 @@ pub async fn run(
         _ => {
             tracing::info!("stopped");
             Ok(())
-        }
-    }
-}
-
-/// Keeps the readiness gauges current (Redis connections come and go on their own).
-async fn report_readiness(hub: Arc<Hub>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let ready = hub.is_ready();
-                metrics::set_ready(ready);
-                if hub.broker_kind() == "redis" {
-                    metrics::set_redis_connected(ready);
-                }
-            }
-            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -180,12 +180,18 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
-    match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    let Some(handle) = &state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
+    };
+    // Read at scrape time, so the gauges never disagree with `/readyz`.
+    let broker_ready = state.node.hub.is_ready();
+    crate::metrics::set_ready(broker_ready && !state.node.shutdown.is_cancelled());
+    if state.node.hub.broker_kind() == "redis" {
+        crate::metrics::set_redis_connected(broker_ready);
     }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }

@@ -5,43 +5,63 @@
 -- whenever a function's keys or arguments do, so nodes of two versions can run side by side.
 -- Every function touches the keys of one room only, which share one hash slot.
 
+-- The epoch of each room's history, as last read or set by append, kept in the library's own
+-- memory so most appends need no GET. It is empty whenever the library (re)loads, which is
+-- whenever Redis restarts and may have lost data; a history that was recreated since (it
+-- expired) is noticed because XADD NOMKSTREAM finds no stream, and the epoch is read again.
+local epochs, cached = {}, 0
+
 -- Appends chat messages to their rooms' histories and publishes each on its room's shard
 -- channel, atomically: every delivered message has an offset, and no stored message goes
 -- unpublished. A message whose client id (cid) was stored recently is not stored again: the
 -- original is returned instead. A node sends what it has ready as one call (in a Redis Cluster,
 -- one call per hash slot), so the cost of a call is shared by its messages.
 --
--- Message i (from 1) has keys[5i-4 .. 5i]: history stream, epoch, shard channel, recent cids
--- (current generation), recent cids (previous generation); and args[4+5i-4 .. 4+5i]: frame JSON,
--- message id, user \31 cid (or ''), epoch to use if the history is new, '1' to refresh the
--- room's expiry and trim it by age (a node asks for that now and then, not every message).
+-- Message i (from 1) has keys[3i-2 .. 3i]: history stream (`<base>history`), epoch, shard
+-- channel; its recent cids are `<base>cids` and `<base>cids-old`. It has args[6+3i-2 .. 6+3i]:
+-- frame JSON, message id, user \31 cid (or '').
 -- args[1] max length   args[2] history lifetime (ms)   args[3] dedup window (ms)
--- args[4] publish time (µs, the node's clock)
--- Returns, per message, {offset, epoch, message id, 1 if a duplicate else 0}.
+-- args[4] publish time (µs, the node's clock)   args[5] epoch for a history that is new
+-- args[6] one character per message: '1' to refresh that room's expiry and trim it by age (a
+-- node asks for that now and then, not every message)
+-- Returns three values per message: offset, epoch, and '' (or, for a duplicate, the original's
+-- message id).
 local function append(keys, args)
   local now_ms = math.floor(tonumber(args[4]) / 1000)
   local lifetime = tonumber(args[2])
+  local refresh = args[6]
   local out = {}
-  for i = 1, #keys / 5 do
-    local k, a = 5 * (i - 1), 4 + 5 * (i - 1)
-    local stream, epoch_key, channel, cids, old_cids = keys[k + 1], keys[k + 2], keys[k + 3], keys[k + 4], keys[k + 5]
-    local frame, id, cid = args[a + 1], args[a + 2], args[a + 3]
-    local seen = cid ~= '' and (redis.call('HGET', cids, cid) or redis.call('HGET', old_cids, cid))
+  for i = 1, #keys / 3 do
+    local stream, epoch_key, channel = keys[3 * i - 2], keys[3 * i - 1], keys[3 * i]
+    local frame, id, cid = args[6 + 3 * i - 2], args[6 + 3 * i - 1], args[6 + 3 * i]
+    local base = string.sub(stream, 1, -8)
+    local seen = false
+    if cid ~= '' then
+      seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
+    end
     if seen then
       -- "offset epoch id", as stored below.
       local offset, epoch, original = string.match(seen, '^(%S+) (%S+) (%S+)$')
-      out[i] = {offset, epoch, original, 1}
+      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, original
     else
-      local epoch = redis.call('GET', epoch_key)
-      if not epoch then
-        -- No history (first message, expired, or Redis lost its data): a new epoch tells
-        -- resuming clients that offsets from before cannot be replayed.
-        epoch = args[a + 4]
-        redis.call('SET', epoch_key, epoch, 'PX', lifetime)
+      local epoch = epochs[epoch_key]
+      local offset = epoch and redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', args[1], '*', 'f', frame)
+      if not offset then
+        epoch = redis.call('GET', epoch_key)
+        if not epoch then
+          -- No history (first message, expired, or Redis lost its data): a new epoch tells
+          -- resuming clients that offsets from before cannot be replayed. An epoch without a
+          -- stream was given by a subscribing node (head) and is kept.
+          epoch = args[5]
+          redis.call('SET', epoch_key, epoch, 'PX', lifetime)
+        end
+        offset = redis.call('XADD', stream, 'MAXLEN', '~', args[1], '*', 'f', frame)
+        if cached >= 100000 then epochs, cached = {}, 0 end
+        if not epochs[epoch_key] then cached = cached + 1 end
+        epochs[epoch_key] = epoch
       end
-      local offset = redis.call('XADD', stream, 'MAXLEN', '~', args[1], '*', 'f', frame)
       redis.call('SPUBLISH', channel, args[4] .. '\nm\n' .. offset .. '\n' .. epoch .. '\n' .. frame)
-      if args[a + 5] ~= '' then
+      if string.byte(refresh, i) == 49 then
         redis.call('PEXPIRE', stream, lifetime)
         redis.call('PEXPIRE', epoch_key, lifetime)
         redis.call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
@@ -49,6 +69,7 @@ local function append(keys, args)
       if cid ~= '' then
         -- Two generations: a cid stays findable for at least one window and at most two. The
         -- empty field holds the current generation's birth time.
+        local cids, old_cids = base .. 'cids', base .. 'cids-old'
         local window = tonumber(args[3])
         local born = tonumber(redis.call('HGET', cids, '') or '')
         if (not born) or now_ms - born >= window then
@@ -58,7 +79,7 @@ local function append(keys, args)
         end
         redis.call('HSET', cids, cid, offset .. ' ' .. epoch .. ' ' .. id)
       end
-      out[i] = {offset, epoch, id, 0}
+      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, ''
     end
   end
   return out

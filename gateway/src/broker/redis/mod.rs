@@ -62,6 +62,8 @@ pub struct RedisSettings {
     pub ack_replicas: u32,
     /// Subscriber connections the node's rooms are split over, each read by its own task.
     pub partitions: usize,
+    /// While busy, how long the publisher waits for more messages before its next call.
+    pub publish_linger: Duration,
 }
 
 /// Redis broker.
@@ -100,6 +102,7 @@ impl RedisBroker {
             settings.ack_replicas,
             settings.command_timeout,
             cluster,
+            settings.publish_linger,
         );
         tasks.push(task);
         tasks.push(watch_connection("publisher", publisher.client()));

@@ -6,6 +6,9 @@
 //! is what keeps Redis's cost per message down: the cost of a call (reading it, starting the
 //! script, answering, writing the shard messages out) is shared by its messages. fred never
 //! pipelines `EVALSHA`, so one call in flight per connection is what a connection does anyway.
+//! With `--publish-linger`, a busy publisher waits that long for more messages before its next
+//! call (up to a full batch): fewer, larger calls cost Redis less per message, at the price of
+//! that wait in latency.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -45,6 +48,8 @@ pub(super) struct Publisher {
     ack_timeout: Duration,
     /// Whether Redis is a cluster: calls are then grouped by hash slot.
     cluster: bool,
+    /// While busy, how long to wait for more messages before the next call (0: never).
+    linger: Duration,
     queue: Mutex<VecDeque<Pending>>,
     wake: Notify,
     /// When this node last refreshed each room's expiry: refreshed every tenth of the
@@ -61,6 +66,7 @@ impl Publisher {
         ack_replicas: u32,
         ack_timeout: Duration,
         cluster: bool,
+        linger: Duration,
     ) -> (Arc<Publisher>, tokio::task::JoinHandle<()>) {
         let publisher = Arc::new(Publisher {
             client,
@@ -69,6 +75,7 @@ impl Publisher {
             ack_replicas,
             ack_timeout,
             cluster,
+            linger,
             queue: Mutex::default(),
             wake: Notify::new(),
             refreshed: Mutex::default(),
@@ -158,24 +165,33 @@ impl Publisher {
     /// The keys and arguments of one call appending `group`.
     fn call_for(&self, group: &[Pending], now: Instant) -> (Vec<String>, Vec<String>) {
         let history = &self.history;
-        let mut keys = Vec::with_capacity(group.len() * 5);
-        let mut args = vec![
+        let mut keys = Vec::with_capacity(group.len() * 3);
+        let refresh: String = group
+            .iter()
+            .map(|pending| {
+                if self.refresh_due(&pending.room, now) {
+                    '1'
+                } else {
+                    '0'
+                }
+            })
+            .collect();
+        let mut args = Vec::with_capacity(6 + group.len() * 3);
+        args.extend([
             history.max_len.to_string(),
             history.max_age.as_millis().to_string(),
             history.dedup_window.as_millis().to_string(),
             now_micros().to_string(),
-        ];
+            Epoch::random().to_string(),
+            refresh,
+        ]);
         for pending in group {
             let room = self.keys.room(&pending.room);
-            let [cids, old_cids] = room.cids;
-            keys.extend([room.history, room.epoch, room.channel, cids, old_cids]);
-            let refresh = self.refresh_due(&pending.room, now);
+            keys.extend([room.history, room.epoch, room.channel]);
             args.extend([
                 pending.message.frame.clone(),
                 pending.message.id.to_string(),
                 pending.message.dedup_field(),
-                Epoch::random().to_string(),
-                if refresh { "1" } else { "" }.to_owned(),
             ]);
         }
         (keys, args)
@@ -184,10 +200,10 @@ impl Publisher {
     /// Tells every sender in `group` how its message fared.
     fn answer(&self, group: Vec<Pending>, outcome: Result<Results, BrokerError>, started: Instant) {
         match outcome {
-            Ok(results) if results.len() == group.len() => {
+            Ok(results) if results.len() == group.len() * 3 => {
                 metrics::messages_published(group.len(), started.elapsed());
-                for (pending, result) in group.into_iter().zip(results) {
-                    let _ = pending.reply.send(parse(result));
+                for (pending, result) in group.into_iter().zip(results.chunks_exact(3)) {
+                    let _ = pending.reply.send(parse(pending.message.id, result));
                 }
             }
             Ok(_) => {
@@ -280,35 +296,65 @@ impl Publisher {
     }
 }
 
-/// What one append call returns: per message `{offset, epoch, message id, duplicate}`.
-type Results = Vec<(String, String, String, i64)>;
+/// What one append call returns: per message its offset, its epoch, and '' (or, for a
+/// duplicate, the original message's id).
+type Results = Vec<String>;
 
-/// One message's result.
-fn parse(
-    (offset, epoch, id, duplicate): (String, String, String, i64),
-) -> Result<Published, BrokerError> {
+/// One message's result; `sent` is the id it was sent with.
+fn parse(sent: uuid::Uuid, result: &[String]) -> Result<Published, BrokerError> {
+    let [offset, epoch, original] = result else {
+        return Err(BrokerError::Reply("append result"));
+    };
     Ok(Published {
         position: Position {
-            offset: Offset::parse(&offset).ok_or(BrokerError::Reply("stream id"))?,
-            epoch: Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?,
+            offset: Offset::parse(offset).ok_or(BrokerError::Reply("stream id"))?,
+            epoch: Epoch::parse(epoch).ok_or(BrokerError::Reply("epoch"))?,
         },
-        id: id.parse().map_err(|_| BrokerError::Reply("message id"))?,
-        duplicate: duplicate != 0,
+        id: if original.is_empty() {
+            sent
+        } else {
+            original
+                .parse()
+                .map_err(|_| BrokerError::Reply("message id"))?
+        },
+        duplicate: !original.is_empty(),
     })
 }
 
 /// Sends what is queued, one batch at a time, for as long as the publisher lives.
 async fn run(publisher: Arc<Publisher>) {
+    // Whether the last call carried more than one message: only then is it worth lingering.
+    let mut busy = false;
     loop {
+        if busy && !publisher.linger.is_zero() {
+            publisher.linger_for_more().await;
+        }
         let batch: Vec<Pending> = {
             let mut queue = publisher.queue.lock();
             let take = queue.len().min(MAX_BATCH);
             queue.drain(..take).collect()
         };
         if batch.is_empty() {
+            busy = false;
             publisher.wake.notified().await;
             continue;
         }
+        busy = batch.len() > 1;
         publisher.send(batch).await;
+    }
+}
+
+impl Publisher {
+    /// Waits up to the linger for more messages, or until a batch is full.
+    async fn linger_for_more(&self) {
+        let deadline = tokio::time::Instant::now() + self.linger;
+        while self.queue.lock().len() < MAX_BATCH {
+            if tokio::time::timeout_at(deadline, self.wake.notified())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 }
