@@ -219,6 +219,11 @@ check_compose() {
     else
         fail compose "$out"
     fi
+    if out=$(docker-compose -f "$COMPOSE_FILE" -f deploy/compose/redis-cluster.yml config -q 2>&1); then
+        pass "docker-compose config -q with the Redis Cluster override"
+    else
+        fail compose "$out"
+    fi
     if docker compose version >/dev/null 2>&1; then
         if out=$(docker compose -f "$COMPOSE_FILE" config -q 2>&1); then
             pass "docker compose config -q"

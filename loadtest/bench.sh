@@ -23,6 +23,8 @@
 #   LOADGEN_BIN   load generator (default: $CARGO_TARGET_DIR or target, release/chat-loadgen;
 #                 built with `cargo build --release -p chat-loadgen` when missing)
 #   REDIS_PORT    port of the benchmark's own redis-server (default 6395)
+#   REDIS_CLUSTER set (to anything) for a 3-primary Redis Cluster on REDIS_PORT..+2 instead
+#                 (gateway stack only)
 #   NODE_PORTS    the two node ports (default 18081,18082)
 #   GATEWAY_RUST_LOG  RUST_LOG for the gateway nodes (default warn)
 #   GATEWAY_CONN_MESSAGE_RATE, GATEWAY_USER_MESSAGE_RATE, GATEWAY_IP_CONNECT_RATE
@@ -52,6 +54,8 @@ done
 GATEWAY_BIN="${GATEWAY_BIN:-$REPO/target/release/chat-gateway}"
 LOADGEN_BIN="${LOADGEN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/chat-loadgen}"
 REDIS_PORT="${REDIS_PORT:-6395}"
+REDIS_CLUSTER="${REDIS_CLUSTER:-}"
+EXTRA_REDIS_PIDS=""
 NODE_PORTS="${NODE_PORTS:-18081,18082}"
 PORT_A="${NODE_PORTS%%,*}"
 PORT_B="${NODE_PORTS##*,}"
@@ -140,6 +144,9 @@ stop_cluster() {
   stop_pid "$NODE_A_PID"; NODE_A_PID=""
   stop_pid "$NODE_B_PID"; NODE_B_PID=""
   stop_pid "$REDIS_PID"; REDIS_PID=""
+  local pid
+  for pid in $EXTRA_REDIS_PIDS; do stop_pid "$pid"; done
+  EXTRA_REDIS_PIDS=""
 }
 trap stop_cluster EXIT
 trap 'exit 130' INT TERM
@@ -159,7 +166,7 @@ wait_ready() {
 # start_node STACK NODE_ID PORT LOGFILE: starts one node in the background, prints its pid.
 start_node() {
   local stack="$1" id="$2" port="$3" logfile="$4"
-  local redis_url="redis://127.0.0.1:$REDIS_PORT"
+  local redis_url="$REDIS_URL_FOR_NODES"
   case "$stack" in
     gateway)
       # The peers have no rate limits; lift the gateway's (per-connection and per-user message
@@ -184,15 +191,41 @@ start_node() {
 }
 
 # start_cluster STACK TAG: fresh redis + two nodes named <stack>-a / <stack>-b.
-start_cluster() {
-  local stack="$1" tag="$2"
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    --maxclients 10000 --logfile "$LOGS/$tag-redis.log" &
-  REDIS_PID=$!
+start_redis() {
+  local port="$1" log="$2"
+  shift 2
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxclients 10000 --logfile "$log" "$@" >/dev/null 2>&1 &
+  echo $!
   for _ in $(seq 100); do
-    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
     sleep 0.05
   done
+}
+
+start_cluster() {
+  local stack="$1" tag="$2"
+  if [[ -n $REDIS_CLUSTER ]]; then
+    # Three primaries on REDIS_PORT..+2, no replicas.
+    local dir port nodes=() members=()
+    for i in 0 1 2; do
+      port=$((REDIS_PORT + i))
+      dir="$LOGS/$tag-redis-$i"
+      mkdir -p "$dir"
+      members+=("$(start_redis "$port" "$dir/redis.log" --cluster-enabled yes --dir "$dir" \
+        --cluster-config-file "$dir/nodes.conf")")
+      nodes+=("127.0.0.1:$port")
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-yes >/dev/null
+    until redis-cli -p "$REDIS_PORT" cluster info | grep -q cluster_state:ok; do sleep 0.1; done
+    REDIS_PID="${members[0]}" REDIS_PIDS="redis=${members[0]},redis-2=${members[1]},redis-3=${members[2]}"
+    REDIS_URL_FOR_NODES="redis-cluster://${nodes[0]}?node=${nodes[1]}&node=${nodes[2]}"
+    EXTRA_REDIS_PIDS="${members[1]} ${members[2]}"
+  else
+    REDIS_PID="$(start_redis "$REDIS_PORT" "$LOGS/$tag-redis.log")"
+    REDIS_PIDS="redis=$REDIS_PID"
+    REDIS_URL_FOR_NODES="redis://127.0.0.1:$REDIS_PORT"
+  fi
   NODE_A_PID="$(start_node "$stack" "$stack-a" "$PORT_A" "$LOGS/$tag-$stack-a.log")"
   NODE_B_PID="$(start_node "$stack" "$stack-b" "$PORT_B" "$LOGS/$tag-$stack-b.log")"
   wait_ready "$PORT_A" "$stack-a"
@@ -212,7 +245,7 @@ run_loadgen() {
   local stack="$1" label="$2"
   shift 2
   local protocol="$stack"
-  local pids="$stack-a=$NODE_A_PID,$stack-b=$NODE_B_PID,redis=$REDIS_PID"
+  local pids="$stack-a=$NODE_A_PID,$stack-b=$NODE_B_PID,$REDIS_PIDS"
   log "$stack: $label: chat-loadgen $*"
   "$LOADGEN_BIN" "$@" --protocol "$protocol" --url "$(urls_for "$stack")" --pid "$pids" \
     --json --quiet >"$OUT/$label-$stack.jsonl" 2>"$LOGS/$label-$stack.loadgen.log" || {

@@ -19,6 +19,7 @@ declare -A needed=(
   [promtool]=prometheus
   [docker-compose]=docker-compose
   [curl]=curl
+  [openssl]=openssl
   [python3]=python3
   [shellcheck]=shellcheck
 )

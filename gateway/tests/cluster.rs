@@ -8,31 +8,43 @@ use common::relay::{Delay, Relay};
 use common::{Client, Gateway, Node, Persistence, Redis, wait_until};
 use serde_json::json;
 
-fn three_nodes(redis: &Redis) -> [Node; 3] {
-    ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, redis, &[]))
-}
+/// The cluster suite on one Redis server (`redis_cluster.rs` runs it on a Redis Cluster).
+mod one_redis {
+    use super::common::{Redis, scenarios};
 
-#[tokio::test]
-async fn a_message_sent_on_one_node_reaches_members_on_every_node_exactly_once() {
-    let redis = Redis::start();
-    let nodes = three_nodes(&redis);
-    let mut clients = Vec::new();
-    for node in &nodes {
-        let client = Client::connect(&node.ws_url("/ws?room=general")).await;
-        assert_eq!(client.node, node.id, "the welcome frame names the node");
-        clients.push(client);
+    #[tokio::test]
+    async fn a_message_sent_on_one_node_reaches_members_on_every_node_exactly_once() {
+        scenarios::exactly_once_on_every_node(&Redis::start()).await;
     }
-    let id = clients[0].say("general", "hello cluster").await;
-    clients[0].say("general", "sentinel").await;
-    for client in &mut clients {
-        let first = client.recv_type("message").await;
-        assert_eq!(
-            (first["id"].as_str(), first["message"].as_str()),
-            (Some(id.as_str()), Some("hello cluster"))
-        );
-        // The very next message is the sentinel: the first one came exactly once.
-        assert_eq!(client.recv_type("message").await["message"], "sentinel");
-        assert_eq!(client.recv_within(Duration::from_millis(200)).await, None);
+
+    #[tokio::test]
+    async fn concurrent_senders_on_different_nodes_see_one_order_everywhere() {
+        scenarios::one_order_for_concurrent_senders(&Redis::start()).await;
+    }
+
+    #[tokio::test]
+    async fn rooms_are_isolated_across_nodes() {
+        scenarios::rooms_are_isolated(&Redis::start()).await;
+    }
+
+    #[tokio::test]
+    async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_leaves() {
+        scenarios::subscribed_once_per_node_and_unsubscribed_after_the_last_member(&Redis::start())
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+        scenarios::a_client_resumes_on_another_node_with_exactly_what_it_missed(&Redis::start())
+            .await;
+    }
+
+    #[tokio::test]
+    async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
+        scenarios::presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(
+            &Redis::start(),
+        )
+        .await;
     }
 }
 
@@ -78,105 +90,6 @@ async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns
     });
     assert_eq!(redis.subscribed_rooms(), ["stays"]);
     drop(stays);
-}
-
-#[tokio::test]
-async fn concurrent_senders_on_different_nodes_see_one_order_everywhere() {
-    let redis = Redis::start();
-    let nodes = three_nodes(&redis);
-    const PER_SENDER: usize = 40;
-    // Every member is in the room (its welcome frame says so) before anyone sends.
-    let mut clients = Vec::new();
-    for node in &nodes {
-        clients.push(Client::connect(&node.ws_url("/ws?room=race")).await);
-    }
-    let mut tasks = Vec::new();
-    for mut client in clients {
-        tasks.push(tokio::spawn(async move {
-            for i in 0..PER_SENDER {
-                client
-                    .send(json!({"type":"message","message":format!("{}-{i}", client.node)}))
-                    .await;
-            }
-            let mut order = Vec::new();
-            while order.len() < PER_SENDER * 3 {
-                let frame = client.recv().await;
-                if frame["type"] == "message" {
-                    order.push(frame["id"].as_str().unwrap().to_owned());
-                }
-            }
-            order
-        }));
-    }
-    let mut orders = Vec::new();
-    for task in tasks {
-        orders.push(task.await.expect("client task"));
-    }
-    assert_eq!(orders[0].len(), PER_SENDER * 3);
-    assert_eq!(
-        orders[0], orders[1],
-        "node-a and node-b members saw different orders"
-    );
-    assert_eq!(
-        orders[0], orders[2],
-        "node-a and node-c members saw different orders"
-    );
-}
-
-#[tokio::test]
-async fn rooms_are_isolated_across_nodes() {
-    let redis = Redis::start();
-    let [a, b, _c] = three_nodes(&redis);
-    let mut red = Client::connect(&a.ws_url("/ws?room=red")).await;
-    let mut blue = Client::connect(&b.ws_url("/ws?room=blue")).await;
-    let mut red_too = Client::connect(&b.ws_url("/ws?room=red")).await;
-    red.say("red", "for red").await;
-    assert_eq!(red_too.recv_type("message").await["message"], "for red");
-    assert_eq!(blue.recv_within(Duration::from_millis(300)).await, None);
-}
-
-#[tokio::test]
-async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_leaves() {
-    let redis = Redis::start();
-    let [a, b, _c] = three_nodes(&redis);
-    let room = "topic";
-    let redis = &redis;
-    let subscribers = |count: u64| move || redis.subscribers(room) == count;
-
-    let mut first = Client::connect(&a.ws_url("/ws?room=lobby")).await;
-    first.join("topic").await;
-    assert_eq!(
-        redis.subscribers(room),
-        1,
-        "subscribed by the time join is acknowledged"
-    );
-    let mut second = Client::connect(&a.ws_url("/ws?room=lobby")).await;
-    second.join("topic").await;
-    assert_eq!(
-        redis.subscribers(room),
-        1,
-        "one subscription per node, not per member"
-    );
-    let mut remote = Client::connect(&b.ws_url("/ws?room=topic")).await;
-    wait_until("node b to subscribe", subscribers(2));
-
-    first
-        .send(json!({"type":"leave","room":"topic","ref":1}))
-        .await;
-    first.recv_type("left").await;
-    assert_eq!(redis.subscribers(room), 2, "node a still has a member");
-    second.close().await;
-    wait_until("node a to unsubscribe", subscribers(1));
-    remote.say("topic", "still flowing").await;
-    drop(remote);
-    wait_until("the channel to disappear", || {
-        !redis.subscribed_rooms().contains(&room.to_owned())
-    });
-    assert!(
-        redis.subscribed_rooms().contains(&"lobby".to_owned()),
-        "lobby still has a member"
-    );
-    drop(first);
 }
 
 #[tokio::test]

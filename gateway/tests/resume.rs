@@ -5,90 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::scenarios::{messages, texts};
 use common::traffic::{Live, Traffic};
 use common::{Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, wait_until};
-use serde_json::{Value, json};
-
-/// A message frame's offset as `(ms, seq)`, for ordering checks.
-fn offset_of(frame: &Value) -> (u64, u64) {
-    let text = frame["offset"]
-        .as_str()
-        .expect("message frames carry an offset");
-    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-/// Reads message frames until `count` arrived.
-async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let frame = client.recv().await;
-        if frame["type"] == "message" {
-            got.push(frame);
-        }
-    }
-    got
-}
-
-fn texts(frames: &[Value]) -> Vec<&str> {
-    frames
-        .iter()
-        .map(|frame| frame["message"].as_str().unwrap())
-        .collect()
-}
-
-#[tokio::test]
-async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
-    let redis = Redis::start();
-    let a = Node::clustered("node-a", &redis, &[]);
-    let b = Node::clustered("node-b", &redis, &[]);
-    let mut sender = Client::connect(&b.ws_url("/ws?room=r")).await;
-    let mut reader = Client::connect(&a.ws_url("/ws?room=r")).await;
-
-    for text in ["m1", "m2"] {
-        sender.say("r", text).await;
-    }
-    let seen = messages(&mut reader, 2).await;
-    assert!(
-        offset_of(&seen[0]) < offset_of(&seen[1]),
-        "offsets increase"
-    );
-    let last = seen[1]["offset"].as_str().unwrap().to_owned();
-    let epoch = seen[1]["epoch"].as_str().unwrap().to_owned();
-    drop(reader);
-
-    for text in ["m3", "m4", "m5"] {
-        sender.say("r", text).await;
-    }
-    // Back on the other node, in another room first, then resuming `r` with a typed join.
-    let mut back = Client::connect(&b.ws_url("/ws?room=elsewhere")).await;
-    back.send(json!({"type":"join","room":"r","since":last,"epoch":epoch,"ref":1}))
-        .await;
-    let joined = back.recv().await;
-    assert_eq!(joined["type"], "joined");
-    assert_eq!(joined["recovered"], true, "{joined}");
-    assert_eq!(joined["ref"], 1);
-    sender.say("r", "m6").await;
-    let resumed = messages(&mut back, 4).await;
-    assert_eq!(
-        texts(&resumed),
-        ["m3", "m4", "m5", "m6"],
-        "missed messages, in order, then live"
-    );
-    assert_eq!(
-        back.recv_within(Duration::from_millis(300)).await,
-        None,
-        "no duplicates"
-    );
-
-    // The seed-style form: `since` in the query replays into the default room.
-    let mut seedish = Client::connect(&a.ws_url(&format!("/ws?room=r&since={last}"))).await;
-    assert_eq!(seedish.recv().await["recovered"], true);
-    assert_eq!(
-        texts(&messages(&mut seedish, 4).await),
-        ["m3", "m4", "m5", "m6"]
-    );
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn a_join_can_ask_for_the_last_messages() {
@@ -146,63 +66,6 @@ async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovere
         false,
         "a lost epoch is detected"
     );
-}
-
-#[tokio::test]
-async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
-    let redis = Redis::start();
-    let ttl = ["--presence-ttl", "1500ms"];
-    let a = Node::clustered("node-a", &redis, &ttl);
-    let mut b = Node::clustered("node-b", &redis, &ttl);
-    let mut watcher = Client::connect(&a.ws_url("/ws?room=p&name=watcher&presence=true")).await;
-    let doomed = Client::connect(&b.ws_url("/ws?room=p&name=doomed")).await;
-
-    let joined = watcher.recv_type("presence_event").await;
-    let joined = if joined["userId"] == watcher.user_id.as_str() {
-        watcher.recv_type("presence_event").await
-    } else {
-        joined
-    };
-    assert_eq!(
-        (joined["event"].as_str(), joined["userId"].as_str()),
-        (Some("join"), Some(doomed.user_id.as_str()))
-    );
-    assert_eq!(joined["name"], "doomed");
-
-    watcher
-        .send(json!({"type":"presence","room":"p","ref":"who"}))
-        .await;
-    let listed = watcher.recv_type("presence").await;
-    assert_eq!(listed["ref"], "who");
-    let mut ids: Vec<&str> = listed["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["userId"].as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
-    let mut expected = vec![watcher.user_id.as_str(), doomed.user_id.as_str()];
-    expected.sort_unstable();
-    assert_eq!(ids, expected, "both users, across both nodes");
-
-    let killed_at = Instant::now();
-    b.process.signal("KILL");
-    b.process.wait_exit(Duration::from_secs(5));
-    let left = watcher.recv_type("presence_event").await;
-    let expired_after = killed_at.elapsed();
-    assert_eq!(
-        (left["event"].as_str(), left["userId"].as_str()),
-        (Some("leave"), Some(doomed.user_id.as_str()))
-    );
-    // TTL plus one heartbeat period (a third of it) is the documented bound.
-    assert!(
-        expired_after < Duration::from_millis(1500 + 500 + 1000),
-        "left after {expired_after:?}"
-    );
-    watcher.send(json!({"type":"presence","room":"p"})).await;
-    let listed = watcher.recv_type("presence").await;
-    assert_eq!(listed["users"].as_array().unwrap().len(), 1, "{listed}");
-    drop(doomed);
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 //! the node unsubscribed from a room that has members.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ struct FanoutInbox {
     registry: Arc<Registry>,
     /// Wakes the repair task.
     repairs: Arc<Notify>,
+    /// Set when rooms are held, so the repair task watches how long they wait.
+    held: Arc<AtomicBool>,
     /// What the broker delivered since its last flush.
     batch: Mutex<Batch>,
 }
@@ -54,6 +57,7 @@ impl Inbox for FanoutInbox {
         self.batch.lock().flush();
         let rooms = self.registry.rooms_where(which);
         tracing::debug!(rooms = rooms.len(), "holding room traffic for a repair");
+        self.held.store(true, Ordering::SeqCst);
         for room in rooms {
             room.members.hold();
         }
@@ -117,11 +121,13 @@ impl Hub {
     ) -> Result<Arc<Hub>, BrokerError> {
         let registry = Arc::new(Registry::default());
         let repairs = Arc::new(Notify::new());
+        let held = Arc::new(AtomicBool::new(false));
         // One inbox per fan-out partition: each receive loop batches into its own.
         let inbox = || -> SharedInbox {
             Arc::new(FanoutInbox {
                 registry: registry.clone(),
                 repairs: repairs.clone(),
+                held: held.clone(),
                 batch: Mutex::new(Batch::default()),
             })
         };
@@ -138,7 +144,7 @@ impl Hub {
             repair_timeout: settings.repair_timeout,
             presence: Mutex::default(),
         });
-        tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs));
+        tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs, held));
         tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
         Ok(hub)
     }
@@ -316,6 +322,33 @@ impl Hub {
         by_room
     }
 
+    /// Resyncs the members of rooms held for the repair timeout without a repair; returns
+    /// whether rooms are still held.
+    fn resync_overdue(&self) -> bool {
+        let mut still_held = false;
+        for room in self.registry.room_names() {
+            let Some(entry) = self.registry.get(room.as_str()) else {
+                continue;
+            };
+            let Some(from) = entry.members.repair_from() else {
+                continue;
+            };
+            if from.overdue(self.repair_timeout) {
+                let closed = entry.members.resync();
+                metrics::repair("resync");
+                tracing::warn!(
+                    %room,
+                    closed,
+                    timeout = ?self.repair_timeout,
+                    "the room's subscription was not restored in time; members resync"
+                );
+            } else {
+                still_held = true;
+            }
+        }
+        still_held
+    }
+
     /// Repairs every room that holds traffic after a gap: reads what it missed from history
     /// and delivers it, then what was held. A room whose history no longer covers the gap
     /// (trimmed, or lost with Redis's data), or whose repair kept failing for the repair
@@ -377,14 +410,32 @@ impl Hub {
     }
 }
 
+/// How often held rooms are checked for having waited too long for their repair.
+const HELD_CHECK: Duration = Duration::from_secs(1);
+
 /// Shortest and longest wait before a failed repair is tried again.
 const REPAIR_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
 
 /// Repairs held rooms whenever the broker says its subscriptions are back, retrying failed
 /// repairs with backoff until none is left, for as long as the hub lives.
-async fn repair_gaps(hub: Weak<Hub>, repairs: Arc<Notify>) {
+///
+/// Rooms held while the broker is still resubscribing (its repair not yet asked for) are
+/// watched too: one held for the repair timeout resyncs its members, so no room waits
+/// without bound on a subscription that does not come back.
+async fn repair_gaps(hub: Weak<Hub>, repairs: Arc<Notify>, held: Arc<AtomicBool>) {
     loop {
-        repairs.notified().await;
+        tokio::select! {
+            () = repairs.notified() => {}
+            () = tokio::time::sleep(HELD_CHECK), if held.load(Ordering::SeqCst) => {
+                let Some(strong) = hub.upgrade() else { return };
+                // Cleared first: a room held during the check sets it again.
+                held.store(false, Ordering::SeqCst);
+                if strong.resync_overdue() {
+                    held.store(true, Ordering::SeqCst);
+                }
+                continue;
+            }
+        }
         let mut retry = REPAIR_RETRY.0;
         loop {
             let Some(strong) = hub.upgrade() else { return };

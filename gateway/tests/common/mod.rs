@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod local;
+pub mod redis_cluster;
 pub mod relay;
+pub mod scenarios;
 
 pub use tempfile::TempDir;
 
@@ -105,7 +107,7 @@ impl Drop for Process {
 }
 
 /// Whether a program can be found on PATH.
-fn require(program: &str) {
+pub fn require(program: &str) {
     let found = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
         .unwrap_or(false);
@@ -115,12 +117,26 @@ fn require(program: &str) {
     );
 }
 
+/// What the cluster tests need of a Redis deployment, whatever its topology.
+pub trait SharedRedis {
+    /// The URL a gateway node is given (`--redis-url`).
+    fn url(&self) -> String;
+    /// The rooms whose shard channel has subscribers anywhere, sorted.
+    fn subscribed_rooms(&self) -> Vec<String>;
+    /// How many subscribers a room's shard channel has.
+    fn subscribers(&self, room: &str) -> u64;
+}
+
 /// A private `redis-server` on a free loopback port.
 pub struct Redis {
     pub port: u16,
     process: Process,
     dir: TempDir,
     persistence: Persistence,
+    /// Further `redis-server` arguments, kept for a restart.
+    args: Vec<String>,
+    /// Not killed.
+    running: bool,
 }
 
 /// Whether a test's Redis keeps its data across a restart.
@@ -141,29 +157,37 @@ impl Redis {
 
     /// Starts a Redis server that keeps its data as `persistence` says.
     pub fn start_with(persistence: Persistence) -> Redis {
-        Self::launch(free_port(), temp_dir("redis"), persistence)
+        Self::start_with_args(persistence, &[])
     }
 
-    fn launch(port: u16, dir: TempDir, persistence: Persistence) -> Redis {
+    /// Starts a Redis server with further `redis-server` arguments (`--requirepass`, TLS…).
+    pub fn start_with_args(persistence: Persistence, args: &[&str]) -> Redis {
+        let args = args.iter().map(|arg| arg.to_string()).collect();
+        Self::launch(free_port(), temp_dir("redis"), persistence, args)
+    }
+
+    fn launch(port: u16, dir: TempDir, persistence: Persistence, args: Vec<String>) -> Redis {
         require("redis-server");
         let aof: &[&str] = match persistence {
             Persistence::None => &["--appendonly", "no"],
             Persistence::Aof => &["--appendonly", "yes", "--appendfsync", "always"],
         };
+        let port_text = port.to_string();
+        // A server with a certificate listens with TLS only.
+        let listen = if args.iter().any(|arg| arg == "--tls-cert-file") {
+            ["--port", "0", "--tls-port", &port_text]
+        } else {
+            ["--port", &port_text, "--tls-port", "0"]
+        };
         let process = Process::spawn(
             "redis-server",
             Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ])
+                .args(listen)
+                .args(["--bind", "127.0.0.1", "--save", ""])
                 .args(aof)
                 .arg("--dir")
                 .arg(dir.path())
+                .args(&args)
                 .stdout(Stdio::null()),
         );
         let redis = Redis {
@@ -171,34 +195,59 @@ impl Redis {
             process,
             dir,
             persistence,
+            args,
+            running: true,
         };
-        wait_until("redis to answer PING", || {
-            redis.command(&["PING"]).is_ok_and(|reply| reply == "PONG")
-        });
+        redis.wait_answering();
         redis
+    }
+
+    /// Waits until the server answers PING (a server with TLS only is asked through TLS).
+    fn wait_answering(&self) {
+        wait_until("redis to answer PING", || {
+            self.command(&["PING"]).is_ok_and(|reply| reply == "PONG")
+        });
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Kills the server at once (SIGKILL), keeping its port and data for [`Redis::restart`].
     pub fn kill(&mut self) {
         self.process.signal("KILL");
         let _ = self.process.wait_exit(PATIENCE);
+        self.running = false;
+    }
+
+    /// Whether the server was not killed.
+    pub fn is_running(&self) -> bool {
+        self.running
     }
 
     /// Starts a killed server again on the same port and data directory.
     pub fn restart(&mut self) {
         let dir = std::mem::replace(&mut self.dir, temp_dir("redis-unused"));
-        *self = Self::launch(self.port, dir, self.persistence);
+        let args = std::mem::take(&mut self.args);
+        *self = Self::launch(self.port, dir, self.persistence, args);
     }
 
     /// The URL a gateway node uses.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn tls(&self) -> bool {
+        self.args.iter().any(|arg| arg == "--tls-cert-file")
     }
 
     /// Runs a command with `redis-cli` and returns its raw output, one reply item per line.
     pub fn command(&self, args: &[&str]) -> Result<String, String> {
         let output = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(self.cli_args())
             .args(args)
             .output()
             .map_err(|error| error.to_string())?;
@@ -206,6 +255,26 @@ impl Redis {
             return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// How `redis-cli` must talk to this server: its password, and TLS with its CA.
+    fn cli_args(&self) -> Vec<String> {
+        let mut cli = Vec::new();
+        let mut args = self.args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--requirepass" => {
+                    cli.extend(["--no-auth-warning".into(), "-a".into()]);
+                    cli.extend(args.next().cloned());
+                }
+                "--tls-ca-cert-file" => {
+                    cli.extend(["--tls".into(), "--cacert".into()]);
+                    cli.extend(args.next().cloned());
+                }
+                _ => {}
+            }
+        }
+        cli
     }
 
     /// The rooms whose shard channel Redis has subscribers for, sorted.
@@ -229,6 +298,20 @@ impl Redis {
             .nth(1)
             .and_then(|count| count.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+impl SharedRedis for Redis {
+    fn url(&self) -> String {
+        Redis::url(self)
+    }
+
+    fn subscribed_rooms(&self) -> Vec<String> {
+        Redis::subscribed_rooms(self)
+    }
+
+    fn subscribers(&self, room: &str) -> u64 {
+        Redis::subscribers(self, room)
     }
 }
 
@@ -257,7 +340,7 @@ impl Node {
     }
 
     /// Starts a node on `redis`, waiting until it is ready.
-    pub fn clustered(id: &str, redis: &Redis, extra: &[&str]) -> Node {
+    pub fn clustered(id: &str, redis: &impl SharedRedis, extra: &[&str]) -> Node {
         Self::start(id, Some(&redis.url()), extra)
     }
 
@@ -349,9 +432,14 @@ impl Gateway for Node {
 const LOG_TAIL_LINES: usize = 60;
 
 impl Node {
+    /// Everything the node logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path().join("log")).unwrap_or_default()
+    }
+
     /// Prints the end of the node's log to the test's output.
     fn show_log(&self) {
-        let log = std::fs::read_to_string(self.log.path().join("log")).unwrap_or_default();
+        let log = self.log_text();
         let lines: Vec<&str> = log.lines().collect();
         let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
         eprintln!(
@@ -577,7 +665,13 @@ impl Client {
     pub async fn join(&mut self, room: &str) {
         self.send(serde_json::json!({"type": "join", "room": room, "ref": room}))
             .await;
-        let reply = self.recv_type("joined").await;
+        let reply = loop {
+            let frame = self.recv().await;
+            if frame["type"] == "joined" || (frame["type"] == "error" && frame["ref"] == room) {
+                break frame;
+            }
+        };
+        assert_eq!(reply["type"], "joined", "joining {room}: {reply}");
         assert_eq!(reply["room"], room);
     }
 

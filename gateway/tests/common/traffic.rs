@@ -95,6 +95,9 @@ pub struct Sent {
     pub retried: HashMap<String, usize>,
 }
 
+/// How long senders and members may take to finish once asked to.
+const FINISH_WITHIN: Duration = Duration::from_secs(30);
+
 /// Members and senders at work in one room until [`Traffic::finish`].
 pub struct Traffic {
     stop: Arc<AtomicBool>,
@@ -142,7 +145,10 @@ impl Traffic {
         self.stop.store(true, Ordering::SeqCst);
         let mut sent = Sent::default();
         for sender in self.senders {
-            let one = sender.await.expect("a sender task");
+            let one = tokio::time::timeout(FINISH_WITHIN, sender)
+                .await
+                .expect("a sender still waits for its last message's ack")
+                .expect("a sender task");
             sent.acked.extend(one.acked);
             for (code, count) in one.retried {
                 *sent.retried.entry(code).or_default() += count;
@@ -150,7 +156,11 @@ impl Traffic {
         }
         let mut seen = Vec::new();
         for member in self.members {
-            seen.push(member.await.expect("a member task"));
+            let one = tokio::time::timeout(FINISH_WITHIN, member)
+                .await
+                .expect("a member never went quiet")
+                .expect("a member task");
+            seen.push(one);
         }
         Report { sent, seen }
     }
@@ -274,6 +284,16 @@ impl Report {
             self.seen.len(),
             self.sent.retried
         );
+    }
+
+    /// Acknowledged messages at least one member never got.
+    pub fn acked_lost(&self) -> usize {
+        let lost: HashSet<String> = self
+            .seen
+            .iter()
+            .flat_map(|seen| self.missing(seen, |_| true))
+            .collect();
+        lost.len()
     }
 
     /// Reconnects of all members together.

@@ -20,10 +20,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fred::clients::{Client, SubscriberClient};
-use fred::interfaces::{ClientLike, EventInterface, FunctionInterface, HashesInterface};
+use fred::interfaces::{
+    ClientLike, ClusterInterface, EventInterface, FunctionInterface, HashesInterface,
+};
 use fred::types::config::{Config, PerformanceConfig, ReconnectPolicy, ServerConfig};
 use fred::types::{Builder, InfoKind};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use self::keys::KeySpace;
@@ -106,6 +109,11 @@ impl RedisBroker {
         );
         tasks.push(task);
         tasks.push(watch_connection("publisher", publisher.client()));
+        let topology = cluster.then(|| {
+            let (changes, topology) = watch::channel(0);
+            tasks.push(watch_topology(commands.clone(), changes));
+            topology
+        });
         let count = inboxes.len();
         let mut partitions = Vec::with_capacity(count);
         for (index, inbox) in inboxes.into_iter().enumerate() {
@@ -116,12 +124,12 @@ impl RedisBroker {
                 count,
                 client,
                 keys.clone(),
-                cluster,
+                topology.clone(),
                 inbox,
             ));
         }
-        drop(commands.connect());
-        drop(publisher.client().connect());
+        tasks.push(keep_connected("commands", &commands));
+        tasks.push(keep_connected("publisher", publisher.client()));
         Ok(RedisBroker {
             commands,
             publisher,
@@ -416,6 +424,7 @@ impl RedisBroker {
 /// The fred builder every connection of a node is made from.
 fn builder(settings: &RedisSettings) -> Result<Builder, BrokerError> {
     let mut config = Config::from_url(&settings.url)?;
+    let cluster = matches!(config.server, ServerConfig::Clustered { .. });
     if let Some(password) = &settings.password {
         config.password = Some(password.clone());
     }
@@ -441,8 +450,10 @@ fn builder(settings: &RedisSettings) -> Result<Builder, BrokerError> {
             connection.connection_timeout = settings.command_timeout;
             connection.internal_command_timeout = settings.command_timeout;
             // A command in flight when the connection drops fails rather than being
-            // replayed later, so its sender hears about it now.
-            connection.max_command_attempts = 1;
+            // replayed later, so its sender hears about it now. A cluster needs a second
+            // attempt: a command answered `ASK` during a slot migration is sent again, after
+            // `ASKING`, to the primary importing the slot.
+            connection.max_command_attempts = if cluster { 2 } else { 1 };
         });
     Ok(builder)
 }
@@ -523,6 +534,99 @@ fn supported(version: &str) -> bool {
     }
 }
 
+/// How often the cluster's slot map is read, and for how long after a change it keeps being
+/// announced (members of a cluster learn of a change one after the other).
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
+const TOPOLOGY_SETTLE: u32 = 5;
+
+/// Reads `CLUSTER SLOTS` every second on an existing connection and announces every change
+/// (a fingerprint of the reply) to the subscriber partitions, for a few more seconds after
+/// each change: one cheap command per node, where asking fred to resynchronise each
+/// partition every second would open a connection each time.
+fn watch_topology(commands: Client, changes: watch::Sender<u64>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TOPOLOGY_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = None;
+        let mut settling = 0;
+        loop {
+            tick.tick().await;
+            if !commands.is_connected() {
+                continue;
+            }
+            let Ok(slots) = commands.cluster_slots::<fred::types::Value>().await else {
+                continue;
+            };
+            let fingerprint = slot_map_fingerprint(slots);
+            if last.is_some_and(|last| last != fingerprint) {
+                settling = TOPOLOGY_SETTLE;
+            }
+            last = Some(fingerprint);
+            if settling > 0 {
+                settling -= 1;
+                changes.send_modify(|version| *version += 1);
+            }
+        }
+    })
+}
+
+/// A fingerprint of which primary serves which slots in a `CLUSTER SLOTS` reply, the same
+/// whichever member answered (replicas and the order of ranges left out).
+fn slot_map_fingerprint(reply: fred::types::Value) -> u64 {
+    use fred::types::Value;
+    use std::hash::{Hash, Hasher};
+    let mut ranges: Vec<(i64, i64, String, i64)> = reply
+        .into_array()
+        .into_iter()
+        .filter_map(|range| {
+            let Value::Array(range) = range else {
+                return None;
+            };
+            let Value::Array(primary) = range.get(2)? else {
+                return None;
+            };
+            Some((
+                range.first()?.as_i64()?,
+                range.get(1)?.as_i64()?,
+                primary.first()?.as_string()?,
+                primary.get(1)?.as_i64()?,
+            ))
+        })
+        .collect();
+    ranges.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    ranges.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Shortest and longest pause before a stopped connection task is started again.
+const RESTART_PAUSE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Starts the client's connection task, and starts it again whenever it ends with an error
+/// rather than a `quit`: fred's task stops for good on some routing failures (an `ASKING` it
+/// cannot send during a slot migration), and a client without its task never answers again.
+fn keep_connected<C: ClientLike + 'static>(role: &'static str, client: &C) -> JoinHandle<()> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let mut pause = RESTART_PAUSE.0;
+        loop {
+            let started = tokio::time::Instant::now();
+            // Ended by `quit` (the node is stopping), or the runtime is going away: done.
+            let Ok(Err(error)) = client.connect().await else {
+                break;
+            };
+            // A task that never connects (a refused password, an unknown certificate) is
+            // started again less and less often; one that ran a while starts over quickly.
+            if started.elapsed() > RESTART_PAUSE.1 * 2 {
+                pause = RESTART_PAUSE.0;
+            }
+            tracing::warn!(role, %error, ?pause, "redis connection task stopped; starting it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESTART_PAUSE.1);
+        }
+    })
+}
+
 /// Logs connection losses and reconnects.
 fn watch_connection<C: EventInterface + ClientLike>(
     role: &'static str,
@@ -551,6 +655,43 @@ fn watch_connection<C: EventInterface + ClientLike>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_map_fingerprint_ignores_order_and_replicas_but_not_owners() {
+        use fred::types::Value;
+        let node = |port: i64| Value::Array(vec!["127.0.0.1".into(), port.into(), "id".into()]);
+        let range = |first: i64, last: i64, ports: &[i64]| {
+            let mut range = vec![first.into(), last.into()];
+            range.extend(ports.iter().map(|&port| node(port)));
+            Value::Array(range)
+        };
+        let map = |ranges: Vec<Value>| slot_map_fingerprint(Value::Array(ranges));
+        let before = map(vec![
+            range(0, 8191, &[7000, 7003]),
+            range(8192, 16383, &[7001]),
+        ]);
+        assert_eq!(
+            before,
+            map(vec![
+                range(8192, 16383, &[7001, 7004]),
+                range(0, 8191, &[7000])
+            ])
+        );
+        assert_ne!(
+            before,
+            map(vec![range(0, 8191, &[7003]), range(8192, 16383, &[7001])]),
+            "a failover changes it"
+        );
+        assert_ne!(
+            before,
+            map(vec![
+                range(0, 8190, &[7000]),
+                range(8191, 8191, &[7001]),
+                range(8192, 16383, &[7001])
+            ]),
+            "a moved slot changes it"
+        );
+    }
 
     #[test]
     fn versions_from_7_0_are_supported() {

@@ -5,8 +5,8 @@
 //! Rooms are shard channels (`SSUBSCRIBE`): in a Redis Cluster each is subscribed on the primary
 //! that owns its slot, and a message travels only within that shard. A partition keeps the set
 //! of rooms it wants and makes Redis agree after anything that may have lost messages: a lag, a
-//! reconnect (a failover, a restart), a slot that moved to another primary (checked every
-//! second). Each time, its rooms hold their live traffic, the subscriptions are restored, and
+//! reconnect (a failover, a restart), a slot that moved to another primary (seen by the
+//! broker's topology watch). Each time, its rooms hold their live traffic, the subscriptions are restored, and
 //! the hub repairs the gap from history.
 
 use std::collections::BTreeMap;
@@ -19,6 +19,7 @@ use fred::types::config::{Options, Server};
 use fred::types::{ClusterHash, Message};
 use parking_lot::Mutex;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::keys::KeySpace;
@@ -31,9 +32,6 @@ const MAX_BATCH: usize = 256;
 
 /// How long to wait before trying a failed resubscription again.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
-
-/// How often a partition checks whether one of its rooms' slots moved (Redis Cluster).
-const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 
 /// One subscriber connection and the rooms routed to it.
 pub(super) struct Partition {
@@ -62,9 +60,10 @@ impl Partition {
         count: usize,
         client: SubscriberClient,
         keys: KeySpace,
-        cluster: bool,
+        topology: Option<watch::Receiver<u64>>,
         inbox: SharedInbox,
     ) -> Partition {
+        let cluster = topology.is_some();
         let subscriptions = Arc::new(Subscriptions {
             client: client.clone(),
             keys: keys.clone(),
@@ -76,10 +75,10 @@ impl Partition {
             receive_loop(client.message_rx(), keys, inbox.clone(), mine),
             resubscribe_after_reconnects(subscriptions.clone(), inbox.clone(), mine),
         ];
-        if cluster {
-            tasks.push(follow_slot_moves(subscriptions.clone(), inbox));
+        if let Some(topology) = topology {
+            tasks.push(follow_slot_moves(subscriptions.clone(), topology, inbox));
         }
-        drop(client.connect());
+        tasks.push(super::keep_connected("subscriber", &client));
         Partition {
             subscriptions,
             tasks,
@@ -319,16 +318,18 @@ fn resubscribe_after_reconnects(
     })
 }
 
-/// Checks every second whether a room's slot moved to another primary (a reshard, a
-/// failover): Redis then drops the subscription on the old primary, and messages go to the new
-/// one. The moved rooms hold their traffic, are subscribed where their slot went, and are
-/// repaired from history, which moved with the slot.
-fn follow_slot_moves(subscriptions: Arc<Subscriptions>, inbox: SharedInbox) -> JoinHandle<()> {
+/// Whenever the cluster's slot map changes (a reshard, a failover), asks Redis where every
+/// slot is now (fred opens a connection for that, so only on a change) and moves the rooms
+/// whose slot went to another primary: Redis has dropped their subscription on the old one,
+/// and messages go to the new one. The moved rooms hold their traffic, are subscribed where
+/// their slot went, and are repaired from history, which moved with the slot.
+fn follow_slot_moves(
+    subscriptions: Arc<Subscriptions>,
+    mut topology: watch::Receiver<u64>,
+    inbox: SharedInbox,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(TOPOLOGY_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
+        while topology.changed().await.is_ok() {
             if !subscriptions.client.is_connected()
                 || subscriptions.client.sync_cluster().await.is_err()
             {

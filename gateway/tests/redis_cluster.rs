@@ -1,0 +1,152 @@
+//! Nodes on a real Redis Cluster (`redis-server --cluster-enabled yes` and `redis-cli
+//! --cluster create`): the cluster suite, rooms spread over the primaries on sharded pub/sub,
+//! a busy room's slot moving to another primary, and a primary failing over to its replica.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_cluster::RedisCluster;
+use common::traffic::{Live, Traffic};
+use common::{Client, Gateway, Node, SharedRedis, scenarios};
+use serde_json::json;
+
+fn base(node: &Node) -> String {
+    format!("ws://127.0.0.1:{}", node.port)
+}
+
+fn three_nodes(cluster: &RedisCluster, extra: &[&str]) -> [Node; 3] {
+    ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, cluster, extra))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_suite_passes_on_three_masters() {
+    let cluster = RedisCluster::start(3, 0);
+    scenarios::exactly_once_on_every_node(&cluster).await;
+    scenarios::one_order_for_concurrent_senders(&cluster).await;
+    scenarios::rooms_are_isolated(&cluster).await;
+    scenarios::subscribed_once_per_node_and_unsubscribed_after_the_last_member(&cluster).await;
+    scenarios::a_client_resumes_on_another_node_with_exactly_what_it_missed(&cluster).await;
+    scenarios::presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(&cluster).await;
+}
+
+#[tokio::test]
+async fn rooms_spread_over_every_master_on_sharded_pub_sub_only() {
+    let cluster = RedisCluster::start(3, 0);
+    let node = Node::clustered("node-a", &cluster, &["--max-rooms-per-connection", "32"]);
+    let rooms: Vec<String> = (0..24).map(|i| format!("spread-{i}")).collect();
+    let mut member = Client::connect(&node.ws_url(&format!("/ws?room={}", rooms[0]))).await;
+    for room in &rooms[1..] {
+        member.join(room).await;
+    }
+    let by_master = cluster.rooms_by_master();
+    assert_eq!(by_master.len(), 3, "three primaries serve slots");
+    for (master, subscribed) in &by_master {
+        assert!(
+            !subscribed.is_empty(),
+            "no room is subscribed on the primary at {master}: {by_master:?}"
+        );
+        for room in subscribed {
+            assert_eq!(
+                cluster.owner(room),
+                *master,
+                "{room} is subscribed where its slot is served"
+            );
+        }
+    }
+    assert_eq!(cluster.subscribed_rooms(), {
+        let mut sorted = rooms.clone();
+        sorted.sort();
+        sorted
+    });
+    assert_eq!(
+        cluster.classic_channels(),
+        Vec::<String>::new(),
+        "nothing uses classic pub/sub"
+    );
+
+    // And every room works, wherever it is.
+    let mut other = Client::connect(&node.ws_url("/ws?room=elsewhere")).await;
+    for room in &rooms {
+        other.join(room).await;
+        other.say(room, "hello").await;
+        let got = member.recv_type("message").await;
+        assert_eq!(
+            (got["room"].as_str(), got["message"].as_str()),
+            (Some(room.as_str()), Some("hello"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_rooms_slot_moving_to_another_master_loses_no_acked_message() {
+    let cluster = RedisCluster::start(3, 0);
+    let nodes = three_nodes(&cluster, &[]);
+    let live = Live::of(nodes.iter().map(base));
+    let room = "busy";
+    let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let from = cluster.owner(room);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|&master| master != from)
+        .expect("another primary");
+    cluster.move_slot(room, to);
+    assert_eq!(cluster.owner(room), to);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = traffic.finish().await;
+    report.assert_exactly_once();
+
+    // The nodes followed the room: it is subscribed on its new primary only, and works.
+    let mut late = Client::connect(&nodes[0].ws_url(&format!("/ws?room={room}"))).await;
+    let mut sender = Client::connect(&nodes[1].ws_url(&format!("/ws?room={room}"))).await;
+    let by_master = cluster.rooms_by_master();
+    assert!(by_master[&to].contains(&room.to_owned()), "{by_master:?}");
+    assert!(
+        !by_master[&from].contains(&room.to_owned()),
+        "{by_master:?}"
+    );
+    sender.say(room, "after the move").await;
+    assert_eq!(late.recv_type("message").await["message"], "after the move");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_failing_over_to_its_replica_loses_no_acked_message_when_acks_wait_for_it() {
+    let mut cluster = RedisCluster::start(3, 2);
+    let nodes = three_nodes(&cluster, &["--ack-replicas", "1"]);
+    let live = Live::of(nodes.iter().map(base));
+    let room = "failover";
+    let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let failed = cluster.owner(room);
+    cluster.kill_master(failed);
+    let promoted = cluster.owner(room);
+    assert_ne!(promoted, failed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = traffic.finish().await;
+    report.assert_exactly_once();
+
+    // The nodes need no restart: a new member on any node chats at once, on the promoted
+    // replica.
+    let mut late = Client::connect(&nodes[2].ws_url(&format!("/ws?room={room}"))).await;
+    assert!(
+        cluster.rooms_by_master()[&promoted].contains(&room.to_owned()),
+        "the room is subscribed on the promoted replica"
+    );
+    late.send(json!({"type":"message","message":"after the failover","ref":"x"}))
+        .await;
+    // The message may overtake its ack: both come, in either order.
+    let mut frames = [late.recv().await, late.recv().await];
+    frames.sort_by_key(|frame| frame["type"].as_str().map(str::to_owned));
+    assert_eq!(
+        (frames[0]["type"].as_str(), frames[0]["ref"].as_str()),
+        (Some("ack"), Some("x"))
+    );
+    assert_eq!(
+        (frames[1]["type"].as_str(), frames[1]["message"].as_str()),
+        (Some("message"), Some("after the failover"))
+    );
+}
