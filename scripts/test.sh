@@ -22,6 +22,8 @@ declare -A needed=(
   [openssl]=openssl
   [python3]=python3
   [shellcheck]=shellcheck
+  [node]=nodejs
+  [npm]=npm
 )
 missing=()
 for program in "${!needed[@]}"; do
@@ -57,6 +59,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
+
+echo "==> the TypeScript client library: its committed build matches its source, its tests"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run check-dist && npm test)
 
 echo "==> k6 fan-out smoke run through nginx on the native cluster"
 ./loadtest/k6/smoke.sh "${CARGO_TARGET_DIR:-target}/debug/chat-gateway"
