@@ -31,6 +31,8 @@
 #                 gateway rate limits, 0 (off) by default here since the peers have none;
 #                 any other GATEWAY_* variable set by the caller reaches the gateway too
 #   STEP_DURATION sending time per fan-out step (default 10s)
+#   PUBLISH_RATES messages/s per sender in the publish scenario, comma-separated steps
+#                 (default 20: 10k messages/s)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,6 +62,7 @@ NODE_PORTS="${NODE_PORTS:-18081,18082}"
 PORT_A="${NODE_PORTS%%,*}"
 PORT_B="${NODE_PORTS##*,}"
 STEP_DURATION="${STEP_DURATION:-10s}"
+PUBLISH_RATES="${PUBLISH_RATES:-20}"
 OUT="${OUT:-$LOADTEST/results/$(date -u +%Y%m%dT%H%M%SZ)}"
 LOGS="$OUT/logs"
 RESULTS="$OUT/results.jsonl"
@@ -302,7 +305,7 @@ scenario_publish() {
     [[ $stack != gateway && $style == typed-cid ]] && continue
     start_cluster "$stack" "publish-$style"
     run_loadgen "$stack" "publish-$style" fanout --clients "$PUBLISH_CLIENTS" \
-      --rooms "$((PUBLISH_CLIENTS / 2))" --senders 1 --rates 20 --size 64 \
+      --rooms "$((PUBLISH_CLIENTS / 2))" --senders 1 --rates "$PUBLISH_RATES" --size 64 \
       --duration "$STEP_DURATION" --drain 3s --settle 2s --send-style "$style"
     stop_cluster
   done
