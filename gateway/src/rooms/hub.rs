@@ -23,7 +23,7 @@ use crate::broker::{
 use crate::clock::now_micros;
 use crate::metrics;
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
-use crate::rooms::fanout::{ConnId, Registry};
+use crate::rooms::fanout::{ConnId, Registry, RepairFrom, Room};
 use crate::transport::outbox::{Batch, Outbox};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
@@ -322,25 +322,36 @@ impl Hub {
         by_room
     }
 
+    /// The rooms holding their traffic for a repair, with where each repair starts.
+    fn held_rooms(&self) -> Vec<(RoomName, Arc<Room>, RepairFrom)> {
+        self.registry
+            .room_names()
+            .into_iter()
+            .filter_map(|room| {
+                let entry = self.registry.get(room.as_str())?;
+                let from = entry.members.repair_from()?;
+                Some((room, entry, from))
+            })
+            .collect()
+    }
+
+    /// Closes a room's members to resume elsewhere: its gap could not be repaired in time.
+    fn resync_late(&self, room: &RoomName, entry: &Room, why: &'static str) {
+        let closed = entry.members.resync();
+        metrics::repair("resync");
+        tracing::warn!(%room, closed, timeout = ?self.repair_timeout, "{why}; members resync");
+    }
+
     /// Resyncs the members of rooms held for the repair timeout without a repair; returns
     /// whether rooms are still held.
     fn resync_overdue(&self) -> bool {
         let mut still_held = false;
-        for room in self.registry.room_names() {
-            let Some(entry) = self.registry.get(room.as_str()) else {
-                continue;
-            };
-            let Some(from) = entry.members.repair_from() else {
-                continue;
-            };
+        for (room, entry, from) in self.held_rooms() {
             if from.overdue(self.repair_timeout) {
-                let closed = entry.members.resync();
-                metrics::repair("resync");
-                tracing::warn!(
-                    %room,
-                    closed,
-                    timeout = ?self.repair_timeout,
-                    "the room's subscription was not restored in time; members resync"
+                self.resync_late(
+                    &room,
+                    &entry,
+                    "the room's subscription was not restored in time",
                 );
             } else {
                 still_held = true;
@@ -357,13 +368,7 @@ impl Hub {
     async fn repair(&self) -> bool {
         let mut failed = 0;
         let mut first_error = None;
-        for room in self.registry.room_names() {
-            let Some(entry) = self.registry.get(room.as_str()) else {
-                continue;
-            };
-            let Some(from) = entry.members.repair_from() else {
-                continue;
-            };
+        for (room, entry, from) in self.held_rooms() {
             tracing::debug!(%room, ?from, "repairing");
             let replay = Replay::Since {
                 offset: from.since,
@@ -387,14 +392,7 @@ impl Hub {
                     );
                 }
                 Err(_) if from.overdue(self.repair_timeout) => {
-                    let closed = entry.members.resync();
-                    metrics::repair("resync");
-                    tracing::warn!(
-                        %room,
-                        closed,
-                        timeout = ?self.repair_timeout,
-                        "could not repair a gap in time; members resync"
-                    );
+                    self.resync_late(&room, &entry, "could not repair a gap in time");
                 }
                 Err(error) => {
                     metrics::repair("failed");

@@ -127,6 +127,21 @@ pub trait SharedRedis {
     fn subscribers(&self, room: &str) -> u64;
 }
 
+/// Runs `redis-cli` against the server (or sentinel) on `port` with `options` before the
+/// command; returns its raw output, one reply item per line.
+pub fn redis_cli(port: u16, options: &[String], args: &[&str]) -> Result<String, String> {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(options)
+        .args(args)
+        .output()
+        .map_err(|error| error.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
 /// A private `redis-server` on a free loopback port.
 pub struct Redis {
     pub port: u16,
@@ -245,16 +260,7 @@ impl Redis {
 
     /// Runs a command with `redis-cli` and returns its raw output, one reply item per line.
     pub fn command(&self, args: &[&str]) -> Result<String, String> {
-        let output = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(self.cli_args())
-            .args(args)
-            .output()
-            .map_err(|error| error.to_string())?;
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        redis_cli(self.port, &self.cli_args(), args)
     }
 
     /// How `redis-cli` must talk to this server: its password, and TLS with its CA.

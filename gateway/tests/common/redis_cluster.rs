@@ -444,13 +444,5 @@ impl Sentinels {
 
 /// Asks the sentinel on `port`, with `redis-cli`.
 fn sentinel_command(port: u16, args: &[&str]) -> Result<String, String> {
-    let output = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .map_err(|error| error.to_string())?;
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    super::redis_cli(port, &[], args)
 }
