@@ -2,7 +2,10 @@
 # Validates the shipped deployment files without Docker:
 #   nginx       `nginx -t` on deploy/nginx/nginx.conf, as compose runs it and as
 #               deploy/local/cluster.sh renders it
-#   prometheus  `promtool check config` on both variants of prometheus.yml
+#   prometheus  `promtool check config` on both variants of prometheus.yml;
+#               alerts.yml: `promtool check rules`, its unit tests
+#               (`promtool test rules alerts_test.yml`), and that every alert
+#               has a severity, a summary, a description and a runbook
 #   grafana     provisioning YAML and dashboard JSON parse; every dashboard
 #               query is valid PromQL (`promtool check rules`)
 #   compose     `docker-compose config -q` (and `docker compose` when present)
@@ -20,6 +23,8 @@ cd "$REPO_ROOT"
 
 NGINX_CONF=deploy/nginx/nginx.conf
 PROM_CONF=deploy/prometheus/prometheus.yml
+PROM_ALERTS=deploy/prometheus/alerts.yml
+PROM_ALERTS_TEST=deploy/prometheus/alerts_test.yml
 COMPOSE_FILE=docker-compose.yml
 DASHBOARD_DIR=deploy/grafana/dashboards
 GRAFANA_PROVISIONING=deploy/grafana/provisioning
@@ -144,12 +149,74 @@ check_prometheus() {
     else
         fail prometheus "$PROM_CONF: expected dns_sd_configs for 'gateway' and scrape_interval 5s"
     fi
-    local native="$WORK/prometheus-native.yml"
-    if render_prometheus "$PROM_CONF" "$native" 127.0.0.1:9090 127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
-        out=$(promtool check config "$native" 2>&1); then
-        pass "promtool check config: native cluster variant"
+    if grep -Eq '^[[:space:]]*-[[:space:]]*"?alerts\.yml"?[[:space:]]*$' "$PROM_CONF" &&
+        grep -Eq '^[[:space:]]*-[[:space:]]*job_name:[[:space:]]*redis[[:space:]]*$' "$PROM_CONF"; then
+        pass "prometheus: loads alerts.yml, scrapes the Redis exporter (job redis)"
     else
-        fail prometheus "native cluster variant invalid:"$'\n'"${out:-render failed}"
+        fail prometheus "$PROM_CONF: expected rule_files with alerts.yml and a 'redis' scrape job"
+    fi
+    # Native variants, rendered as cluster.sh does (each into its own dir, so
+    # the copied rule file is checked too): with and without the exporter.
+    local variant exporter native
+    for variant in with-exporter without-exporter; do
+        exporter=""
+        [ "$variant" = with-exporter ] && exporter=127.0.0.1:9121
+        mkdir -p "$WORK/prometheus-$variant"
+        native="$WORK/prometheus-$variant/prometheus.yml"
+        out=""
+        if render_prometheus "$PROM_CONF" "$native" 127.0.0.1:9090 "$exporter" \
+            127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
+            out=$(promtool check config "$native" 2>&1); then
+            pass "promtool check config: native cluster variant ($variant)"
+        else
+            fail prometheus "native cluster variant ($variant) invalid:"$'\n'"${out:-render failed}"
+        fi
+    done
+    if [ -n "$(sed -n '/job_name: redis/p' "$WORK/prometheus-without-exporter/prometheus.yml")" ]; then
+        fail prometheus "native variant without an exporter still has the redis job"
+    fi
+
+    if out=$(promtool check rules "$PROM_ALERTS" 2>&1); then
+        pass "promtool check rules: $PROM_ALERTS"
+    else
+        fail prometheus "$out"
+    fi
+    if out=$(cd "$(dirname "$PROM_ALERTS_TEST")" && promtool test rules "$(basename "$PROM_ALERTS_TEST")" 2>&1); then
+        pass "promtool test rules: $PROM_ALERTS_TEST"
+    else
+        fail prometheus "alert unit tests failed:"$'\n'"$out"
+    fi
+    if out=$("$PYTHON" - "$PROM_ALERTS" "$PROM_ALERTS_TEST" 2>&1 <<'PY'
+import sys
+
+import yaml
+
+rules_path, tests_path = sys.argv[1:3]
+alerts = [r for g in yaml.safe_load(open(rules_path))["groups"] for r in g["rules"] if "alert" in r]
+problems = []
+for r in alerts:
+    if r.get("labels", {}).get("severity") not in ("critical", "warning"):
+        problems.append(f"{r['alert']}: severity label must be critical or warning")
+    missing = {"summary", "description", "runbook"} - set(r.get("annotations", {}))
+    if missing:
+        problems.append(f"{r['alert']}: annotations {sorted(missing)} missing")
+# Each alert is tested firing (a non-empty exp_alerts) and silent (an empty one).
+fired, silent = set(), set()
+for test in yaml.safe_load(open(tests_path))["tests"]:
+    for case in test.get("alert_rule_test", []):
+        (fired if case.get("exp_alerts") else silent).add(case["alertname"])
+for r in alerts:
+    for kind, seen in (("firing", fired), ("not firing", silent)):
+        if r["alert"] not in seen:
+            problems.append(f"{r['alert']}: no unit test shows it {kind}")
+if problems:
+    sys.exit("\n".join(problems))
+print(f"{len(alerts)} alerts")
+PY
+    ); then
+        pass "alerts: severity, summary, description, runbook; tested firing and silent ($out)"
+    else
+        fail prometheus "$out"
     fi
 }
 
@@ -227,7 +294,7 @@ check_compose() {
         fi
     fi
     local f
-    for f in deploy/nginx/nginx.conf deploy/prometheus/prometheus.yml \
+    for f in deploy/nginx/nginx.conf deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml \
         deploy/grafana/provisioning deploy/grafana/dashboards; do
         if ! grep -q "\./$f:" "$COMPOSE_FILE"; then
             fail compose "$COMPOSE_FILE does not mount ./$f"

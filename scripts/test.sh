@@ -17,6 +17,7 @@ declare -A needed=(
   [nginx]=nginx-light
   [prometheus]=prometheus
   [promtool]=prometheus
+  [prometheus-redis-exporter]=prometheus-redis-exporter
   [docker-compose]=docker-compose
   [curl]=curl
   [python3]=python3

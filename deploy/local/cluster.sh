@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Native chat cluster without containers: redis-server, N chat-gateway nodes,
-# nginx in front of them and Prometheus scraping them, all on 127.0.0.1 and
-# all from Debian packages plus the gateway's release binary.
+# nginx in front of them, Prometheus scraping them and the Redis exporter, all
+# on 127.0.0.1 and all from Debian packages plus the gateway's release binary.
 #
 # Run `deploy/local/cluster.sh help` for commands and settings.
 set -euo pipefail
@@ -20,9 +20,10 @@ usage() {
 usage: ${0##*/} COMMAND [ARGS]
 
 commands:
-  up [--nodes N] [--no-prometheus]
-                  start redis, N gateway nodes (default 3), nginx and
-                  Prometheus in the background; wait until each answers
+  up [--nodes N] [--no-prometheus] [--no-redis-exporter]
+                  start redis, the Redis exporter, N gateway nodes (default
+                  3), nginx and Prometheus in the background; wait until
+                  each answers
   down            stop everything this cluster started (also after a failed up)
   status          show what runs (exit 0: all running, 3: not all running)
   env             print the cluster's addresses as shell assignments
@@ -46,6 +47,12 @@ settings (environment; \`up\` records them, later commands reuse them):
   CLUSTER_REDIS_PORT       redis-server (default 6390)
   CLUSTER_PROMETHEUS_PORT  Prometheus (default 9090)
   CLUSTER_PROMETHEUS       1 to run Prometheus, 0 to skip it (default 1)
+  CLUSTER_REDIS_EXPORTER   1 to run prometheus-redis-exporter (Prometheus
+                           scrapes it), 0 to skip it, auto (default): run it
+                           when it is installed and Prometheus runs
+  CLUSTER_REDIS_EXPORTER_PORT
+                           the exporter's port (default: the first free
+                           port from 9121 up)
   CLUSTER_TIMEOUT          seconds to wait for each component (default 30)
   GATEWAY_*, RUST_LOG      passed on to every node (e.g. GATEWAY_OUTBOX_CAPACITY);
                            the script itself sets --listen, --node-id, --redis-url
@@ -99,7 +106,7 @@ load_config() {
 
 # Settings for `up` from the environment and flags.
 config_from_env() {
-    local nodes_flag=$1 prom_flag=$2
+    local nodes_flag=$1 prom_flag=$2 exporter_flag=$3
     GATEWAY_BIN=${GATEWAY_BIN:-$REPO_ROOT/target/release/chat-gateway}
     case $GATEWAY_BIN in
         /*) ;;
@@ -110,6 +117,7 @@ config_from_env() {
     CLUSTER_PROMETHEUS_PORT=${CLUSTER_PROMETHEUS_PORT:-9090}
     CLUSTER_PROMETHEUS=${prom_flag:-${CLUSTER_PROMETHEUS:-1}}
     CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-30}
+    CLUSTER_REDIS_EXPORTER=${exporter_flag:-${CLUSTER_REDIS_EXPORTER:-auto}}
     local base=${CLUSTER_NODE_BASE_PORT:-8081}
     local nodes=${nodes_flag:-${CLUSTER_NODES:-}}
 
@@ -140,6 +148,49 @@ config_from_env() {
         0 | 1) ;;
         *) die "CLUSTER_PROMETHEUS must be 0 or 1, got '$CLUSTER_PROMETHEUS'" ;;
     esac
+
+    # The exporter: resolved to 0 or 1 here, so later commands see what `up` did.
+    CLUSTER_REDIS_EXPORTER_BIN=$(redis_exporter_bin || true)
+    case $CLUSTER_REDIS_EXPORTER in
+        auto)
+            if [ "$CLUSTER_PROMETHEUS" = 1 ] && [ -n "$CLUSTER_REDIS_EXPORTER_BIN" ]; then
+                CLUSTER_REDIS_EXPORTER=1
+            else
+                CLUSTER_REDIS_EXPORTER=0
+            fi
+            ;;
+        1)
+            [ -n "$CLUSTER_REDIS_EXPORTER_BIN" ] ||
+                die "CLUSTER_REDIS_EXPORTER=1 but prometheus-redis-exporter is not installed (apt-get install -y prometheus-redis-exporter, or: ${0##*/} install-deps)"
+            ;;
+        0) ;;
+        *) die "CLUSTER_REDIS_EXPORTER must be 0, 1 or auto, got '$CLUSTER_REDIS_EXPORTER'" ;;
+    esac
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        if [ -n "${CLUSTER_REDIS_EXPORTER_PORT:-}" ]; then
+            is_port "$CLUSTER_REDIS_EXPORTER_PORT" || die "invalid port '$CLUSTER_REDIS_EXPORTER_PORT'"
+        else
+            CLUSTER_REDIS_EXPORTER_PORT=$(first_free_port 9121)
+        fi
+    else
+        CLUSTER_REDIS_EXPORTER_PORT=""
+    fi
+}
+
+# The Redis exporter's executable: Debian's name, or upstream's.
+redis_exporter_bin() {
+    command -v prometheus-redis-exporter || command -v redis_exporter
+}
+
+# first_free_port P: P or the next port above it that nobody listens on
+# (skipping the cluster's own ports).
+first_free_port() {
+    local p=$1
+    while port_in_use "$p" || [[ " $CLUSTER_HTTP_PORT $CLUSTER_REDIS_PORT $CLUSTER_PROMETHEUS_PORT ${NODE_PORTS[*]} " == *" $p "* ]]; do
+        p=$((p + 1))
+        ((p <= 65535)) || die "no free port for the Redis exporter; set CLUSTER_REDIS_EXPORTER_PORT"
+    done
+    echo "$p"
 }
 
 # Writes the settings of a cluster being started, including the GATEWAY_* and
@@ -150,7 +201,8 @@ save_config() {
     {
         echo "# written by deploy/local/cluster.sh up; do not edit while the cluster runs"
         for name in GATEWAY_BIN CLUSTER_HTTP_PORT CLUSTER_REDIS_PORT CLUSTER_PROMETHEUS_PORT \
-            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES; do
+            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES CLUSTER_REDIS_EXPORTER \
+            CLUSTER_REDIS_EXPORTER_PORT CLUSTER_REDIS_EXPORTER_BIN; do
             printf '%s=%q\n' "$name" "${!name}"
         done
         printf 'NODE_PORTS=(%s)\n' "${NODE_PORTS[*]}"
@@ -345,6 +397,31 @@ start_redis() {
     wait_ready redis "$logfile" "redis PING" redis_ping
 }
 
+start_redis_exporter() {
+    local logfile="$LOG_DIR/redis-exporter.log" listen="$HOST:$CLUSTER_REDIS_EXPORTER_PORT" name
+    port_in_use "$CLUSTER_REDIS_EXPORTER_PORT" &&
+        die "port $CLUSTER_REDIS_EXPORTER_PORT (redis exporter) is already in use; set CLUSTER_REDIS_EXPORTER_PORT or CLUSTER_REDIS_EXPORTER=0"
+    # The exporter also reads REDIS_ADDR, REDIS_PASSWORD, ... from the
+    # environment (e.g. a REDIS_PASSWORD exported for compose); this Redis has
+    # no password, so it gets its settings from the flags alone.
+    local hidden=()
+    while IFS= read -r name; do
+        case $name in
+            REDIS_*) hidden+=("$name") ;;
+        esac
+    done < <(compgen -e)
+    if [ "${#hidden[@]}" -gt 0 ]; then
+        export -n "${hidden[@]}"
+    fi
+    spawn redis-exporter "$listen" "$logfile" \
+        "$CLUSTER_REDIS_EXPORTER_BIN" -redis.addr "redis://$HOST:$CLUSTER_REDIS_PORT" \
+        -web.listen-address "$listen"
+    if [ "${#hidden[@]}" -gt 0 ]; then
+        export "${hidden[@]}"
+    fi
+    wait_ready redis-exporter "$logfile" "GET /health" http_ok "http://$listen/health"
+}
+
 start_node() {
     local i=$1 port logfile
     port=$(node_port "$i")
@@ -398,8 +475,13 @@ start_prometheus() {
         targets+=("$HOST:$port")
     done
     mkdir -p "$CLUSTER_DIR/prometheus/data"
+    local exporter=""
+    if [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ]; then
+        exporter="$HOST:$CLUSTER_REDIS_EXPORTER_PORT"
+    fi
+    # Also copies the alert rules (alerts.yml) into $CONF_DIR.
     render_prometheus "$PROMETHEUS_TEMPLATE" "$CONF_DIR/prometheus.yml" \
-        "$HOST:$CLUSTER_PROMETHEUS_PORT" "${targets[@]}" || die "could not render $PROMETHEUS_TEMPLATE"
+        "$HOST:$CLUSTER_PROMETHEUS_PORT" "$exporter" "${targets[@]}" || die "could not render $PROMETHEUS_TEMPLATE"
     spawn prometheus "--storage.tsdb.path=$CLUSTER_DIR/prometheus/data" "$logfile" \
         prometheus --config.file="$CONF_DIR/prometheus.yml" \
         --storage.tsdb.path="$CLUSTER_DIR/prometheus/data" \
@@ -412,6 +494,7 @@ start_prometheus() {
 components() {
     local i
     echo redis
+    [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ] && echo redis-exporter
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
         echo "node-$i"
     done
@@ -445,17 +528,18 @@ abort_up() {
 }
 
 cmd_up() {
-    local nodes_flag="" prom_flag=""
+    local nodes_flag="" prom_flag="" exporter_flag=""
     while [ "$#" -gt 0 ]; do
         case $1 in
             --nodes) [ "$#" -ge 2 ] || die "--nodes needs a value"; nodes_flag=$2; shift 2 ;;
             --nodes=*) nodes_flag=${1#--nodes=}; shift ;;
             --no-prometheus) prom_flag=0; shift ;;
+            --no-redis-exporter) exporter_flag=0; shift ;;
             -h | --help) usage; exit 0 ;;
             *) die "up: unknown argument '$1'" ;;
         esac
     done
-    config_from_env "$nodes_flag" "$prom_flag"
+    config_from_env "$nodes_flag" "$prom_flag" "$exporter_flag"
 
     if [ ! -x "$GATEWAY_BIN" ]; then
         die "gateway binary not found at $GATEWAY_BIN
@@ -493,6 +577,9 @@ or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-ga
 
     trap abort_up EXIT INT TERM
     start_redis
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        start_redis_exporter
+    fi
     local i
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
         start_node "$i"
@@ -510,6 +597,9 @@ or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-ga
         printf '  %-14s http://%s:%s/   log: %s\n' "node-$i" "$HOST" "${NODE_PORTS[$((i - 1))]}" "$LOG_DIR/node-$i.log"
     done
     echo "  redis          redis://$HOST:$CLUSTER_REDIS_PORT   log: $LOG_DIR/redis.log"
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        echo "  redis exporter http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT/metrics   log: $LOG_DIR/redis-exporter.log"
+    fi
     if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
         echo "  prometheus     http://$HOST:$CLUSTER_PROMETHEUS_PORT/   log: $LOG_DIR/prometheus.log"
     fi
@@ -530,6 +620,7 @@ cmd_down() {
     for f in "$RUN_DIR"/node-*.pid; do
         [ -e "$f" ] && names+=("$(basename "$f" .pid)")
     done
+    [ -f "$(pid_file redis-exporter)" ] && names+=(redis-exporter)
     [ -f "$(pid_file redis)" ] && names+=(redis)
     if [ "${#names[@]}" -eq 0 ]; then
         echo "nothing running in $CLUSTER_DIR"
@@ -551,6 +642,7 @@ cmd_status() {
     while IFS= read -r name; do
         case $name in
             redis) addr="redis://$HOST:$CLUSTER_REDIS_PORT" ;;
+            redis-exporter) addr="http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT" ;;
             nginx) addr="http://$HOST:$CLUSTER_HTTP_PORT" ;;
             prometheus) addr="http://$HOST:$CLUSTER_PROMETHEUS_PORT" ;;
             node-*) i=${name#node-}; addr="http://$HOST:${NODE_PORTS[$((i - 1))]}" ;;
@@ -559,14 +651,15 @@ cmd_status() {
             health=""
             case $name in
                 redis) redis_ping || health="no PONG" ;;
+                redis-exporter) http_ok "$addr/health" || health="/health failing" ;;
                 nginx) http_ok "$addr/healthz" || health="/healthz failing" ;;
                 prometheus) http_ok "$addr/-/ready" || health="not ready" ;;
                 node-*) http_ok "$addr/readyz" || health="not ready" ;;
             esac
             health=${health:-ok}
-            printf '  %-11s running  pid %-7s %-28s %s\n' "$name" "$pid" "$addr" "$health"
+            printf '  %-14s running  pid %-7s %-28s %s\n' "$name" "$pid" "$addr" "$health"
         else
-            printf '  %-11s stopped  %-11s %s\n' "$name" "" "$addr"
+            printf '  %-14s stopped  %-11s %s\n' "$name" "" "$addr"
             all=3
         fi
     done < <(components)
@@ -588,6 +681,9 @@ cmd_env() {
     printf 'CLUSTER_REDIS_URL=%q\n' "redis://$HOST:$CLUSTER_REDIS_PORT"
     if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
         printf 'CLUSTER_PROMETHEUS_URL=%q\n' "http://$HOST:$CLUSTER_PROMETHEUS_PORT"
+    fi
+    if [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ]; then
+        printf 'CLUSTER_REDIS_EXPORTER_URL=%q\n' "http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT"
     fi
     printf 'CLUSTER_LOG_DIR=%q\n' "$LOG_DIR"
 }
@@ -638,7 +734,7 @@ cmd_start_redis() {
 }
 
 cmd_install_deps() {
-    local pkgs=(redis-server redis-tools nginx-light prometheus curl util-linux)
+    local pkgs=(redis-server redis-tools nginx-light prometheus prometheus-redis-exporter curl util-linux)
     if [ "$(id -u)" -ne 0 ]; then
         die "run as root (or: sudo apt-get install -y ${pkgs[*]})"
     fi

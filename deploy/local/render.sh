@@ -51,13 +51,17 @@ render_nginx() {
     ' "$src" >"$dst.tmp" && mv "$dst.tmp" "$dst"
 }
 
-# render_prometheus SRC DST SELF_ADDR TARGET...
-#   SELF_ADDR  Prometheus' own host:port (tagged `self` line)
-#   TARGET...  gateway nodes as host:port; they replace the tagged
-#              service-discovery block with static targets.
+# render_prometheus SRC DST SELF_ADDR EXPORTER_ADDR TARGET...
+#   SELF_ADDR      Prometheus' own host:port (tagged `self` line)
+#   EXPORTER_ADDR  the Redis exporter's host:port for the tagged exporter
+#                  job, or "" to drop that job (no exporter running)
+#   TARGET...      gateway nodes as host:port; they replace the tagged
+#                  service-discovery block with static targets.
+# The rule files named under `rule_files:` (paths relative to SRC) are copied
+# next to DST, so the rendered config finds them the same way.
 render_prometheus() {
-    local src=$1 dst=$2 self=$3
-    shift 3
+    local src=$1 dst=$2 self=$3 exporter=$4
+    shift 4
     if [ "$#" -eq 0 ]; then
         echo "render_prometheus: no targets" >&2
         return 1
@@ -66,7 +70,7 @@ render_prometheus() {
     for t in "$@"; do
         targets="${targets:+$targets, }\"$t\""
     done
-    awk -v self="$self" -v targets="$targets" '
+    awk -v self="$self" -v targets="$targets" -v exporter="$exporter" '
         /# cluster: targets begin/ {
             in_block = 1; seen_begin = 1
             indent = $0; sub(/#.*/, "", indent)
@@ -77,15 +81,44 @@ render_prometheus() {
         }
         /# cluster: targets end/ { in_block = 0; seen_end = 1; print; next }
         in_block { next }
+        /# cluster: redis-exporter begin/ { in_exporter = 1; seen_exporter_begin = 1; print; next }
+        /# cluster: redis-exporter end/ { in_exporter = 0; seen_exporter_end = 1; print; next }
+        in_exporter && exporter == "" { next }
+        in_exporter && /# cluster: redis-exporter$/ {
+            if (sub(/targets:[ \t]*\[[^]]*\]/, "targets: [\"" exporter "\"]") == 1) { n_exporter++ }
+        }
         /# cluster: self/ {
             if (sub(/targets:[ \t]*\[[^]]*\]/, "targets: [\"" self "\"]") == 1) { n_self++ }
         }
         { print }
         END {
-            if (!seen_begin || !seen_end || n_self != 1) {
+            if (!seen_begin || !seen_end || n_self != 1 ||
+                !seen_exporter_begin || !seen_exporter_end || (exporter != "" && n_exporter != 1)) {
                 print "render_prometheus: tagged lines missing or malformed in template" > "/dev/stderr"
                 exit 1
             }
         }
-    ' "$src" >"$dst.tmp" && mv "$dst.tmp" "$dst"
+    ' "$src" >"$dst.tmp" && mv "$dst.tmp" "$dst" || return 1
+
+    local src_dir dst_dir rule
+    src_dir=$(dirname -- "$src")
+    dst_dir=$(dirname -- "$dst")
+    while IFS= read -r rule; do
+        [ -n "$rule" ] || continue
+        case $rule in
+            /*) continue ;; # absolute: found as it is
+        esac
+        if [ ! -f "$src_dir/$rule" ]; then
+            echo "render_prometheus: rule file $src_dir/$rule not found" >&2
+            return 1
+        fi
+        if [ "$(cd -- "$src_dir" && pwd -P)" != "$(cd -- "$dst_dir" && pwd -P)" ]; then
+            mkdir -p -- "$(dirname -- "$dst_dir/$rule")"
+            cp -- "$src_dir/$rule" "$dst_dir/$rule"
+        fi
+    done < <(awk '
+        /^rule_files:/ { on = 1; next }
+        on && /^[^ \t#]/ { on = 0 }
+        on && /^[ \t]*-[ \t]/ { sub(/^[ \t]*-[ \t]*/, ""); sub(/[ \t]*(#.*)?$/, ""); gsub(/"/, ""); print }
+    ' "$src")
 }
