@@ -8,7 +8,8 @@
 #               has a severity, a summary, a description and a runbook
 #   grafana     provisioning YAML and dashboard JSON parse; every dashboard
 #               query is valid PromQL (`promtool check rules`)
-#   compose     `docker-compose config -q` (and `docker compose` when present)
+#   compose     `docker-compose config -q` (and `docker compose` when present),
+#               and that it refuses to start without GRAFANA_ADMIN_PASSWORD
 #   Dockerfile  build inputs exist, every workspace member's manifest is
 #               copied, the stubbed workspace loads with --locked
 #   scripts     shellcheck, when installed
@@ -275,23 +276,48 @@ check_compose() {
         fail compose "docker-compose not available"
         return
     fi
-    local out
-    if out=$(docker-compose -f "$COMPOSE_FILE" config -q 2>&1); then
+    # Secrets come from the environment or .env; check with placeholders given
+    # in an env file of our own, so a developer's .env or shell cannot change
+    # the outcome.
+    local out env_file="$WORK/compose.env" no_env="$WORK/compose-empty.env"
+    printf 'GRAFANA_ADMIN_PASSWORD=validate-placeholder\nREDIS_PASSWORD=validate-placeholder\n' >"$env_file"
+    : >"$no_env"
+    local compose=(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD docker-compose --env-file "$env_file" -f "$COMPOSE_FILE")
+    if out=$("${compose[@]}" config -q 2>&1); then
         pass "docker-compose config -q"
     else
         fail compose "$out"
     fi
-    if out=$(docker-compose -f "$COMPOSE_FILE" --profile loadtest config -q 2>&1); then
+    if out=$("${compose[@]}" --profile loadtest config -q 2>&1); then
         pass "docker-compose --profile loadtest config -q"
     else
         fail compose "$out"
     fi
     if docker compose version >/dev/null 2>&1; then
-        if out=$(docker compose -f "$COMPOSE_FILE" config -q 2>&1); then
+        if out=$(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD \
+            docker compose --env-file "$env_file" -f "$COMPOSE_FILE" config -q 2>&1); then
             pass "docker compose config -q"
         else
             fail compose "$out"
         fi
+    fi
+    if out=$(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD \
+        docker-compose --env-file "$no_env" -f "$COMPOSE_FILE" config -q 2>&1); then
+        fail compose "$COMPOSE_FILE starts without GRAFANA_ADMIN_PASSWORD (must refuse)"
+    elif grep -q 'GRAFANA_ADMIN_PASSWORD' <<<"$out"; then
+        pass "compose: refuses to start without GRAFANA_ADMIN_PASSWORD"
+    else
+        fail compose "compose failed without GRAFANA_ADMIN_PASSWORD, but not because of it:"$'\n'"$out"
+    fi
+    # REDIS_PASSWORD reaches Redis (--requirepass), the gateway's REDIS_URL and
+    # the exporter.
+    if out=$("${compose[@]}" config 2>&1) &&
+        grep -q 'requirepass' <<<"$out" &&
+        grep -q 'REDIS_URL: redis://:validate-placeholder@redis:6379' <<<"$out" &&
+        [ "$(grep -c 'REDIS_PASSWORD: validate-placeholder' <<<"$out")" -ge 2 ]; then
+        pass "compose: REDIS_PASSWORD wired into redis, REDIS_URL and the exporter"
+    else
+        fail compose "REDIS_PASSWORD is not wired into redis (--requirepass), the gateway's REDIS_URL and redis-exporter"
     fi
     local f
     for f in deploy/nginx/nginx.conf deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml \
