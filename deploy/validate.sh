@@ -388,7 +388,7 @@ check_scripts() {
     if command -v shellcheck >/dev/null 2>&1; then
         local out
         if out=$(shellcheck -x deploy/local/cluster.sh deploy/local/render.sh deploy/validate.sh \
-            deploy/docker/*.sh 2>&1); then
+            deploy/docker/*.sh deploy/kubernetes/validate.sh 2>&1); then
             pass "shellcheck: deploy scripts"
         else
             fail scripts "$out"

