@@ -7,7 +7,9 @@
 #               (`promtool test rules alerts_test.yml`), and that every alert
 #               has a severity, a summary, a description and a runbook
 #   grafana     provisioning YAML and dashboard JSON parse; every dashboard
-#               query is valid PromQL (`promtool check rules`)
+#               query is valid PromQL (`promtool check rules`); every metric
+#               an alert watches (and the process, API and Redis metrics) has
+#               a panel
 #   compose     `docker-compose config -q` (and `docker compose` when present),
 #               and that it refuses to start without GRAFANA_ADMIN_PASSWORD
 #   Dockerfile  build inputs exist, every workspace member's manifest is
@@ -224,12 +226,12 @@ PY
 # ---------------------------------------------------------------------------
 check_grafana() {
     local out rules="$WORK/dashboard-rules.yml"
-    if out=$("$PYTHON" - "$GRAFANA_PROVISIONING" "$DASHBOARD_DIR" "$rules" 2>&1 <<'PY'
-import glob, json, os, sys
+    if out=$("$PYTHON" - "$GRAFANA_PROVISIONING" "$DASHBOARD_DIR" "$rules" "$PROM_ALERTS" 2>&1 <<'PY'
+import glob, json, os, re, sys
 
 import yaml
 
-prov, dash_dir, rules_path = sys.argv[1:4]
+prov, dash_dir, rules_path, alerts_path = sys.argv[1:5]
 for path in sorted(glob.glob(os.path.join(prov, "**", "*.yml"), recursive=True)):
     doc = yaml.safe_load(open(path))
     assert doc.get("apiVersion") == 1, f"{path}: apiVersion 1 expected"
@@ -255,7 +257,26 @@ for path in dashboards:
                     .replace("$__interval", "1m").replace("$node", ".*"))
             rules.append({"record": f"dashboard:panel{panel['id']}:{t['refId']}", "expr": expr})
 json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(rules_path, "w"))
-print(f"{len(dashboards)} dashboard(s), {len(rules)} queries")
+
+# A panel for every signal an alert watches, and for the process, API and Redis metrics an
+# on-call engineer reads next to them.
+def metric_names(expr):
+    return set(re.findall(r"\b((?:chat|process|redis)_[a-z0-9_]+)", expr))
+shown = set().union(*(metric_names(r["expr"]) for r in rules))
+wanted = set()
+for group in yaml.safe_load(open(alerts_path))["groups"]:
+    for rule in group["rules"]:
+        wanted |= metric_names(rule["expr"])
+wanted |= {
+    "chat_ready", "chat_broker_repairs_total", "chat_closes_total", "chat_bytes_received_total",
+    "chat_bytes_sent_total", "chat_outbox_backlog_bytes", "process_resident_memory_bytes",
+    "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_threads",
+    "chat_api_requests_total", "chat_api_request_seconds_bucket", "redis_up",
+    "redis_memory_used_bytes", "redis_connected_clients", "redis_commands_processed_total",
+}
+missing = sorted(wanted - shown)
+assert not missing, f"no dashboard panel shows {missing}"
+print(f"{len(dashboards)} dashboard(s), {len(rules)} queries, every alerting signal shown")
 PY
     ); then
         pass "grafana: provisioning and dashboards parse ($out)"
