@@ -29,7 +29,7 @@ commands:
   env             print the cluster's addresses as shell assignments
                   (eval "\$(${0##*/} env)")
   kill-node I     SIGKILL node I (1-based), as in a crash
-  stop-node I     SIGTERM node I (graceful: clients get close code 1001)
+  stop-node I     SIGTERM node I (graceful: clients get close code 1012)
   start-node I    start node I again and wait until it is ready
   stop-redis      stop the cluster's redis-server (broker outage)
   start-redis     start it again
