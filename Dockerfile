@@ -54,8 +54,9 @@ ENV GATEWAY_LISTEN=0.0.0.0:8080 \
 USER chat:chat
 EXPOSE 8080
 
-# The gateway drains on SIGTERM: stops accepting, closes clients with 1001
-# and exits 0 within --shutdown-grace (5s, below Docker's 10s stop timeout).
+# The gateway drains on SIGTERM: stops accepting, closes clients with 1012
+# (service restart: reconnect and resume elsewhere) and exits 0 within
+# --shutdown-grace (5s, below Docker's 10s stop timeout).
 STOPSIGNAL SIGTERM
 
 # GET /healthz through bash's /dev/tcp (bash is part of the base image), so

@@ -13,6 +13,8 @@
 #   memory   10,000 and 20,000 idle connections: RSS per connection
 #   bigroom  one room of 2,000 members split across both nodes, 1 sender at 20 msg/s
 #   storm    10,000 connections opened as fast as 1,000 handshakes in flight allow: accepted/s
+#   publish  500 rooms of 2 members, 1 sender each at 20 msg/s (10k messages/s): Redis CPU per
+#            published message; the gateway also with a cid in every message (dedup)
 #
 # Usage: loadtest/bench.sh [--stacks gateway,ws-peer,socketio] [--scenarios fanout,memory,bigroom,storm]
 #                          [--quick] [--out DIR]
@@ -67,11 +69,11 @@ fi
 if [[ $QUICK == 1 ]]; then
   FANOUT_CLIENTS=200; FANOUT_RATES=10,50; STEP_DURATION=3s
   MEMORY_COUNTS="1000 2000"; BIGROOM_CLIENTS=300; BIGROOM_DURATION=5s
-  STORM_CONNECTIONS=2000; HOLD=3s
+  STORM_CONNECTIONS=2000; HOLD=3s; PUBLISH_CLIENTS=200
 else
   FANOUT_CLIENTS=1000; FANOUT_RATES=10,50,100,200,400
   MEMORY_COUNTS="10000 20000"; BIGROOM_CLIENTS=2000; BIGROOM_DURATION=20s
-  STORM_CONNECTIONS=10000; HOLD=10s
+  STORM_CONNECTIONS=10000; HOLD=10s; PUBLISH_CLIENTS=1000
 fi
 
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -260,6 +262,19 @@ scenario_bigroom() {
   stop_cluster
 }
 
+scenario_publish() {
+  local stack="$1" style
+  for style in typed typed-cid; do
+    # Only the gateway deduplicates by cid.
+    [[ $stack != gateway && $style == typed-cid ]] && continue
+    start_cluster "$stack" "publish-$style"
+    run_loadgen "$stack" "publish-$style" fanout --clients "$PUBLISH_CLIENTS" \
+      --rooms "$((PUBLISH_CLIENTS / 2))" --senders 1 --rates 20 --size 64 \
+      --duration "$STEP_DURATION" --drain 3s --settle 2s --send-style "$style"
+    stop_cluster
+  done
+}
+
 scenario_storm() {
   local stack="$1"
   start_cluster "$stack" storm
@@ -272,7 +287,7 @@ log "results in $OUT"
 for stack in "${STACK_LIST[@]}"; do
   for scenario in "${SCENARIO_LIST[@]}"; do
     case "$scenario" in
-      fanout|memory|bigroom|storm) "scenario_$scenario" "$stack" ;;
+      fanout|memory|bigroom|storm|publish) "scenario_$scenario" "$stack" ;;
       *) echo "unknown scenario: $scenario" >&2; exit 2 ;;
     esac
   done

@@ -53,6 +53,14 @@ def fanout_row(r):
     }
 
 
+def publish_row(r):
+    row = fanout_row(r)
+    sent = r["sent"]
+    row["bench"] = r["bench"]
+    row["redis_cpu_us_per_message"] = round(row["redis_cpu_s"] * 1e6 / sent, 2) if sent else None
+    return row
+
+
 def memory_row(r):
     per = {p["label"]: p for p in r["rss_per_connection"]}
     nodes = [p for label, p in per.items() if label not in ("redis", "all")]
@@ -125,6 +133,7 @@ def main():
         "bigroom": [fanout_row(r) for r in by_bench.get("bigroom", [])],
         "memory": [memory_row(r) for b, rs in sorted(by_bench.items()) if b.startswith("memory-") for r in rs],
         "storm": [storm_row(r) for r in by_bench.get("storm", [])],
+        "publish": [publish_row(r) for b, rs in sorted(by_bench.items()) if b.startswith("publish-") for r in rs],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -149,6 +158,11 @@ def main():
         ("setup p99 ms", "setup_p99_ms"), ("failures", "failures"), ("node CPU s", "node_cpu_s"),
         ("redis CPU s", "redis_cpu_s"), ("loadgen CPU s", "loadgen_cpu_s"),
     ]
+    pub_cols = [
+        ("stack", "stack"), ("bench", "bench"), ("published", "sent"), ("delivered", "delivery_ratio"),
+        ("lost", "lost"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"), ("node CPU s", "node_cpu_s"),
+        ("redis CPU s", "redis_cpu_s"), ("redis CPU µs/message", "redis_cpu_us_per_message"),
+    ]
     md = "# Benchmark summary\n\n"
     md += ("Two nodes per stack on one machine, each stack with its own fresh redis-server; "
            "chat-loadgen on the same machine (its CPU is listed: the machine is shared).\n\n")
@@ -159,7 +173,9 @@ def main():
     md += "## Memory: idle connections\n\n"
     md += table(summary["memory"], mem_cols) + "\n"
     md += "## Connection storm\n\n"
-    md += table(summary["storm"], storm_cols)
+    md += table(summary["storm"], storm_cols) + "\n"
+    md += "## Publish: 500 rooms of 2 members, 10k messages/s\n\n"
+    md += table(summary["publish"], pub_cols)
     (out_dir / "summary.md").write_text(md)
     print(md)
 

@@ -64,6 +64,10 @@ if ! python3 -c 'import kubernetes_validate, cloudcoil.models.prometheus_operato
   python3 -m pip install --quiet --disable-pip-version-check -r deploy/kubernetes/requirements.txt
 fi
 
+echo "==> cargo fmt --check, cargo clippy (warnings are errors)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "==> cargo test --workspace"
 cargo test --workspace --locked
 

@@ -1,11 +1,11 @@
 //! The fan-out hot path: one message to N local members of a room. Measures the per-recipient
-//! cost of `Members::deliver` (the frame encoded once, then written to each member's outbox):
+//! cost of `Members::deliver_into` (the frame encoded once, then written to each member's outbox):
 //!
 //! * `fanout_memory`: outboxes that write into memory, so only the fan-out's own work shows;
 //! * `fanout_tcp`: outboxes on real loopback TCP sockets, the cost a node actually pays per
 //!   recipient, kernel included.
 //!
-//! Only the `deliver` call is timed; the receiving ends are emptied between iterations.
+//! Only the delivery (and the batch's write) is timed; the receiving ends are emptied between iterations.
 
 use std::hint::black_box;
 use std::io::{self, IoSlice, Read, Write};
@@ -15,14 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use gateway::broker::{Delivery, DeliveryKind};
-use gateway::fanout::Members;
-use gateway::outbox::{Outbox, Transport, in_memory};
-use gateway::protocol::Offset;
-use tungstenite::Utf8Bytes;
+use gateway::protocol::{Delivery, DeliveryKind, Epoch, FrameText, Offset, Position};
+use gateway::rooms::fanout::Members;
+use gateway::transport::outbox::{Batch, Outbox, Transport, in_memory};
 
-fn frame() -> Utf8Bytes {
-    Utf8Bytes::from(format!(
+fn frame() -> FrameText {
+    FrameText::from(format!(
         r#"{{"type":"message","room":"bench","id":"0192f1c4-5d7a-7c3e-9a51-2f0c5b0e7d11","userId":"u-1","message":"{}","ts":1,"offset":"1-0","epoch":"e"}}"#,
         "x".repeat(64)
     ))
@@ -35,16 +33,21 @@ static NEXT_OFFSET: AtomicU64 = AtomicU64::new(1);
 /// Times `iters` deliveries to `room`, calling `drain` (untimed) after each.
 fn time_deliveries(room: &Members, iters: u64, mut drain: impl FnMut()) -> Duration {
     let frame = frame();
+    let epoch = Epoch::parse("e").expect("a valid epoch");
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let ms = NEXT_OFFSET.fetch_add(1, Ordering::Relaxed);
         let delivery = Delivery {
-            kind: DeliveryKind::Chat(Offset { ms, seq: 0 }),
+            kind: DeliveryKind::Chat(Position {
+                offset: Offset { ms, seq: 0 },
+                epoch,
+            }),
             frame: frame.clone(),
             published_at_micros: 0,
         };
         let start = Instant::now();
-        let delivered = room.deliver(black_box(&delivery));
+        // The batch writes when it drops: inside the timed part, as a node's receive loop does.
+        let delivered = room.deliver_into(black_box(&delivery), &mut Batch::default());
         total += start.elapsed();
         assert_eq!(delivered, room.len(), "every member took the message");
         drain();
@@ -118,7 +121,7 @@ fn tcp_room(members: usize) -> (Members, Vec<TcpStream>) {
         server.set_nodelay(true).expect("nodelay");
         server.set_nonblocking(true).expect("non-blocking");
         client.set_nonblocking(true).expect("non-blocking");
-        let outbox = Outbox::new(Arc::new(Socket(server)), 1024);
+        let outbox = Outbox::new(Arc::new(Socket(server)), 1024, usize::MAX);
         outbox.uncork();
         room.insert(conn, outbox, false, false);
         clients.push(client);

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::broker::{HistorySettings, RedisSettings};
-use crate::hub::HubSettings;
-use crate::session::SessionLimits;
+use crate::connection::ConnectionLimits;
+use crate::rooms::hub::HubSettings;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,15 +20,50 @@ pub enum LogFormat {
 
 /// A chat gateway node: WebSocket clients in, rooms shared through Redis pub/sub.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chat-gateway", version, about, long_about = None)]
+// A flag given twice takes its last value (a wrapper script's defaults, then the caller's).
+#[command(name = "chat-gateway", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
     /// Address to listen on for WebSocket, HTTP and metrics.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://host:port). Without it the node runs alone with an in-process broker.
+    /// Redis URL. Without it the node runs alone with an in-process broker. One server:
+    /// redis://[user:password@]host:port[/db]; a Redis Cluster:
+    /// redis-cluster://host:port?node=host:port&node=...; a Sentinel-managed primary:
+    /// redis-sentinel://host:port?node=host:port&sentinelServiceName=NAME; rediss... for TLS.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// A file holding the Redis password (replaces the URL's; keeps it off the command line).
+    #[arg(long, env = "GATEWAY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+
+    /// A PEM file of certificate authorities to trust for a rediss URL, besides the system's.
+    #[arg(long, env = "GATEWAY_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
+
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    #[arg(long, env = "GATEWAY_REDIS_PREFIX", default_value = "chat:")]
+    pub redis_prefix: String,
+
+    /// Replicas that must have a message before it is acknowledged (Redis WAIT after the
+    /// append): with 1, a failover loses nothing acknowledged, at the cost of a replication
+    /// round trip per publish call. 0: acknowledged once the primary has it.
+    #[arg(long, env = "GATEWAY_ACK_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub ack_replicas: u32,
+
+    /// While the node publishes more than one message per Redis call (it is busy), how long it
+    /// waits for more before the next call, up to a full batch of 64. Larger calls cost Redis
+    /// less per message (docs/benchmarks.md), this long in latency. 0: send at once.
+    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub publish_linger: Duration,
+
+    /// Redis subscriber connections the node's rooms are split over, each read by its own
+    /// task, so fan-out uses that many cores [default: the cores available, at most 8].
+    #[arg(long, env = "GATEWAY_FANOUT_PARTITIONS",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub fanout_partitions: Option<u32>,
 
     /// This node's id in logs, metrics and welcome frames [default: random]
     #[arg(long, env = "GATEWAY_NODE_ID")]
@@ -57,6 +92,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_OUTBOX_CAPACITY", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub outbox_capacity: u32,
+
+    /// Bytes queued for one connection before it is closed as a slow consumer (4000), however
+    /// few frames they are.
+    #[arg(long, env = "GATEWAY_OUTBOX_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024 * 1024))]
+    pub outbox_bytes: u32,
 
     /// Interval between server pings.
     #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
@@ -93,6 +134,17 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_HISTORY_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub history_max_age: Duration,
 
+    /// How long a message's client id (`cid`) is remembered, at least: a retry within it is
+    /// not stored or delivered again (it may be remembered up to twice as long).
+    #[arg(long, env = "GATEWAY_DEDUP_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// How long a node may keep failing to repair a gap from history (after its Redis
+    /// subscriber lost messages) before it closes the room's members with 4002 so they resume
+    /// elsewhere. Live messages of the room wait meanwhile.
+    #[arg(long, env = "GATEWAY_REPAIR_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub repair_timeout: Duration,
+
     /// How long a presence entry outlives its node's last heartbeat (heartbeats come every third
     /// of it): a crashed node's users are gone from presence within this time.
     #[arg(long, env = "GATEWAY_PRESENCE_TTL", default_value = "20s", value_parser = humantime::parse_duration)]
@@ -100,7 +152,7 @@ pub struct Config {
 
     /// Authentication, allowed origins and abuse limits (see docs/security.md).
     #[command(flatten)]
-    pub security: crate::gate::SecurityArgs,
+    pub security: crate::security::gate::SecurityArgs,
 }
 
 /// A configuration that parses but cannot work.
@@ -117,6 +169,17 @@ pub enum ConfigError {
     /// A duration of zero makes no sense here.
     #[error("--{0} must be greater than zero")]
     ZeroDuration(&'static str),
+    /// A file named by a flag cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Redis key prefix would break the keys' hash tags.
+    #[error("--redis-prefix must not contain braces")]
+    PrefixWithBraces,
 }
 
 impl Config {
@@ -128,10 +191,15 @@ impl Config {
             ("redis-timeout", self.redis_timeout),
             ("history-max-age", self.history_max_age),
             ("presence-ttl", self.presence_ttl),
+            ("dedup-window", self.dedup_window),
+            ("repair-timeout", self.repair_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        if self.redis_prefix.contains(['{', '}']) {
+            return Err(ConfigError::PrefixWithBraces);
         }
         if self.idle_timeout <= self.ping_interval {
             return Err(ConfigError::IdleShorterThanPing {
@@ -151,11 +219,12 @@ impl Config {
     }
 
     /// Limits and timings for each connection.
-    pub fn session_limits(&self) -> SessionLimits {
-        SessionLimits {
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
             max_chat_bytes: self.max_chat_bytes as usize,
             max_rooms: self.max_rooms_per_connection as usize,
             outbox_capacity: self.outbox_capacity as usize,
+            outbox_bytes: self.outbox_bytes as usize,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             flush_deadline: self.shutdown_grace,
@@ -176,6 +245,7 @@ impl Config {
         HubSettings {
             history: self.history(),
             presence_ttl: self.presence_ttl,
+            repair_timeout: self.repair_timeout,
         }
     }
 
@@ -183,19 +253,45 @@ impl Config {
         HistorySettings {
             max_len: self.history_max_len as usize,
             max_age: self.history_max_age,
+            dedup_window: self.dedup_window,
         }
     }
 
     /// Redis settings for node `node_id`, when a Redis URL is configured.
-    pub fn redis(&self, node_id: &str) -> Option<RedisSettings> {
-        self.redis_url.as_ref().map(|url| RedisSettings {
+    pub fn redis(&self, node_id: &str) -> Result<Option<RedisSettings>, ConfigError> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Unreadable {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let partitions = self.fanout_partitions.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |cores| cores.get().min(8)),
+            |partitions| partitions as usize,
+        );
+        Ok(Some(RedisSettings {
             url: url.clone(),
+            password,
+            tls_ca: self.redis_tls_ca.clone(),
+            prefix: self.redis_prefix.clone(),
             node_id: node_id.to_owned(),
             history: self.history(),
             presence_ttl: self.presence_ttl,
             subscriber_capacity: self.redis_subscriber_capacity as usize,
             command_timeout: self.redis_timeout,
-        })
+            ack_replicas: self.ack_replicas,
+            partitions,
+            publish_linger: self.publish_linger,
+        }))
     }
 }
 
@@ -227,6 +323,19 @@ mod tests {
             config.validate(),
             Err(ConfigError::IdleShorterThanPing { .. })
         ));
+    }
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        let config = Config::try_parse_from([
+            "chat-gateway",
+            "--max-frame-bytes",
+            "1000",
+            "--max-frame-bytes",
+            "2000",
+        ])
+        .unwrap();
+        assert_eq!(config.max_frame_bytes, 2000);
     }
 
     #[test]

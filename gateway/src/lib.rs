@@ -1,43 +1,30 @@
-//! A horizontally scalable chat gateway: stateless nodes hold WebSocket connections and share
-//! chat rooms through a broker (in-process for one node, Redis pub/sub for a cluster).
+//! A horizontally scalable chat gateway: stateless nodes hold client connections and share chat
+//! rooms through a broker (in-process for one node, Redis pub/sub for a cluster).
 //!
-//! Layers, each apart from the others: [`protocol`] (frames), [`session`] (one WebSocket),
-//! [`fanout`] (local rooms), [`broker`] (in-process or Redis), joined by [`hub`] and served by
-//! [`server`].
+//! The layout, from the wire inwards:
+//!
+//! * [`transport`]: the listener, the WebSocket handshake, wire framing, each connection's
+//!   outbox, and the WebSocket session that reads frames;
+//! * [`http`]: the routes: WebSocket endpoint, demo page, health, readiness, metrics;
+//! * [`security`]: the handshake gate, tokens, origins and abuse limits;
+//! * [`connection`]: the connection core, one client's state and the handling of its frames,
+//!   whatever the transport;
+//! * [`protocol`]: client and server frames, validation, error codes, the close catalog;
+//! * [`rooms`]: local rooms and fan-out, and the hub that joins them to the broker;
+//! * [`broker`]: getting a message to every node with members in its room (in-process or
+//!   Redis), history and presence;
+//! * [`server`]: the node's lifecycle; [`config`]: every flag; [`metrics`]: every metric;
+//!   [`clock`]: the wall clock as the protocol uses it.
 
-pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
-pub mod fanout;
-pub mod gate;
-pub mod hub;
-pub mod limits;
-pub mod listener;
+pub mod connection;
+mod headers;
+pub mod http;
 pub mod metrics;
-pub mod origin;
-pub mod outbox;
 pub mod protocol;
+pub mod rooms;
+pub mod security;
 pub mod server;
-pub mod session;
-pub mod upgrade;
-pub mod wire;
-
-/// Locks a mutex, recovering the data if a previous holder panicked: every map guarded this way
-/// stays consistent after any single insert or remove, so poisoning carries no information.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The items of comma-separated header values (`Connection`, `Sec-WebSocket-Protocol`,
-/// `X-Forwarded-For`, ...), trimmed, in order; values that are not text are skipped.
-pub(crate) fn header_list<'a>(
-    values: impl IntoIterator<Item = &'a axum::http::HeaderValue>,
-) -> impl Iterator<Item = &'a str> {
-    values
-        .into_iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-}
+pub mod transport;

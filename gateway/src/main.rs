@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use anyhow::Context;
 use clap::Parser;
 use gateway::config::{Config, LogFormat};
+use gateway::protocol::close::Disconnect;
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
@@ -21,8 +22,41 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let span = tracing::info_span!("node", id = %node_id);
-    runtime.block_on(gateway::server::run(config, node_id, Some(metrics)).instrument(span))?;
-    Ok(())
+    runtime.block_on(
+        async {
+            let listener = gateway::transport::listener::bind(config.listen)
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            gateway::server::run(config, node_id, listener, Some(metrics), signal()).await?;
+            anyhow::Ok(())
+        }
+        .instrument(span),
+    )
+}
+
+/// Resolves on SIGTERM or SIGINT with the close clients get. SIGTERM is what orchestrators
+/// send in a rolling restart: clients reconnect and resume elsewhere (1012). SIGINT (Ctrl-C)
+/// is a plain going away (1001).
+async fn signal() -> Disconnect {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => Disconnect::ServiceRestart,
+        result = tokio::signal::ctrl_c() => {
+            if let Err(error) = result {
+                tracing::error!(%error, "cannot listen for SIGINT");
+            }
+            Disconnect::GoingAway
+        }
+    }
 }
 
 /// Logs and counts every panic. The runtime contains a panicking task (for a connection, that

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 const CONNECTIONS_OPEN: &str = "chat_connections_open";
 const CONNECTIONS_ACCEPTED: &str = "chat_connections_accepted_total";
@@ -18,6 +20,7 @@ const FANOUT_LATENCY_SECONDS: &str = "chat_fanout_latency_seconds";
 const SLOW_CONSUMER_DISCONNECTS: &str = "chat_slow_consumer_disconnects_total";
 const ROOMS_LOCAL: &str = "chat_rooms_local";
 const REDIS_CONNECTED: &str = "chat_redis_connected";
+const READY: &str = "chat_ready";
 const BROKER_LAG_EVENTS: &str = "chat_broker_lag_events_total";
 const BROKER_LAGGED_MESSAGES: &str = "chat_broker_lagged_messages_total";
 const CLIENT_ERRORS: &str = "chat_client_errors_total";
@@ -25,15 +28,17 @@ const HANDSHAKES_REFUSED: &str = "chat_handshakes_refused_total";
 const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
 const POLICY_CLOSES: &str = "chat_policy_closes_total";
 const PANICS: &str = "chat_panics_total";
+const BROKER_REPAIRS: &str = "chat_broker_repairs_total";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Installs the global Prometheus recorder; every series carries `node="<node_id>"`.
-pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new()
+/// A Prometheus recorder for node `node_id` (every series carries `node="<node_id>"`), not yet
+/// installed: the binary installs it globally, in-process test nodes each use their own.
+pub fn recorder(node_id: &str) -> Result<PrometheusRecorder, BuildError> {
+    Ok(PrometheusBuilder::new()
         .add_global_label("node", node_id)
         .set_buckets_for_metric(
             Matcher::Full(BROKER_PUBLISH_SECONDS.into()),
@@ -43,10 +48,23 @@ pub fn install(node_id: &str) -> Result<PrometheusHandle, metrics_exporter_prome
             Matcher::Full(FANOUT_LATENCY_SECONDS.into()),
             LATENCY_BUCKETS,
         )?
-        .install_recorder()?;
+        .build_recorder())
+}
+
+/// Installs the global Prometheus recorder for node `node_id` and registers every metric.
+pub fn install(node_id: &str) -> Result<PrometheusHandle, BuildError> {
+    let recorder = recorder(node_id)?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    register();
+    Ok(handle)
+}
+
+/// Describes every metric and creates the rarely moving ones at zero, through the recorder in
+/// effect (the global one, or a thread's local one).
+pub fn register() {
     describe();
     register_at_zero();
-    Ok(handle)
 }
 
 fn describe() {
@@ -75,6 +93,10 @@ fn describe() {
     );
     describe_gauge!(ROOMS_LOCAL, "Rooms with at least one member on this node");
     describe_gauge!(REDIS_CONNECTED, "1 while both Redis connections are up");
+    describe_gauge!(
+        READY,
+        "1 while the node is ready for traffic (broker usable, not shutting down)"
+    );
     describe_counter!(
         BROKER_LAG_EVENTS,
         "Times the Redis subscriber fell behind and skipped messages"
@@ -97,6 +119,11 @@ fn describe() {
         "Connections closed by a security policy, by reason (rate_limit, token_expired)"
     );
     describe_counter!(
+        BROKER_REPAIRS,
+        "Gap repairs of a room from history, by outcome: repaired, failed (retried), resync \
+         (members closed with 4002 to resume)"
+    );
+    describe_counter!(
         PANICS,
         "Panics in the node's tasks: each is a bug that ended a connection or a background task"
     );
@@ -116,6 +143,9 @@ fn register_at_zero() {
         PANICS,
     ] {
         counter!(name).absolute(0);
+    }
+    for outcome in ["repaired", "failed", "resync"] {
+        counter!(BROKER_REPAIRS, "outcome" => outcome).absolute(0);
     }
     gauge!(CONNECTIONS_OPEN).set(0.0);
     gauge!(ROOMS_LOCAL).set(0.0);
@@ -137,9 +167,9 @@ pub fn message_received() {
     counter!(MESSAGES_RECEIVED).increment(1);
 }
 
-/// The broker accepted a message after `elapsed`.
-pub fn message_published(elapsed: Duration) {
-    counter!(MESSAGES_PUBLISHED).increment(1);
+/// The broker stored `count` messages in one call that took `elapsed`.
+pub fn messages_published(count: usize, elapsed: Duration) {
+    counter!(MESSAGES_PUBLISHED).increment(count as u64);
     histogram!(BROKER_PUBLISH_SECONDS).record(elapsed.as_secs_f64());
 }
 
@@ -159,6 +189,11 @@ pub fn set_local_rooms(count: usize) {
     gauge!(ROOMS_LOCAL).set(count as f64);
 }
 
+/// Whether the node is ready for traffic.
+pub fn set_ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
 /// Whether both Redis connections are up.
 pub fn set_redis_connected(connected: bool) {
     gauge!(REDIS_CONNECTED).set(if connected { 1.0 } else { 0.0 });
@@ -168,6 +203,11 @@ pub fn set_redis_connected(connected: bool) {
 pub fn broker_lagged(skipped: u64) {
     counter!(BROKER_LAG_EVENTS).increment(1);
     counter!(BROKER_LAGGED_MESSAGES).increment(skipped);
+}
+
+/// A room's gap repair ended with `outcome` (`repaired`, `failed`, `resync`).
+pub fn repair(outcome: &'static str) {
+    counter!(BROKER_REPAIRS, "outcome" => outcome).increment(1);
 }
 
 /// An error frame with `code` was sent to a client.

@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::slow_link::SlowSubscriptions;
-use common::{Client, Node, Redis, wait_until};
+use common::relay::{Delay, Relay};
+use common::{Client, Gateway, Node, Persistence, Redis, wait_until};
 use serde_json::json;
 
 fn three_nodes(redis: &Redis) -> [Node; 3] {
@@ -41,7 +41,7 @@ async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_
     let redis = Redis::start();
     // The member's node reaches Redis through a link that holds its subscriptions back, so
     // the member would be welcomed long before Redis knew the node is in the room.
-    let slow_link = SlowSubscriptions::start(redis.port, Duration::from_millis(400));
+    let slow_link = Relay::start(redis.port, Delay::Subscriptions(Duration::from_millis(400)));
     let slow = Node::start("slow", Some(&slow_link.url()), &[]);
     let fast = Node::clustered("fast", &redis, &[]);
     let mut sender = Client::connect(&fast.ws_url("/ws?room=general")).await;
@@ -55,8 +55,9 @@ async fn a_welcomed_member_gets_what_is_sent_next_even_when_its_node_subscribes_
 
 #[tokio::test]
 async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns() {
-    let redis = Redis::start();
-    let port = redis.port;
+    // With its data kept, Redis comes back with the room's history, so the room that stays
+    // needs no resync: it is simply subscribed again.
+    let mut redis = Redis::start_with(Persistence::Aof);
     let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
     let stays = Client::connect(&node.ws_url("/ws?room=stays")).await;
     let leaves = Client::connect(&node.ws_url("/ws?room=gone")).await;
@@ -70,12 +71,12 @@ async fn a_room_left_while_redis_was_down_is_not_resubscribed_when_redis_returns
         node.metric("chat_rooms_local") == 1.0
     });
 
-    let redis = Redis::start_on(port);
+    redis.restart();
     // The node resubscribes all its rooms with one command: once one is back, all are.
     wait_until("the node to resubscribe", || {
-        !redis.room_channels().is_empty()
+        !redis.subscribed_rooms().is_empty()
     });
-    assert_eq!(redis.room_channels(), ["chat:room:stays"]);
+    assert_eq!(redis.subscribed_rooms(), ["stays"]);
     drop(stays);
 }
 
@@ -138,21 +139,21 @@ async fn rooms_are_isolated_across_nodes() {
 async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_leaves() {
     let redis = Redis::start();
     let [a, b, _c] = three_nodes(&redis);
-    let channel = "chat:room:topic";
+    let room = "topic";
     let redis = &redis;
-    let subscribers = |count: u64| move || redis.subscribers(channel) == count;
+    let subscribers = |count: u64| move || redis.subscribers(room) == count;
 
     let mut first = Client::connect(&a.ws_url("/ws?room=lobby")).await;
     first.join("topic").await;
     assert_eq!(
-        redis.subscribers(channel),
+        redis.subscribers(room),
         1,
         "subscribed by the time join is acknowledged"
     );
     let mut second = Client::connect(&a.ws_url("/ws?room=lobby")).await;
     second.join("topic").await;
     assert_eq!(
-        redis.subscribers(channel),
+        redis.subscribers(room),
         1,
         "one subscription per node, not per member"
     );
@@ -163,18 +164,16 @@ async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_l
         .send(json!({"type":"leave","room":"topic","ref":1}))
         .await;
     first.recv_type("left").await;
-    assert_eq!(redis.subscribers(channel), 2, "node a still has a member");
+    assert_eq!(redis.subscribers(room), 2, "node a still has a member");
     second.close().await;
     wait_until("node a to unsubscribe", subscribers(1));
     remote.say("topic", "still flowing").await;
     drop(remote);
     wait_until("the channel to disappear", || {
-        !redis.room_channels().contains(&channel.to_owned())
+        !redis.subscribed_rooms().contains(&room.to_owned())
     });
     assert!(
-        redis
-            .room_channels()
-            .contains(&"chat:room:lobby".to_owned()),
+        redis.subscribed_rooms().contains(&"lobby".to_owned()),
         "lobby still has a member"
     );
     drop(first);
@@ -182,8 +181,7 @@ async fn a_node_subscribes_once_per_room_and_unsubscribes_when_its_last_member_l
 
 #[tokio::test]
 async fn readiness_follows_redis_and_failed_publishes_are_reported() {
-    let redis = Redis::start();
-    let port = redis.port;
+    let mut redis = Redis::start_with(Persistence::Aof);
     let node = Node::clustered("node-a", &redis, &["--redis-timeout", "500ms"]);
     let mut client = Client::connect(&node.ws_url("/ws?room=ops")).await;
     client.say("ops", "before").await;
@@ -193,17 +191,26 @@ async fn readiness_follows_redis_and_failed_publishes_are_reported() {
         node.get("/readyz").is_some_and(|(status, _)| status == 503)
     });
     assert_eq!(node.metric("chat_redis_connected"), 0.0);
-    client
-        .send(json!({"type":"message","message":"during","ref":"lost?"}))
-        .await;
-    let refused = client.recv_type("error").await;
-    assert_eq!(refused["code"], "publish_failed");
-    assert_eq!(
-        refused["ref"], "lost?",
-        "the sender learns which message failed"
-    );
+    // A publish already on its way when the connection broke may have reached Redis: its
+    // outcome is unknown. Once the node knows Redis is gone, publishes fail at once.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        client
+            .send(json!({"type":"message","message":"during","ref":"lost?"}))
+            .await;
+        let refused = client.recv_type("error").await;
+        assert_eq!(
+            refused["ref"], "lost?",
+            "the sender learns which message failed"
+        );
+        if refused["code"] == "publish_failed" {
+            break;
+        }
+        assert_eq!(refused["code"], "publish_unknown");
+        assert!(std::time::Instant::now() < deadline, "publishes fail fast");
+    }
 
-    let _redis = Redis::start_on(port);
+    redis.restart();
     wait_until("the node to be ready again", || {
         node.get("/readyz").is_some_and(|(status, _)| status == 200)
     });

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::tempdir::TempDir;
+use common::temp_dir;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -92,7 +92,7 @@ fn the_shipped_kubernetes_manifests_pass_validation() {
 
 #[test]
 fn broken_manifests_fail_validation_and_each_break_is_reported() {
-    let dir = TempDir::new("k8s-validate");
+    let dir = temp_dir("k8s-validate");
     let deploy = dir.path().join("deploy");
     for part in ["kubernetes", "prometheus"] {
         copy_tree(&repo_root().join("deploy").join(part), &deploy.join(part));

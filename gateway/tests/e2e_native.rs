@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::tempdir::TempDir;
 use common::{Client, Ended, http_get};
+use common::{TempDir, temp_dir};
 use serde_json::Value;
 
 /// Gateway nodes per cluster.
@@ -81,7 +81,7 @@ impl Cluster {
         for attempt in 1..=ATTEMPTS {
             let ports = distinct_free_ports(NODES + 3);
             let cluster = Cluster {
-                dir: TempDir::new("e2e-cluster"),
+                dir: temp_dir("e2e-cluster"),
                 http_port: ports[0],
                 redis_port: ports[1],
                 prometheus_port: ports[2],

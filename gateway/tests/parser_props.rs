@@ -96,10 +96,14 @@ proptest! {
         let text = Value::Object(object).to_string();
         // What the server sees after the text round trip (floats may not survive it exactly).
         let reference = serde_json::from_str::<Value>(&text).unwrap().get("ref").cloned();
+        let echoed = rules::echoed_ref(reference.clone());
         match parse_client_frame(&text, limit) {
-            Ok(frame) => rules::check_accepted(&frame, limit),
+            Ok(frame) => {
+                prop_assert_eq!(&reference, &echoed, "a frame with an oversized ref was accepted");
+                rules::check_accepted(&frame, limit)
+            }
             Err(refusal) => {
-                prop_assert_eq!(refusal.reference, reference);
+                prop_assert_eq!(refusal.reference, echoed);
                 prop_assert!(!refusal.reason.is_empty());
                 prop_assert!(refusal.reason.len() < 512, "reasons stay short");
             }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Client, Ended, Node, PATIENCE, Redis, wait_until};
+use common::traffic::{Live, Traffic};
+use common::{Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, wait_until};
 use serde_json::{Value, json};
 
 /// A message frame's offset as `(ms, seq)`, for ordering checks.
@@ -108,8 +108,7 @@ async fn a_join_can_ask_for_the_last_messages() {
 
 #[tokio::test]
 async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovered() {
-    let redis = Redis::start();
-    let port = redis.port;
+    let mut redis = Redis::start();
     let node = Node::clustered("node-a", &redis, &["--history-max-len", "5"]);
     let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
     sender.say("r", "first").await;
@@ -131,10 +130,13 @@ async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovere
     // Redis restarts without persistence: the history and its epoch are gone.
     let last = messages(&mut sender, 300).await.pop().unwrap();
     redis.kill();
-    let _redis = Redis::start_on(port);
+    redis.restart();
     wait_until("the node to be ready again", || {
         node.get("/readyz").is_some_and(|(status, _)| status == 200)
     });
+    // The node cannot know what its members of `r` missed: it sends them to resume.
+    let (_, ended) = sender.recv_until_end().await;
+    assert_eq!(ended, Ended::Closed(4002), "resync");
     let mut again = Client::connect(&node.ws_url("/ws?room=lobby")).await;
     again
         .send(json!({"type":"join","room":"r","since":last["offset"],"epoch":last["epoch"]}))
@@ -204,9 +206,8 @@ async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
 }
 
 #[tokio::test]
-async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recovers() {
-    let redis = Redis::start();
-    let port = redis.port;
+async fn after_a_redis_restart_delivery_and_presence_recover() {
+    let mut redis = Redis::start_with(Persistence::Aof);
     let extra = ["--redis-timeout", "500ms", "--presence-ttl", "1500ms"];
     let a = Node::clustered("node-a", &redis, &extra);
     let b = Node::clustered("node-b", &redis, &extra);
@@ -219,17 +220,8 @@ async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recov
     wait_until("node a to notice", || {
         a.get("/readyz").is_some_and(|(status, _)| status == 503)
     });
-    sender
-        .send(json!({"type":"message","message":"during","ref":"d"}))
-        .await;
-    let failed = sender.recv_type("error").await;
-    assert_eq!(
-        (failed["code"].as_str(), failed["ref"].as_str()),
-        (Some("publish_failed"), Some("d"))
-    );
-
     let restarted = Instant::now();
-    let _redis = Redis::start_on(port);
+    redis.restart();
     for node in [&a, &b] {
         wait_until("the nodes to be ready again", || {
             node.get("/readyz").is_some_and(|(status, _)| status == 200)
@@ -275,188 +267,40 @@ async fn redis_restart_mid_traffic_reports_failed_publishes_and_everything_recov
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = Ended::Dropped;
 }
 
-/// Live node URLs, updated as nodes die and come back.
-type Live = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
-fn live_urls(live: &Live) -> Vec<String> {
-    live.lock().unwrap().clone()
+fn bases(nodes: &[Node]) -> Live {
+    Live::of(
+        nodes
+            .iter()
+            .map(|node| format!("ws://127.0.0.1:{}", node.port)),
+    )
 }
 
-/// What one room member saw during churn.
-#[derive(Debug, Default)]
-struct Seen {
-    ids: Vec<String>,
-    offsets: Vec<(u64, u64)>,
-    reconnects: usize,
-    not_recovered: usize,
-}
-
-/// A member that reconnects to another live node whenever its connection ends, resuming from
-/// the last offset it saw, until `stop` is set and it has been quiet for a moment.
-async fn member(
-    index: usize,
-    live: Live,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Seen {
-    use std::sync::atomic::Ordering;
-    let mut seen = Seen::default();
-    let mut resume: Option<(String, String)> = None;
-    let mut attempt = index;
-    'connect: loop {
-        let urls = live_urls(&live);
-        attempt += 1;
-        let base = &urls[attempt % urls.len()];
-        let url = match &resume {
-            Some((offset, epoch)) => format!("{base}/ws?room=churn&since={offset}&epoch={epoch}"),
-            None => format!("{base}/ws?room=churn"),
-        };
-        let Ok(mut client) = Client::try_connect(&url, Duration::from_secs(2)).await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        loop {
-            match client.next_event(Duration::from_millis(500)).await {
-                common::Event::Frame(frame) if frame["type"] == "message" => {
-                    seen.ids.push(frame["id"].as_str().unwrap().to_owned());
-                    seen.offsets.push(offset_of(&frame));
-                    let offset = frame["offset"].as_str().unwrap().to_owned();
-                    resume = Some((offset, frame["epoch"].as_str().unwrap().to_owned()));
-                }
-                common::Event::Frame(frame) if frame["type"] == "joined" => {
-                    if frame["recovered"] != true {
-                        seen.not_recovered += 1;
-                    }
-                }
-                common::Event::Frame(_) => {}
-                common::Event::Ended(_) => {
-                    seen.reconnects += 1;
-                    continue 'connect;
-                }
-                common::Event::Quiet if stop.load(Ordering::SeqCst) => return seen,
-                common::Event::Quiet => {}
-            }
-        }
-    }
-}
-
-/// Sends numbered messages at a steady pace, moving to another live node when its node goes
-/// away; returns the ids of the messages the cluster acknowledged.
-async fn sender(live: Live, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<String> {
-    use std::sync::atomic::Ordering;
-    let mut acked = Vec::new();
-    let mut attempt = 0;
-    let mut seq = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let urls = live_urls(&live);
-        attempt += 1;
-        let url = format!("{}/ws?room=churn-sender", urls[attempt % urls.len()]);
-        let Ok(mut client) = Client::try_connect(&url, Duration::from_secs(2)).await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        client
-            .send(json!({"type":"join","room":"churn","ref":"join"}))
-            .await;
-        'sending: while !stop.load(Ordering::SeqCst) {
-            seq += 1;
-            client
-                .send(
-                    json!({"type":"message","room":"churn","message":format!("m{seq}"),"ref":seq}),
-                )
-                .await;
-            loop {
-                match client.next_event(Duration::from_secs(2)).await {
-                    common::Event::Frame(frame)
-                        if frame["type"] == "ack" && frame["ref"] == seq =>
-                    {
-                        acked.push(frame["id"].as_str().unwrap().to_owned());
-                        break;
-                    }
-                    // Refused (e.g. the node is draining): not sent; try the next one.
-                    common::Event::Frame(frame) if frame["type"] == "error" => break,
-                    common::Event::Frame(_) => {}
-                    common::Event::Ended(_) | common::Event::Quiet => break 'sending,
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    acked
-}
-
-/// Runs members and a sender while `churn` disrupts the cluster, then checks that every member
-/// received every acknowledged message exactly once, in offset order.
-async fn assert_nothing_lost_during(live: Live, churn: impl std::future::Future<Output = ()>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let members: Vec<_> = (0..6)
-        .map(|i| tokio::spawn(member(i, live.clone(), stop.clone())))
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sending = tokio::spawn(sender(live.clone(), stop.clone()));
+/// Runs members and senders while `churn` disrupts the cluster, then checks that every member
+/// received every acknowledged message exactly once, in order.
+async fn assert_nothing_lost_during(live: &Live, churn: impl std::future::Future<Output = ()>) {
+    let traffic = Traffic::start(live, "churn", 6, 1, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     churn.await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::SeqCst);
-    let acked = sending.await.expect("sender");
-    assert!(
-        acked.len() > 20,
-        "the sender kept going through the churn: {} acked",
-        acked.len()
-    );
-    let mut total_reconnects = 0;
-    for (index, member) in members.into_iter().enumerate() {
-        let seen = member.await.expect("member");
-        total_reconnects += seen.reconnects;
-        assert_eq!(
-            seen.not_recovered, 0,
-            "member {index} was told history was lost"
-        );
-        assert!(
-            seen.offsets.windows(2).all(|pair| pair[0] < pair[1]),
-            "member {index}: offsets out of order or repeated"
-        );
-        let unique: HashSet<&String> = seen.ids.iter().collect();
-        assert_eq!(
-            unique.len(),
-            seen.ids.len(),
-            "member {index} got a duplicate"
-        );
-        let missing: Vec<&String> = acked.iter().filter(|id| !unique.contains(id)).collect();
-        assert!(
-            missing.is_empty(),
-            "member {index} lost {} of {} acked messages",
-            missing.len(),
-            acked.len()
-        );
-    }
-    eprintln!(
-        "{} acked messages, 6 members, {total_reconnects} reconnects, 0 lost, 0 duplicated",
-        acked.len()
-    );
-    assert!(total_reconnects > 0, "the churn disconnected someone");
+    let report = traffic.finish().await;
+    report.assert_exactly_once();
+    assert!(report.reconnects() > 0, "the churn disconnected someone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_killed_mid_traffic_loses_no_message_for_clients_that_resume_elsewhere() {
     let redis = Redis::start();
     let nodes = ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, &redis, &[]));
-    let live: Live = std::sync::Arc::new(std::sync::Mutex::new(
-        nodes
-            .iter()
-            .map(|n| format!("ws://127.0.0.1:{}", n.port))
-            .collect(),
-    ));
+    let live = bases(&nodes);
     let [a, b, mut c] = nodes;
-    let killed_url = format!("ws://127.0.0.1:{}", c.port);
+    let killed = format!("ws://127.0.0.1:{}", c.port);
     let churn = async {
-        live.lock().unwrap().retain(|url| *url != killed_url);
+        live.remove(&killed);
         c.process.signal("KILL");
     };
-    assert_nothing_lost_during(live.clone(), churn).await;
+    assert_nothing_lost_during(&live, churn).await;
     c.process.wait_exit(Duration::from_secs(5));
     drop((a, b));
 }
@@ -468,26 +312,18 @@ async fn a_rolling_restart_of_every_node_under_load_loses_no_message() {
         .iter()
         .map(|id| Node::clustered(id, &redis, &[]))
         .collect();
-    let live: Live = std::sync::Arc::new(std::sync::Mutex::new(
-        nodes
-            .iter()
-            .map(|n| format!("ws://127.0.0.1:{}", n.port))
-            .collect(),
-    ));
+    let live = bases(&nodes);
     let churn = async {
         for node in nodes.iter_mut() {
-            let old = format!("ws://127.0.0.1:{}", node.port);
             // The load balancer stops sending new clients to a draining node.
-            live.lock().unwrap().retain(|url| *url != old);
+            live.remove(&format!("ws://127.0.0.1:{}", node.port));
             node.process.signal("TERM");
             assert_eq!(node.process.wait_exit(Duration::from_secs(10)), Some(0));
             let id = node.id.clone();
             *node = Node::clustered(&id, &redis, &[]);
-            live.lock()
-                .unwrap()
-                .push(format!("ws://127.0.0.1:{}", node.port));
+            live.add(format!("ws://127.0.0.1:{}", node.port));
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     };
-    assert_nothing_lost_during(live.clone(), churn).await;
+    assert_nothing_lost_during(&live, churn).await;
 }

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Client, Ended, Node, PATIENCE, tempdir::TempDir, wait_until, ws_handshake};
+use common::{
+    Client, Ended, Gateway, PATIENCE, local::LocalNode, temp_dir, wait_until, ws_handshake,
+};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -53,10 +55,10 @@ fn ec_key() -> EncodingKey {
 }
 
 /// A node that requires HS256 tokens signed with [`SECRET`].
-fn hs256_node(extra: &[&str]) -> Node {
+fn hs256_node(extra: &[&str]) -> LocalNode {
     let mut args = vec!["--jwt-hs256-secret", SECRET];
     args.extend_from_slice(extra);
-    Node::single(&args)
+    LocalNode::start(&args)
 }
 
 fn subprotocol(token: &str) -> String {
@@ -64,7 +66,7 @@ fn subprotocol(token: &str) -> String {
 }
 
 /// The status of a WebSocket handshake offering `token` as a subprotocol.
-fn status_with_token(node: &Node, token: &str) -> u16 {
+fn status_with_token(node: &LocalNode, token: &str) -> u16 {
     ws_handshake(
         node.port,
         "/ws",
@@ -75,7 +77,7 @@ fn status_with_token(node: &Node, token: &str) -> u16 {
 }
 
 /// Connects with a token in the subprotocol.
-async fn connect_as(node: &Node, path: &str, token: &str) -> Client {
+async fn connect_as(node: &LocalNode, path: &str, token: &str) -> Client {
     let (client, _) = Client::connect_with_headers(
         &node.ws_url(path),
         &[("Sec-WebSocket-Protocol", &subprotocol(token))],
@@ -173,7 +175,7 @@ async fn forged_expired_and_wrong_algorithm_tokens_are_refused_with_401() {
 async fn rs256_and_es256_public_keys_verify_and_algorithm_confusion_is_refused() {
     let claims = json!({"sub":"carol","exp":now()+3600});
     let rsa_public = key_file("rs256-public.pem");
-    let rs_node = Node::single(&["--jwt-rs256-public-key", &rsa_public]);
+    let rs_node = LocalNode::start(&["--jwt-rs256-public-key", &rsa_public]);
     assert_eq!(
         status_with_token(&rs_node, &sign(Algorithm::RS256, &rsa_key(), &claims)),
         101
@@ -194,7 +196,7 @@ async fn rs256_and_es256_public_keys_verify_and_algorithm_confusion_is_refused()
         401
     );
 
-    let es_node = Node::single(&["--jwt-es256-public-key", &key_file("es256-public.pem")]);
+    let es_node = LocalNode::start(&["--jwt-es256-public-key", &key_file("es256-public.pem")]);
     let mut client = connect_as(&es_node, "/ws", &sign(Algorithm::ES256, &ec_key(), &claims)).await;
     assert_eq!(client.user_id, "carol");
     client.say("lobby", "signed with P-256").await;
@@ -206,10 +208,10 @@ async fn rs256_and_es256_public_keys_verify_and_algorithm_confusion_is_refused()
 
 #[tokio::test]
 async fn the_tokens_sub_is_the_senders_user_id() {
-    let dir = TempDir::new("secret");
+    let dir = temp_dir("secret");
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    let node = Node::single(&["--jwt-hs256-secret-file", secret_file.to_str().unwrap()]);
+    let node = LocalNode::start(&["--jwt-hs256-secret-file", secret_file.to_str().unwrap()]);
 
     let (mut alice, response) = Client::connect_with_headers(
         &node.ws_url("/ws?room=lobby"),
@@ -328,7 +330,7 @@ async fn an_expiring_token_closes_with_4003_unless_refreshed_in_time() {
 
 #[tokio::test]
 async fn an_auth_frame_in_anonymous_mode_is_refused() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     let mut client = Client::connect(&node.ws_url("/ws")).await;
     client
         .send(json!({"type":"auth","token":token_for("x"),"ref":1}))
@@ -341,7 +343,7 @@ async fn an_auth_frame_in_anonymous_mode_is_refused() {
 
 #[tokio::test]
 async fn a_foreign_origin_is_refused_with_403() {
-    let node = Node::single(&[
+    let node = LocalNode::start(&[
         "--allowed-origins",
         "https://chat.example.com,https://*.example.org",
     ]);
@@ -384,6 +386,9 @@ async fn a_foreign_origin_is_refused_with_403() {
     };
     assert_eq!(status("https://evil.example.net"), 403);
     assert_eq!(status(&own), 101);
+    // Same host and port but another scheme is another origin: this node speaks plain HTTP.
+    let https_twin = format!("https://127.0.0.1:{}", node.port);
+    assert_eq!(status(&https_twin), 403);
 }
 
 /// Sends `count` chat messages from a fresh connection in bursts of 50 every `pause` (none:
@@ -428,7 +433,7 @@ async fn flood(url: String, count: usize, pause: Option<Duration>) -> (usize, Op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_client_is_throttled_while_its_room_keeps_its_latency() {
-    let node = Node::single(&[
+    let node = LocalNode::start(&[
         "--conn-message-rate",
         "10",
         "--conn-message-burst",
@@ -498,7 +503,7 @@ async fn a_flooding_client_is_throttled_while_its_room_keeps_its_latency() {
 
 #[tokio::test]
 async fn sustained_abuse_is_closed_with_1008() {
-    let node = Node::single(&[
+    let node = LocalNode::start(&[
         "--conn-message-rate",
         "5",
         "--conn-message-burst",
@@ -552,7 +557,7 @@ async fn the_per_user_limit_spans_all_of_a_users_connections() {
 
 #[tokio::test]
 async fn the_connection_cap_answers_503_with_retry_after() {
-    let node = Node::single(&["--max-connections", "2"]);
+    let node = LocalNode::start(&["--max-connections", "2"]);
     let first = Client::connect(&node.ws_url("/ws")).await;
     let _second = Client::connect(&node.ws_url("/ws")).await;
     let reply = ws_handshake(node.port, "/ws", &[]).unwrap();
@@ -577,7 +582,7 @@ async fn the_connection_cap_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn new_connections_per_address_are_limited_with_429() {
-    let node = Node::single(&["--ip-connect-rate", "1", "--ip-connect-burst", "2"]);
+    let node = LocalNode::start(&["--ip-connect-rate", "1", "--ip-connect-burst", "2"]);
     assert_eq!(ws_handshake(node.port, "/ws", &[]).unwrap().status, 101);
     assert_eq!(ws_handshake(node.port, "/ws", &[]).unwrap().status, 101);
     let reply = ws_handshake(node.port, "/ws", &[]).unwrap();
@@ -588,7 +593,7 @@ async fn new_connections_per_address_are_limited_with_429() {
     assert_eq!(reply.status, 429, "an untrusted X-Forwarded-For is ignored");
 
     // Behind a trusted proxy, each forwarded client has its own budget.
-    let node = Node::single(&[
+    let node = LocalNode::start(&[
         "--ip-connect-rate",
         "1",
         "--ip-connect-burst",
@@ -634,7 +639,7 @@ fn time_until_dropped(stream: &mut TcpStream) -> Duration {
 
 #[tokio::test]
 async fn a_slowloris_client_is_dropped_within_the_handshake_timeout() {
-    let node = Node::single(&["--handshake-timeout", "1s"]);
+    let node = LocalNode::start(&["--handshake-timeout", "1s"]);
 
     // Connects and says nothing at all.
     let mut silent = TcpStream::connect(("127.0.0.1", node.port)).unwrap();
@@ -675,7 +680,7 @@ async fn a_slowloris_client_is_dropped_within_the_handshake_timeout() {
 async fn tokens_never_show_up_in_the_log() {
     // Run with debug logging, where refusals are logged, and check the secret parts of tokens
     // never appear in it.
-    let dir = TempDir::new("log");
+    let dir = temp_dir("log");
     let log = dir.path().join("gateway.log");
     let file = std::fs::File::create(&log).unwrap();
     let port = common::free_port();

@@ -5,13 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Ended, Node, RawWebSocket, http_get, ws_handshake};
+use common::{
+    Client, Ended, Gateway, Node, RawWebSocket, http_get, local::LocalNode, ws_handshake,
+};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn the_seed_client_works_unchanged() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     // Exactly what the seed React client does: connect to the bare URL, wait for userId, send
     // {userId, message}, and show `data.message` of every other frame.
     let mut seed = Client::connect(&node.ws_url("")).await;
@@ -67,7 +69,7 @@ async fn the_seed_client_works_unchanged() {
 
 #[tokio::test]
 async fn the_welcome_frame_names_user_node_room_and_protocol() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     let (mut socket, _) = tokio_tungstenite::connect_async(node.ws_url("/ws?room=news&name=alice"))
         .await
         .unwrap();
@@ -84,7 +86,7 @@ async fn the_welcome_frame_names_user_node_room_and_protocol() {
 
 #[tokio::test]
 async fn typed_clients_join_several_rooms_and_get_acks_echoing_ref() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     let mut alice = Client::connect(&node.ws_url("/ws?room=a&name=alice")).await;
     let mut bob = Client::connect(&node.ws_url("/ws?room=b")).await;
 
@@ -123,7 +125,7 @@ async fn typed_clients_join_several_rooms_and_get_acks_echoing_ref() {
 
 #[tokio::test]
 async fn every_kind_of_bad_input_gets_a_clear_error_and_the_connection_survives() {
-    let node = Node::single(&["--max-chat-bytes", "10", "--max-rooms-per-connection", "2"]);
+    let node = LocalNode::start(&["--max-chat-bytes", "10", "--max-rooms-per-connection", "2"]);
     let mut client = Client::connect(&node.ws_url("/ws")).await;
     let cases = [
         ("{not json", "invalid_json"),
@@ -194,7 +196,7 @@ async fn every_kind_of_bad_input_gets_a_clear_error_and_the_connection_survives(
 
 #[tokio::test]
 async fn an_oversize_frame_closes_with_1009() {
-    let node = Node::single(&["--max-frame-bytes", "1024"]);
+    let node = LocalNode::start(&["--max-frame-bytes", "1024"]);
     let mut client = Client::connect(&node.ws_url("/ws")).await;
     client
         .send_text(&format!(r#"{{"message":"{}"}}"#, "x".repeat(2000)))
@@ -204,8 +206,36 @@ async fn an_oversize_frame_closes_with_1009() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_an_oversize_frame_reads_the_1009_close_not_a_reset() {
+    let node = LocalNode::start(&["--max-frame-bytes", "1024"]);
+    let mut raw = RawWebSocket::open(node.port, "/ws", &[]);
+    let (_, welcome) = raw.next_frame().expect("the welcome frame");
+    assert!(String::from_utf8_lossy(&welcome).contains("userId"));
+    // A 4 MiB frame: the node refuses it on its header, while most of it is still on its way.
+    let len: u64 = 4 << 20;
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.resize(frame.len() + len as usize, b'x');
+    let mut writer = raw.try_clone();
+    let sending = std::thread::spawn(move || writer.try_send(&frame));
+    // A client busy writing reads a little later: the close must still be there to read.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, close) = raw.texts_until_close();
+    assert_eq!(close, Some(1009), "the close frame arrived intact");
+    let sent = sending.join().expect("the writer");
+    assert!(sent.is_ok(), "the node read and dropped the rest: {sent:?}");
+    // The client answers the close and closes; the node had closed its side already.
+    raw.send(&RawWebSocket::frame(0x8, &1009u16.to_be_bytes(), true));
+    assert!(
+        raw.read_to_end().is_ok(),
+        "the connection ended cleanly, not reset"
+    );
+}
+
+#[tokio::test]
 async fn handshakes_with_a_bad_room_or_name_are_refused_before_upgrading() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     for query in [
         "room=has%20space",
         "room=",
@@ -234,7 +264,7 @@ async fn handshakes_with_a_bad_room_or_name_are_refused_before_upgrading() {
 
 #[tokio::test]
 async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
-    let node = Node::single(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    let node = LocalNode::start(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
     let mut silent = Client::connect(&node.ws_url("/ws")).await;
     // While we do not read, our client library cannot answer the server's pings.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -244,7 +274,7 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
 
 #[tokio::test]
 async fn a_client_that_answers_pings_stays_connected() {
-    let node = Node::single(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    let node = LocalNode::start(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
     let mut lively = Client::connect(&node.ws_url("/ws")).await;
     // Reading answers pings; stay well past the idle timeout.
     assert_eq!(lively.recv_within(Duration::from_millis(1500)).await, None);
@@ -252,7 +282,8 @@ async fn a_client_that_answers_pings_stays_connected() {
 }
 
 async fn shutdown_closes_every_client_with(signal: &str, code: u16) {
-    let mut node = Node::single(&[]);
+    // A real process: the signal handling is the binary's.
+    let mut node = Node::start("solo", None, &[]);
     let mut a = Client::connect(&node.ws_url("/ws")).await;
     let mut b = Client::connect(&node.ws_url("/ws?room=other")).await;
     node.process.signal(signal);
@@ -275,7 +306,7 @@ async fn sigterm_drains_with_1012_so_clients_resume_elsewhere() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics_answer() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     assert_eq!(node.get("/healthz").unwrap(), (200, "ok".to_owned()));
     assert_eq!(node.get("/readyz").unwrap().0, 200);
     let mut client = Client::connect(&node.ws_url("/ws")).await;
@@ -301,7 +332,7 @@ async fn health_readiness_and_metrics_answer() {
 async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
     const MESSAGES: usize = 1000;
     // The sender sends as fast as acks come back: far over the default message rate limits.
-    let node = Node::single(&[
+    let node = LocalNode::start(&[
         "--outbox-capacity",
         "64",
         "--max-chat-bytes",
@@ -356,7 +387,7 @@ async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
 
 #[tokio::test]
 async fn the_handshake_follows_rfc_6455_and_refuses_what_it_cannot_serve() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     // The RFC's own example key and the accept value it must produce.
     let accepted =
         ws_handshake(node.port, "/ws", &[("Sec-WebSocket-Protocol", "chat.v1")]).expect("answer");
@@ -394,11 +425,34 @@ async fn the_handshake_follows_rfc_6455_and_refuses_what_it_cannot_serve() {
     assert!(body.contains("Sec-WebSocket-Key"), "{body}");
     let (status, _) = http_get(node.port, "/ws", &[("Upgrade", "websocket")]).expect("answer");
     assert_eq!(status, 400, "not an upgrade");
+
+    // The key must be the base64 of 16 bytes (RFC 6455 §4.2.1), and given once.
+    let version = [keyless, &[("Sec-WebSocket-Version", "13")]].concat();
+    for key in [
+        "abc",
+        "not base64 at all!",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "",
+    ] {
+        let with_key = [&version[..], &[("Sec-WebSocket-Key", key)]].concat();
+        let (status, body) = http_get(node.port, "/ws", &with_key).expect("answer");
+        assert_eq!(status, 400, "key {key:?}: {body}");
+    }
+    let twice = [
+        &version[..],
+        &[
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Key", "AQIDBAUGBwgJCgsMDQ4PEA=="),
+        ],
+    ]
+    .concat();
+    let (status, body) = http_get(node.port, "/ws", &twice).expect("answer");
+    assert_eq!(status, 400, "two keys: {body}");
 }
 
 #[tokio::test]
 async fn frames_sent_in_the_same_packet_as_the_handshake_are_read() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     let ping = RawWebSocket::frame(0x1, br#"{"type":"ping","ref":7}"#, true);
     let mut socket = RawWebSocket::open(node.port, "/ws", &ping);
     let (_, welcome) = socket.next_frame().expect("welcome");
@@ -414,7 +468,7 @@ async fn frames_sent_in_the_same_packet_as_the_handshake_are_read() {
 
 #[tokio::test]
 async fn broken_frames_close_with_the_rfc_codes() {
-    let node = Node::single(&[]);
+    let node = LocalNode::start(&[]);
     // An unmasked frame from a client is a protocol error (RFC 6455 §5.1).
     let mut unmasked = RawWebSocket::open(node.port, "/ws", &[]);
     unmasked.send(&RawWebSocket::frame(0x1, br#"{"message":"hi"}"#, false));
@@ -447,7 +501,14 @@ fn socket_buffers_max() -> usize {
 
 #[tokio::test]
 async fn a_client_that_pauses_reading_gets_every_frame_in_order_when_it_resumes() {
-    let node = Node::single(&["--outbox-capacity", "4096", "--max-chat-bytes", "16384"]);
+    let node = LocalNode::start(&[
+        "--outbox-capacity",
+        "4096",
+        "--outbox-bytes",
+        "134217728",
+        "--max-chat-bytes",
+        "16384",
+    ]);
     let mut paused = Client::connect(&node.ws_url("/ws?room=burst")).await;
     let mut sender = Client::connect(&node.ws_url("/ws?room=burst")).await;
     // More than the kernel's socket buffers can hold for the paused client, so the rest waits

@@ -132,6 +132,7 @@ fn ws_label(e: &WsError) -> String {
     }
 }
 
+#[allow(unsafe_code)]
 async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?

@@ -43,7 +43,13 @@ pub enum SendStyle {
     Typed,
     /// `{"message":TEXT}` to the default room, not acknowledged.
     Seed,
+    /// Like `typed`, with a fresh client message id (`cid`) in every message: what a client that
+    /// retries safely sends, and what the server deduplicates.
+    TypedCid,
 }
+
+/// Numbers the cids of one load generator run.
+static NEXT_CID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The fields of server frames the load generator looks at; the rest is skipped.
 #[derive(Debug, Deserialize)]
@@ -106,6 +112,11 @@ impl Protocol {
         let body = match style {
             SendStyle::Typed => {
                 serde_json::json!({"type": "message", "room": room, "message": text})
+            }
+            SendStyle::TypedCid => {
+                let n = NEXT_CID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let cid = format!("lg-{}-{n}", std::process::id());
+                serde_json::json!({"type": "message", "room": room, "message": text, "cid": cid})
             }
             SendStyle::Seed => serde_json::json!({"message": text}),
         };

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 /// Raise `RLIMIT_NOFILE` as far as allowed: the soft limit to the hard limit, and, where the
 /// process may (root), both to `fs.nr_open`. Returns the soft limit in force afterwards.
+#[allow(unsafe_code)]
 pub fn raise_nofile_limit() -> Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -53,6 +54,7 @@ pub fn raise_nofile_limit() -> Result<u64> {
 }
 
 /// The soft `RLIMIT_NOFILE` in force.
+#[allow(unsafe_code)]
 pub fn nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -66,6 +68,7 @@ pub fn nofile_limit() -> u64 {
 }
 
 /// CPU seconds (user + system) this process has used so far.
+#[allow(unsafe_code)]
 pub fn self_cpu_seconds() -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct; on failure it stays zeroed, which is a valid rusage.
@@ -77,6 +80,7 @@ pub fn self_cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+#[allow(unsafe_code)]
 fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

@@ -6,9 +6,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use axum::http::{HeaderMap, HeaderValue, header};
-use gateway::auth::handshake_token;
-use gateway::limits::{IpNet, TrustedProxies};
-use gateway::origin::{AllowedOrigin, OriginPolicy};
+use gateway::security::auth::handshake_token;
+use gateway::security::limits::{TrustedProxies, parse_net};
+use gateway::security::origin::{AllowedOrigin, OriginPolicy};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -38,15 +38,20 @@ fuzz_target!(|data: &[u8]| {
         .filter_map(|entry| entry.parse().ok())
         .collect();
     for authenticated in [false, true] {
-        let _ = OriginPolicy::new(&allowed, authenticated).allows(&headers);
+        for scheme in ["http", "https"] {
+            let _ = OriginPolicy::new(&allowed, authenticated).allows(&headers, scheme);
+        }
     }
-    let _ = OriginPolicy::new(&[], true).allows(&headers);
+    let _ = OriginPolicy::new(&[], true).allows(&headers, "http");
 
-    let ranges: Vec<IpNet> = String::from_utf8_lossy(host)
+    let ranges = String::from_utf8_lossy(host)
         .split(',')
-        .filter_map(|range| range.parse().ok())
+        .filter_map(|range| parse_net(range).ok())
         .collect();
-    let everyone = TrustedProxies::new(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
+    let everyone = TrustedProxies::new(vec![
+        parse_net("0.0.0.0/0").unwrap(),
+        parse_net("::/0").unwrap(),
+    ]);
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let _ = everyone.client_ip(peer, &headers);
     let _ = TrustedProxies::new(ranges).client_ip(peer, &headers);

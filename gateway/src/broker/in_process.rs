@@ -2,24 +2,25 @@
 //! in-memory ring per room, presence a map. Same contract as Redis, without the network.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Instant;
 
-use tungstenite::Utf8Bytes;
+use parking_lot::Mutex;
 
 use super::{
-    Delivery, DeliveryKind, History, HistorySettings, Published, Retained, SharedInbox, new_epoch,
-    now_micros,
+    Delivery, DeliveryKind, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
 };
-use crate::lock;
-use crate::protocol::{Offset, PresenceEvent, PresentUser, Replay, RoomName, to_json, with_offset};
+use crate::clock::now_micros;
+use crate::protocol::{
+    Epoch, FrameText, Offset, Position, PresenceEvent, PresentUser, Replay, RoomName, to_json,
+    with_offset,
+};
 
 /// Delivers every publish straight to the local inbox. No Redis, no other nodes.
 pub struct InProcessBroker {
     inbox: SharedInbox,
     settings: HistorySettings,
     /// Identifies this process's history: a restart loses it, and clients can tell.
-    epoch: String,
+    epoch: Epoch,
     rooms: Mutex<HashMap<RoomName, RoomLog>>,
     presence: Mutex<HashMap<RoomName, BTreeMap<String, Option<String>>>>,
 }
@@ -30,6 +31,10 @@ struct RoomLog {
     entries: VecDeque<(Offset, String, Instant)>,
     last: Option<Offset>,
     trimmed: bool,
+    /// Client message ids seen recently, in two generations as in Redis.
+    dedup: [HashMap<String, (Offset, uuid::Uuid)>; 2],
+    /// When the current generation started.
+    dedup_born: Option<Instant>,
 }
 
 impl RoomLog {
@@ -44,6 +49,28 @@ impl RoomLog {
             },
             _ => Offset { ms, seq: 0 },
         }
+    }
+
+    /// The stored message with this dedup key, if it is remembered.
+    fn seen(&self, key: &str) -> Option<(Offset, uuid::Uuid)> {
+        self.dedup
+            .iter()
+            .find_map(|generation| generation.get(key).copied())
+    }
+
+    /// Remembers a dedup key for at least `window`: a generation older than that becomes the
+    /// previous one, and the one before is forgotten.
+    fn remember(&mut self, key: String, stored: (Offset, uuid::Uuid), window: std::time::Duration) {
+        let now = Instant::now();
+        if self
+            .dedup_born
+            .is_none_or(|born| now.duration_since(born) >= window)
+        {
+            self.dedup.swap(0, 1);
+            self.dedup[0].clear();
+            self.dedup_born = Some(now);
+        }
+        self.dedup[0].insert(key, stored);
     }
 
     fn trim(&mut self, settings: &HistorySettings) {
@@ -65,35 +92,58 @@ impl InProcessBroker {
         InProcessBroker {
             inbox,
             settings,
-            epoch: new_epoch(),
+            epoch: Epoch::random(),
             rooms: Mutex::default(),
             presence: Mutex::default(),
         }
     }
 
-    pub(super) fn publish(&self, room: &RoomName, frame: String) -> Published {
+    pub(super) fn publish(&self, room: &RoomName, message: Outgoing) -> Published {
         // Holding the lock while delivering keeps offsets and delivery order the same.
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.lock();
         let log = rooms.entry(room.clone()).or_default();
+        let key = message.dedup.is_some().then(|| message.dedup_field());
+        if let Some((offset, id)) = key.as_deref().and_then(|key| log.seen(key)) {
+            return Published {
+                position: Position {
+                    offset,
+                    epoch: self.epoch,
+                },
+                id,
+                duplicate: true,
+            };
+        }
         let offset = log.next_offset();
-        let delivered = with_offset(&frame, offset, &self.epoch);
-        log.entries.push_back((offset, frame, Instant::now()));
+        let position = Position {
+            offset,
+            epoch: self.epoch,
+        };
+        let delivered = with_offset(&message.frame, offset, self.epoch);
+        log.entries
+            .push_back((offset, message.frame, Instant::now()));
         log.last = Some(offset);
         log.trim(&self.settings);
+        if let Some(key) = key {
+            log.remember(key, (offset, message.id), self.settings.dedup_window);
+        }
         self.inbox.deliver(
             room.as_str(),
             Delivery {
-                kind: DeliveryKind::Chat(offset),
-                frame: Utf8Bytes::from(delivered),
+                kind: DeliveryKind::Chat(position),
+                frame: FrameText::from(delivered),
                 published_at_micros: now_micros(),
             },
         );
         self.inbox.flush();
-        Published { offset }
+        Published {
+            position,
+            id: message.id,
+            duplicate: false,
+        }
     }
 
     pub(super) fn history(&self, room: &RoomName, replay: &Replay) -> History {
-        let mut rooms = lock(&self.rooms);
+        let mut rooms = self.rooms.lock();
         let Some(log) = rooms.get_mut(room) else {
             return History::default();
         };
@@ -101,11 +151,11 @@ impl InProcessBroker {
         let stamp = |(offset, frame, _): &(Offset, String, Instant)| {
             (
                 *offset,
-                Utf8Bytes::from(with_offset(frame, *offset, &self.epoch)),
+                FrameText::from(with_offset(frame, *offset, self.epoch)),
             )
         };
         let history = History {
-            epoch: Some(self.epoch.clone()),
+            epoch: Some(self.epoch),
             ..History::default()
         };
         match replay {
@@ -135,7 +185,7 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_upsert(&self, room: &RoomName, users: &[PresentUser]) {
-        let mut presence = lock(&self.presence);
+        let mut presence = self.presence.lock();
         let online = presence.entry(room.clone()).or_default();
         for user in users {
             if online
@@ -148,7 +198,7 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_remove(&self, room: &RoomName, users: &[&str]) {
-        let mut presence = lock(&self.presence);
+        let mut presence = self.presence.lock();
         let Some(online) = presence.get_mut(room) else {
             return;
         };
@@ -163,7 +213,8 @@ impl InProcessBroker {
     }
 
     pub(super) fn presence_list(&self, room: &RoomName) -> Vec<PresentUser> {
-        lock(&self.presence)
+        self.presence
+            .lock()
             .get(room)
             .map(|online| {
                 online
@@ -186,7 +237,7 @@ impl InProcessBroker {
         });
         let delivery = Delivery {
             kind: DeliveryKind::Presence,
-            frame: Utf8Bytes::from(frame),
+            frame: FrameText::from(frame),
             published_at_micros: now_micros(),
         };
         self.inbox.deliver(room.as_str(), delivery);

@@ -10,34 +10,15 @@ mod in_process;
 mod redis;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tungstenite::Utf8Bytes;
+use std::time::Duration;
 
 pub use in_process::InProcessBroker;
-pub use redis::{RedisBroker, RedisSettings};
+pub use redis::{KeySpace, RedisBroker, RedisSettings};
 
-use crate::protocol::{Offset, PresentUser, Replay, RoomName, is_valid_epoch, with_offset};
-
-/// What a broker hands back to the node.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// A chat message with its offset, or a presence event.
-    pub kind: DeliveryKind,
-    /// The frame exactly as clients receive it.
-    pub frame: Utf8Bytes,
-    /// The publishing node's clock when it published, in µs since the Unix epoch.
-    pub published_at_micros: u64,
-}
-
-/// The two kinds of room traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryKind {
-    /// A chat message stored in the room's history at this offset.
-    Chat(Offset),
-    /// A presence event (`presence_event` frame), not part of the history.
-    Presence,
-}
+pub use crate::protocol::{Delivery, DeliveryKind};
+use crate::protocol::{
+    Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
+};
 
 /// Where a broker hands what it receives.
 pub trait Inbox: Send + Sync + 'static {
@@ -45,17 +26,22 @@ pub trait Inbox: Send + Sync + 'static {
     fn deliver(&self, room: &str, delivery: Delivery);
     /// The broker has handed over everything it has for now: write it out.
     fn flush(&self);
-    /// Messages may have been missed (the subscriber lagged or reconnected): repair from history.
-    fn gap(&self);
+    /// Messages may be missing from here on (the subscriber lagged, lost its connection, or a
+    /// room's slot moved): hold the live traffic of every room `which` says, where it is, until
+    /// [`Inbox::repair`] has filled the gap. Called before anything that arrives after the gap
+    /// is delivered.
+    fn hold(&self, which: &dyn Fn(&str) -> bool);
+    /// The subscriptions are in effect again: repair every held room from history.
+    fn repair(&self);
 }
 
 /// A shared handle to the inbox a broker delivers into.
 pub type SharedInbox = Arc<dyn Inbox>;
 
 /// A broker operation that failed; the caller tells the client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker is not connected right now.
+    /// The broker is not connected right now; nothing was sent.
     #[error("broker unavailable: {0}")]
     Unavailable(&'static str),
     /// Redis refused or failed the command.
@@ -64,31 +50,83 @@ pub enum BrokerError {
     /// Redis answered something this node cannot read.
     #[error("unexpected reply from redis: {0}")]
     Reply(&'static str),
+    /// A script failed part way: what it did before the error stays done.
+    #[error("redis script failed part way: {0}")]
+    Partial(fred::error::Error),
+    /// The Redis server cannot serve this gateway.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
-/// Bounds of each room's history.
+impl BrokerError {
+    /// Whether the command may have taken effect although this call failed: it was sent and
+    /// then timed out or lost its connection, or it ran and its reply made no sense. Redis
+    /// still runs a command it received after the caller stopped waiting, so such a publish
+    /// must not be reported as "not sent".
+    pub fn outcome_unknown(&self) -> bool {
+        use fred::error::ErrorKind;
+        match self {
+            BrokerError::Unavailable(_) | BrokerError::Incompatible(_) => false,
+            BrokerError::Reply(_) | BrokerError::Partial(_) => true,
+            BrokerError::Redis(error) => matches!(
+                error.kind(),
+                ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Protocol
+            ),
+        }
+    }
+}
+
+/// Bounds of each room's history, and how long a client message id is remembered.
 #[derive(Debug, Clone, Copy)]
 pub struct HistorySettings {
     /// Messages kept per room (approximately: trimming works in blocks).
     pub max_len: usize,
     /// How long a message is kept.
     pub max_age: Duration,
+    /// A message's `cid` is remembered at least this long (and at most twice as long).
+    pub dedup_window: Duration,
+}
+
+/// A chat message to store and publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The `message` frame as members receive it, without offset and epoch.
+    pub frame: String,
+    /// Its id.
+    pub id: uuid::Uuid,
+    /// The sender's user id and the client's message id: a second message with the same pair
+    /// in the same room, within the dedup window, is not stored again.
+    pub dedup: Option<(String, String)>,
+}
+
+impl Outgoing {
+    /// The dedup key as stored: user and cid, joined by a unit separator (neither contains it).
+    fn dedup_field(&self) -> String {
+        match &self.dedup {
+            Some((user, cid)) => format!("{user}\x1f{cid}"),
+            None => String::new(),
+        }
+    }
 }
 
 /// A stored message accepted by the broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Published {
-    /// Its offset in the room's history.
-    pub offset: Offset,
+    /// Its place in the room's history.
+    pub position: Position,
+    /// Its id: the one sent, or for a duplicate the original message's.
+    pub id: uuid::Uuid,
+    /// The message's `cid` was stored before: nothing was published this time.
+    pub duplicate: bool,
 }
 
 /// What a replay found in a room's history.
 #[derive(Debug, Clone, Default)]
 pub struct History {
     /// The history's epoch; `None` when the room has no history at all.
-    pub epoch: Option<String>,
+    pub epoch: Option<Epoch>,
     /// Messages, oldest first, as clients receive them (with offset and epoch).
-    pub entries: Vec<(Offset, Utf8Bytes)>,
+    pub entries: Vec<(Offset, FrameText)>,
     /// For a `Since` replay: every message after the offset is in `entries`.
     pub complete: bool,
 }
@@ -114,7 +152,7 @@ impl History {
         retained: Retained,
     ) -> Self {
         let same_epoch = match (&self.epoch, client_epoch) {
-            (Some(current), Some(client)) => current == client,
+            (Some(current), Some(client)) => current.as_str() == client,
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -137,6 +175,12 @@ struct Retained {
     trimmed: bool,
 }
 
+/// Which of `count` fan-out partitions `room` belongs to: one subscriber connection and one
+/// receive loop each, so a room's traffic always takes the same path and keeps its order.
+pub fn partition_of(room: &str, count: usize) -> usize {
+    usize::from(fred::util::redis_keyslot(room.as_bytes())) % count.max(1)
+}
+
 /// The node's broker: in-process or Redis.
 pub enum Broker {
     /// Single node, no Redis.
@@ -146,12 +190,26 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Stores a chat message frame in the room's history and publishes it to every node
-    /// subscribed to `room`, this one included.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
+    /// Stores a chat message in the room's history and publishes it to every node subscribed
+    /// to `room`, this one included; a repeated `cid` is answered with the original message.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        message: Outgoing,
+    ) -> Result<Published, BrokerError> {
         match self {
-            Broker::InProcess(broker) => Ok(broker.publish(room, frame)),
-            Broker::Redis(broker) => broker.publish(room, &frame).await,
+            Broker::InProcess(broker) => Ok(broker.publish(room, message)),
+            Broker::Redis(broker) => broker.publish(room, message).await,
+        }
+    }
+
+    /// Where the room's history ends now, giving it an epoch if it has none; `None` for a broker
+    /// that cannot lose messages. Read before subscribing, it is where the node would repair
+    /// from if it missed messages before delivering any.
+    pub async fn head(&self, room: &RoomName) -> Result<Option<Position>, BrokerError> {
+        match self {
+            Broker::InProcess(_) => Ok(None),
+            Broker::Redis(broker) => broker.head(room).await,
         }
     }
 
@@ -217,11 +275,28 @@ impl Broker {
         }
     }
 
-    /// Drops presence entries of dead nodes in `room`, announcing who left.
-    pub async fn presence_reap(&self, room: &RoomName) -> Result<(), BrokerError> {
+    /// Refreshes this node's presence entries in every room it has users in, and drops those
+    /// of dead nodes, announcing who left.
+    pub async fn presence_heartbeat(
+        &self,
+        rooms: &[(RoomName, Vec<PresentUser>)],
+    ) -> Result<(), BrokerError> {
         match self {
-            Broker::InProcess(_) => Ok(()),
-            Broker::Redis(broker) => broker.presence_reap(room).await,
+            Broker::InProcess(broker) => {
+                for (room, users) in rooms {
+                    broker.presence_upsert(room, users);
+                }
+                Ok(())
+            }
+            Broker::Redis(broker) => broker.presence_heartbeat(rooms).await,
+        }
+    }
+
+    /// Why the node can never be ready on this broker, if it cannot (a Redis too old).
+    pub fn incompatible(&self) -> Option<&BrokerError> {
+        match self {
+            Broker::InProcess(_) => None,
+            Broker::Redis(broker) => broker.incompatible(),
         }
     }
 
@@ -249,32 +324,16 @@ impl Broker {
     }
 }
 
-/// Microseconds since the Unix epoch on this node's clock.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_micros() as u64)
-}
-
-/// A fresh random epoch.
-fn new_epoch() -> String {
-    let random = uuid::Uuid::new_v4().simple().to_string();
-    random[..12].to_owned()
-}
-
 /// Wraps a frame for the wire between nodes:
 /// `<publish time µs>\n<kind m|p>\n<offset>\n<epoch>\n<frame JSON>`. The header rides outside
 /// the JSON so a receiving node neither parses nor re-serializes the frame. The Lua scripts build
 /// the same format; this is its reference, used by the tests.
 #[cfg(test)]
-fn encode_envelope(
-    published_at_micros: u64,
-    kind: DeliveryKind,
-    epoch: &str,
-    frame: &str,
-) -> bytes::Bytes {
+fn encode_envelope(published_at_micros: u64, kind: DeliveryKind, frame: &str) -> bytes::Bytes {
     let header = match kind {
-        DeliveryKind::Chat(offset) => format!("{published_at_micros}\nm\n{offset}\n{epoch}\n"),
+        DeliveryKind::Chat(Position { offset, epoch }) => {
+            format!("{published_at_micros}\nm\n{offset}\n{epoch}\n")
+        }
         DeliveryKind::Presence => format!("{published_at_micros}\np\n\n\n"),
     };
     bytes::Bytes::from(format!("{header}{frame}"))
@@ -290,11 +349,14 @@ fn decode_envelope(envelope: &[u8]) -> Option<Delivery> {
     let epoch = text()?;
     let frame = text()?;
     let (kind, frame) = match kind {
-        "m" if is_valid_epoch(epoch) => {
-            let offset = Offset::parse(offset)?;
+        "m" => {
+            let position = Position {
+                offset: Offset::parse(offset)?,
+                epoch: Epoch::parse(epoch)?,
+            };
             (
-                DeliveryKind::Chat(offset),
-                with_offset(frame, offset, epoch),
+                DeliveryKind::Chat(position),
+                with_offset(frame, position.offset, position.epoch),
             )
         }
         "p" => (DeliveryKind::Presence, frame.to_owned()),
@@ -302,7 +364,7 @@ fn decode_envelope(envelope: &[u8]) -> Option<Delivery> {
     };
     Some(Delivery {
         kind,
-        frame: Utf8Bytes::from(frame),
+        frame: FrameText::from(frame),
         published_at_micros,
     })
 }
@@ -313,27 +375,20 @@ mod tests {
 
     #[test]
     fn envelopes_round_trip_and_foreign_payloads_are_rejected() {
-        let offset = Offset { ms: 5, seq: 1 };
-        let envelope = encode_envelope(
-            1234,
-            DeliveryKind::Chat(offset),
-            "ep1",
-            r#"{"type":"message"}"#,
-        );
+        let position = Position {
+            offset: Offset { ms: 5, seq: 1 },
+            epoch: Epoch::parse("ep1").unwrap(),
+        };
+        let envelope = encode_envelope(1234, DeliveryKind::Chat(position), r#"{"type":"message"}"#);
         let delivery = decode_envelope(&envelope).unwrap();
         assert_eq!(delivery.published_at_micros, 1234);
-        assert_eq!(delivery.kind, DeliveryKind::Chat(offset));
+        assert_eq!(delivery.kind, DeliveryKind::Chat(position));
         assert_eq!(
-            delivery.frame.as_str(),
+            delivery.frame.to_text(),
             r#"{"type":"message","offset":"5-1","epoch":"ep1"}"#
         );
 
-        let envelope = encode_envelope(
-            9,
-            DeliveryKind::Presence,
-            "",
-            r#"{"type":"presence_event"}"#,
-        );
+        let envelope = encode_envelope(9, DeliveryKind::Presence, r#"{"type":"presence_event"}"#);
         assert_eq!(
             decode_envelope(&envelope).unwrap().kind,
             DeliveryKind::Presence
@@ -356,7 +411,7 @@ mod tests {
     #[test]
     fn a_since_replay_is_complete_only_when_nothing_was_trimmed_or_lost() {
         let history = |epoch: Option<&str>| History {
-            epoch: epoch.map(str::to_owned),
+            epoch: epoch.and_then(Epoch::parse),
             ..History::default()
         };
         let offset = |ms| Offset { ms, seq: 0 };

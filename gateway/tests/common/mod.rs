@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,19 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub mod slow_link;
+pub mod local;
+pub mod relay;
+
+pub use tempfile::TempDir;
+
+/// A fresh temporary directory, removed when dropped.
+pub fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temporary directory")
+}
+pub mod traffic;
 
 /// How long any single wait in a test may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -104,23 +115,41 @@ fn require(program: &str) {
     );
 }
 
-/// A private `redis-server` on a free loopback port, without persistence.
+/// A private `redis-server` on a free loopback port.
 pub struct Redis {
     pub port: u16,
     process: Process,
-    dir: tempdir::TempDir,
+    dir: TempDir,
+    persistence: Persistence,
+}
+
+/// Whether a test's Redis keeps its data across a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing survives a restart.
+    None,
+    /// An append-only file written before each reply (`appendfsync always`): every write Redis
+    /// acknowledged survives a SIGKILL.
+    Aof,
 }
 
 impl Redis {
-    /// Starts a Redis server and waits until it answers PING.
+    /// Starts a Redis server without persistence and waits until it answers PING.
     pub fn start() -> Redis {
-        Self::start_on(free_port())
+        Self::start_with(Persistence::None)
     }
 
-    /// Starts a Redis server on `port` (used to restart one where it was).
-    pub fn start_on(port: u16) -> Redis {
+    /// Starts a Redis server that keeps its data as `persistence` says.
+    pub fn start_with(persistence: Persistence) -> Redis {
+        Self::launch(free_port(), temp_dir("redis"), persistence)
+    }
+
+    fn launch(port: u16, dir: TempDir, persistence: Persistence) -> Redis {
         require("redis-server");
-        let dir = tempdir::TempDir::new("redis");
+        let aof: &[&str] = match persistence {
+            Persistence::None => &["--appendonly", "no"],
+            Persistence::Aof => &["--appendonly", "yes", "--appendfsync", "always"],
+        };
         let process = Process::spawn(
             "redis-server",
             Command::new("redis-server")
@@ -131,18 +160,34 @@ impl Redis {
                     "127.0.0.1",
                     "--save",
                     "",
-                    "--appendonly",
-                    "no",
                 ])
+                .args(aof)
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null()),
         );
-        let redis = Redis { port, process, dir };
+        let redis = Redis {
+            port,
+            process,
+            dir,
+            persistence,
+        };
         wait_until("redis to answer PING", || {
             redis.command(&["PING"]).is_ok_and(|reply| reply == "PONG")
         });
         redis
+    }
+
+    /// Kills the server at once (SIGKILL), keeping its port and data for [`Redis::restart`].
+    pub fn kill(&mut self) {
+        self.process.signal("KILL");
+        let _ = self.process.wait_exit(PATIENCE);
+    }
+
+    /// Starts a killed server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let dir = std::mem::replace(&mut self.dir, temp_dir("redis-unused"));
+        *self = Self::launch(self.port, dir, self.persistence);
     }
 
     /// The URL a gateway node uses.
@@ -163,24 +208,21 @@ impl Redis {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
-    /// The room channels Redis has subscribers for.
-    pub fn room_channels(&self) -> Vec<String> {
+    /// The rooms whose shard channel Redis has subscribers for, sorted.
+    pub fn subscribed_rooms(&self) -> Vec<String> {
         let reply = self
-            .command(&["PUBSUB", "CHANNELS", "chat:room:*"])
+            .command(&["PUBSUB", "SHARDCHANNELS", "chat:*"])
             .unwrap_or_default();
-        let mut channels: Vec<String> = reply
-            .lines()
-            .filter(|line| !line.is_empty())
-            .map(str::to_owned)
-            .collect();
-        channels.sort();
-        channels
+        let mut rooms: Vec<String> = reply.lines().filter_map(room_of_channel).collect();
+        rooms.sort();
+        rooms
     }
 
-    /// How many subscribers a channel has.
-    pub fn subscribers(&self, channel: &str) -> u64 {
+    /// How many subscribers a room's shard channel has.
+    pub fn subscribers(&self, room: &str) -> u64 {
+        let channel = format!("chat:{{{room}}}:messages");
         let reply = self
-            .command(&["PUBSUB", "NUMSUB", channel])
+            .command(&["PUBSUB", "SHARDNUMSUB", &channel])
             .unwrap_or_default();
         reply
             .lines()
@@ -188,11 +230,16 @@ impl Redis {
             .and_then(|count| count.trim().parse().ok())
             .unwrap_or(0)
     }
+}
 
-    /// Kills the server at once.
-    pub fn kill(self) {
-        self.process.signal("KILL");
-    }
+/// The room a gateway shard channel (`chat:{room}:messages`) belongs to.
+pub fn room_of_channel(channel: &str) -> Option<String> {
+    Some(
+        channel
+            .strip_prefix("chat:{")?
+            .strip_suffix("}:messages")?
+            .to_owned(),
+    )
 }
 
 /// A `chat-gateway` process. Its log goes to a file, printed when the test fails.
@@ -200,7 +247,7 @@ pub struct Node {
     pub port: u16,
     pub id: String,
     pub process: Process,
-    log: tempdir::TempDir,
+    log: TempDir,
 }
 
 impl Node {
@@ -243,7 +290,7 @@ impl Node {
         if let Some(url) = redis_url {
             command.args(["--redis-url", url]);
         }
-        let log = tempdir::TempDir::new("node-log");
+        let log = temp_dir("node-log");
         let file = std::fs::File::create(log.path().join("log")).expect("create the node's log");
         command.stderr(file.try_clone().expect("clone the log file"));
         command.stdout(file);
@@ -257,25 +304,44 @@ impl Node {
         wait_until("the node to listen", || node.get("/healthz").is_some());
         node
     }
+}
+
+/// What tests ask of any gateway node, in this process or not.
+pub trait Gateway {
+    /// The port it listens on (loopback).
+    fn port(&self) -> u16;
+
+    /// Its metrics in Prometheus text format.
+    fn metrics_text(&self) -> String;
 
     /// The WebSocket URL for `path_and_query` (e.g. "/ws?room=a").
-    pub fn ws_url(&self, path_and_query: &str) -> String {
-        format!("ws://127.0.0.1:{}{path_and_query}", self.port)
+    fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{path_and_query}", self.port())
     }
 
     /// A plain HTTP GET; returns status and body, or `None` if nothing answered.
-    pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.port, path, &[])
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port(), path, &[])
     }
 
-    /// The value of a metric (summed over label sets) from `/metrics`.
-    pub fn metric(&self, name: &str) -> f64 {
-        let (_, body) = self.get("/metrics").expect("metrics answer");
-        body.lines()
+    /// The value of a metric (summed over label sets).
+    fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .lines()
             .filter(|line| !line.starts_with('#'))
             .filter(|line| line.split(['{', ' ']).next() == Some(name))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+}
+
+impl Gateway for Node {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn metrics_text(&self) -> String {
+        self.get("/metrics").expect("metrics answer").1
     }
 }
 
@@ -350,6 +416,8 @@ pub struct Client {
     pub user_id: String,
     /// The node from the `userId` frame.
     pub node: String,
+    /// Messages sent with [`Client::say`], numbering their `ref`s.
+    said: u64,
 }
 
 /// What [`Client::next_event`] saw.
@@ -454,6 +522,25 @@ impl Client {
         }
     }
 
+    /// Waits for a WebSocket pong (the answer to a ping frame); text frames that arrive first
+    /// stay queued for `recv`. `false` if none came within `wait`.
+    pub async fn recv_pong(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.socket.next()).await else {
+                return false;
+            };
+            match next {
+                Some(Ok(Message::Pong(_))) => return true,
+                Some(Ok(Message::Text(text))) => self
+                    .pending
+                    .push_back(serde_json::from_str(&text).expect("server frames are JSON")),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return false,
+            }
+        }
+    }
+
     /// The next frame of type `kind`, skipping others.
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         loop {
@@ -497,8 +584,10 @@ impl Client {
     /// Sends a chat message to a room and waits for its ack; returns the message id. Frames
     /// that arrive meanwhile stay queued for `recv`.
     pub async fn say(&mut self, room: &str, text: &str) -> String {
+        self.said += 1;
+        let reference = format!("say-{}", self.said);
         self.send(
-            serde_json::json!({"type": "message", "room": room, "message": text, "ref": text}),
+            serde_json::json!({"type": "message", "room": room, "message": text, "ref": reference}),
         )
         .await;
         loop {
@@ -506,7 +595,7 @@ impl Client {
                 .read_within(PATIENCE)
                 .await
                 .expect("an ack arrived in time");
-            if frame["type"] == "ack" && frame["ref"] == text {
+            if frame["type"] == "ack" && frame["ref"] == reference.as_str() {
                 return frame["id"].as_str().expect("ack carries the id").to_owned();
             }
             assert_ne!(frame["type"], "error", "message refused: {frame}");
@@ -517,38 +606,6 @@ impl Client {
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
-    }
-}
-
-/// Temporary directories removed on drop.
-pub mod tempdir {
-    use super::*;
-
-    /// A directory under the system temp dir, removed on drop.
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        /// Creates a fresh directory whose name starts with `prefix`.
-        pub fn new(prefix: &str) -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "{prefix}-{}-{}",
-                std::process::id(),
-                super::free_port()
-            ));
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir(path)
-        }
-
-        /// The path.
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 
@@ -566,6 +623,7 @@ impl Client {
             pending: Default::default(),
             user_id: String::new(),
             node: String::new(),
+            said: 0,
         };
         let deadline = tokio::time::Instant::now() + within;
         let welcome: Value = loop {
@@ -655,7 +713,7 @@ pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<H
 }
 
 /// A WebSocket upgrade request for `path` with extra `headers` (and the RFC 6455 example key).
-fn upgrade_request(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+pub fn upgrade_request(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
     let mut request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
@@ -716,6 +774,7 @@ impl Client {
             pending: Default::default(),
             user_id: String::new(),
             node: String::new(),
+            said: 0,
         };
         let welcome = client.recv().await;
         assert_eq!(
@@ -781,10 +840,28 @@ impl RawWebSocket {
         self.stream.write_all(bytes).expect("send");
     }
 
+    /// Writes raw bytes; `Err` if the server reset the connection (or stopped taking them
+    /// within [`PATIENCE`]).
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.set_write_timeout(Some(PATIENCE))?;
+        self.stream.write_all(bytes)
+    }
+
+    /// A second handle on the same connection (for writing while another thread reads).
+    pub fn try_clone(&self) -> RawWebSocket {
+        RawWebSocket {
+            stream: self.stream.try_clone().expect("clone the socket"),
+            buffered: Vec::new(),
+        }
+    }
+
     /// The next frame from the server as (opcode, payload); `None` once the connection ends.
     pub fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if let Some((opcode, payload, used)) = parse_server_frame(&self.buffered) {
+            if let Some((opcode, payload, rest)) = gateway::transport::wire::decode(&self.buffered)
+            {
+                let (opcode, payload, used) =
+                    (opcode, payload.to_vec(), self.buffered.len() - rest.len());
                 self.buffered.drain(..used);
                 return Some((opcode, payload));
             }
@@ -794,6 +871,13 @@ impl RawWebSocket {
                 Ok(read) => self.buffered.extend_from_slice(&buffer[..read]),
             }
         }
+    }
+
+    /// What follows the server's close frame: `Ok` once the server closed its side cleanly
+    /// (end of stream), `Err` if the connection was reset.
+    pub fn read_to_end(&mut self) -> std::io::Result<()> {
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest).map(|_| ())
     }
 
     /// Text frames until the server's close frame: the texts and the close code, if any came.
@@ -813,22 +897,4 @@ impl RawWebSocket {
         }
         (texts, None)
     }
-}
-
-/// Parses one unmasked server frame: opcode, payload and bytes used, if complete.
-fn parse_server_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    let opcode = bytes.first()? & 0x0f;
-    let (len, start) = match bytes.get(1)? & 0x7f {
-        126 => (
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        short => (short as usize, 2),
-    };
-    let payload = bytes.get(start..start + len)?.to_vec();
-    Some((opcode, payload, start + len))
 }

@@ -4,7 +4,8 @@
 // Each user needs only some of the rules.
 #![allow(dead_code)]
 
-use gateway::protocol::{ClientFrame, MAX_DISPLAY_NAME_CHARS, MAX_ROOM_NAME_BYTES};
+use gateway::protocol::{ClientFrame, MAX_DISPLAY_NAME_CHARS, MAX_REF_BYTES, MAX_ROOM_NAME_BYTES};
+use serde_json::Value;
 
 /// A room name: 1 to `MAX_ROOM_NAME_BYTES` bytes of `A-Z a-z 0-9 _ - . :`.
 pub fn room_name_ok(name: &str) -> bool {
@@ -19,6 +20,12 @@ pub fn room_name_ok(name: &str) -> bool {
 pub fn display_name_ok(name: &str) -> bool {
     let chars = name.chars().count();
     (1..=MAX_DISPLAY_NAME_CHARS).contains(&chars) && !name.chars().any(char::is_control)
+}
+
+/// The `ref` an answer echoes: the client's, if it serializes to at most `MAX_REF_BYTES` bytes
+/// of JSON; a larger one makes the frame refused and is not echoed.
+pub fn echoed_ref(reference: Option<Value>) -> Option<Value> {
+    reference.filter(|reference| reference.to_string().len() <= MAX_REF_BYTES)
 }
 
 /// Panics unless an accepted frame obeys the rules for its kind, with chat messages limited to

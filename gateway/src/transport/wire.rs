@@ -19,9 +19,9 @@ const FIN: u8 = 0x80;
 pub struct WireFrame(Bytes);
 
 impl WireFrame {
-    /// A text frame carrying `payload`.
-    pub fn text(payload: &str) -> WireFrame {
-        WireFrame::encode(TEXT, &[payload.as_bytes()])
+    /// A text frame carrying `payload` (UTF-8 text: a `str`, a `String`, a `FrameText`).
+    pub fn text(payload: impl AsRef<[u8]>) -> WireFrame {
+        WireFrame::encode(TEXT, &[payload.as_ref()])
     }
 
     /// A ping with no payload.
@@ -67,6 +67,30 @@ impl WireFrame {
         }
         WireFrame(out.freeze())
     }
+}
+
+/// Splits one server frame off the front of `bytes`: its opcode, its payload and what follows;
+/// `None` until a whole frame is there. The one decoder of server frames the tests use.
+#[cfg(any(test, feature = "test-util"))]
+pub fn decode(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&first, rest) = bytes.split_first()?;
+    let (&len_byte, rest) = rest.split_first()?;
+    let (len, rest) = match len_byte & 0x7f {
+        126 => {
+            let (len, rest) = rest.split_at_checked(2)?;
+            (usize::from(u16::from_be_bytes([len[0], len[1]])), rest)
+        }
+        127 => {
+            let (len, rest) = rest.split_at_checked(8)?;
+            (
+                usize::try_from(u64::from_be_bytes(len.try_into().ok()?)).ok()?,
+                rest,
+            )
+        }
+        short => (usize::from(short), rest),
+    };
+    let (payload, rest) = rest.split_at_checked(len)?;
+    Some((first & 0x0f, payload, rest))
 }
 
 #[cfg(test)]
@@ -118,6 +142,20 @@ mod tests {
             std::str::from_utf8(&payload[2..]).is_ok(),
             "cut on a char boundary"
         );
+    }
+
+    #[test]
+    fn the_test_decoder_reads_what_the_encoder_wrote() {
+        let mut bytes = WireFrame::text("x".repeat(70_000)).as_bytes().to_vec();
+        bytes.extend_from_slice(WireFrame::close(4000, "bye").as_bytes());
+        let (opcode, payload, rest) = decode(&bytes).unwrap();
+        assert_eq!((opcode, payload.len()), (TEXT, 70_000));
+        let (opcode, payload, rest) = decode(rest).unwrap();
+        assert_eq!(
+            (opcode, &payload[2..], rest),
+            (CLOSE, &b"bye"[..], &b""[..])
+        );
+        assert!(decode(&bytes[..100]).is_none(), "half a frame is no frame");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub mod close;
+
 /// Protocol version announced in the `userId` frame.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -19,27 +21,11 @@ pub const MAX_ROOM_NAME_BYTES: usize = 64;
 /// Longest display name, in characters.
 pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
-/// WebSocket close codes the gateway uses (see `docs/protocol.md`).
-pub mod close_code {
-    /// The node is shutting down; reconnect through the load balancer.
-    pub const GOING_AWAY: u16 = 1001;
-    /// A frame or message exceeded the configured size limit.
-    pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The client broke the WebSocket protocol (for example an unmasked frame).
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame was not valid UTF-8.
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    /// The node is restarting (SIGTERM); reconnect and resume on another node.
-    pub const SERVICE_RESTART: u16 = 1012;
-    /// The connection's outgoing queue was full.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    /// Nothing was heard from the client within the idle timeout.
-    pub const IDLE_TIMEOUT: u16 = 4001;
-    /// Sustained sending over the rate limits.
-    pub const POLICY_VIOLATION: u16 = 1008;
-    /// The connection's token expired and was not refreshed in time.
-    pub const TOKEN_EXPIRED: u16 = 4003;
-}
+/// Longest `ref`, as serialized JSON: it is echoed in every reply, so its size multiplies.
+pub const MAX_REF_BYTES: usize = 128;
+
+/// Longest client message id (`cid`), in bytes.
+pub const MAX_CID_BYTES: usize = 64;
 
 /// Machine-readable error codes carried in `error` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,6 +51,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The broker did not accept the message; it was not sent.
     PublishFailed,
+    /// The broker did not confirm in time: the message may or may not have been stored.
+    PublishUnknown,
     /// The broker is unavailable for a join or a presence query; try again.
     Unavailable,
     /// An unexpected server-side failure.
@@ -91,6 +79,7 @@ impl ErrorCode {
             ErrorCode::EmptyMessage => "empty_message",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::PublishFailed => "publish_failed",
+            ErrorCode::PublishUnknown => "publish_unknown",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
@@ -138,8 +127,7 @@ pub struct RoomName(Arc<str>);
 impl RoomName {
     /// Validates `name` as a room name.
     pub fn parse(name: &str) -> Result<Self, Refusal> {
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
-        if name.is_empty() || name.len() > MAX_ROOM_NAME_BYTES || !name.bytes().all(allowed) {
+        if name.is_empty() || name.len() > MAX_ROOM_NAME_BYTES || !name.bytes().all(name_byte) {
             return Err(Refusal::new(
                 ErrorCode::InvalidRoom,
                 format!(
@@ -178,6 +166,35 @@ impl Serialize for RoomName {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)
     }
+}
+
+/// A client's own id for a chat message (`cid`): 1 to 64 bytes of `A-Z a-z 0-9 _ - . :`.
+/// The same `cid` from the same user in the same room is stored at most once, so a client may
+/// retry a message whose outcome it does not know.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// Validates `cid`.
+    pub fn parse(cid: &str) -> Result<Self, Refusal> {
+        if cid.is_empty() || cid.len() > MAX_CID_BYTES || !cid.bytes().all(name_byte) {
+            return Err(Refusal::new(
+                ErrorCode::InvalidFrame,
+                format!("field `cid` must be 1-{MAX_CID_BYTES} characters of A-Z a-z 0-9 _ - . :"),
+            ));
+        }
+        Ok(ClientId(cid.to_owned()))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The bytes allowed in room names and client message ids.
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
 }
 
 /// Validates a display name: 1 to 64 characters, no control characters.
@@ -231,6 +248,8 @@ pub enum ClientFrame {
         room: Option<RoomName>,
         /// The chat text.
         message: String,
+        /// The client's own id for the message, which makes retries safe.
+        cid: Option<ClientId>,
         /// Echoed in the reply.
         reference: Option<Value>,
     },
@@ -269,8 +288,35 @@ pub fn parse_client_frame(text: &str, max_chat_bytes: usize) -> Result<ClientFra
         }
     };
     let reference = object.remove("ref");
+    if let Some(reference) = &reference
+        && json_len(reference) > MAX_REF_BYTES
+    {
+        // Not echoed: bounding what every reply carries is the point.
+        return Err(Refusal::new(
+            ErrorCode::InvalidFrame,
+            format!("field `ref` must be at most {MAX_REF_BYTES} bytes of JSON"),
+        ));
+    }
     parse_object(&mut object, &reference, max_chat_bytes)
         .map_err(|refusal| refusal.with_ref(reference))
+}
+
+/// The length of a value serialized as JSON, without building the text.
+pub fn json_len(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 fn parse_object(
@@ -312,9 +358,20 @@ fn parse_object(
                 None | Some(Value::Null) => None,
                 Some(_) => Some(room_field(object)?),
             };
+            let cid = match object.get("cid") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(cid)) => Some(ClientId::parse(cid)?),
+                Some(_) => {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidFrame,
+                        "field `cid` must be a string",
+                    ));
+                }
+            };
             Ok(ClientFrame::Message {
                 room,
                 message: chat_text(object, max_chat_bytes)?,
+                cid,
                 reference,
             })
         }
@@ -394,7 +451,7 @@ fn room_field(object: &Map<String, Value>) -> Result<RoomName, Refusal> {
 
 fn chat_text(object: &mut Map<String, Value>, max_chat_bytes: usize) -> Result<String, Refusal> {
     match object.remove("message") {
-        Some(Value::String(text)) if text.is_empty() => Err(Refusal::new(
+        Some(Value::String(text)) if text.trim().is_empty() => Err(Refusal::new(
             ErrorCode::EmptyMessage,
             "field `message` is empty",
         )),
@@ -494,15 +551,154 @@ impl JoinOptions {
 
 /// Adds `offset` and `epoch` to a serialized chat message (a JSON object). Done once per node
 /// per message: the offset is only known after the broker stored the message.
-pub fn with_offset(frame: &str, offset: Offset, epoch: &str) -> String {
+pub fn with_offset(frame: &str, offset: Offset, epoch: Epoch) -> String {
     let body = frame.strip_suffix('}').unwrap_or(frame);
     let separator = if body.ends_with('{') { "" } else { "," };
     format!(r#"{body}{separator}"offset":"{offset}","epoch":"{epoch}"}}"#)
 }
 
-/// Whether an epoch (generated by the broker) is safe to splice into JSON unescaped.
-pub fn is_valid_epoch(epoch: &str) -> bool {
-    !epoch.is_empty() && epoch.len() <= 32 && epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+/// Longest history epoch, in bytes.
+pub const MAX_EPOCH_BYTES: usize = 32;
+
+/// The name of one room history: a fresh random one whenever a history starts (first message,
+/// expiry, or Redis lost its data), so an offset from another history is never taken for one
+/// of this history. Alphanumeric, so it is spliced into JSON unescaped; stored inline, because
+/// every delivered message carries one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch {
+    len: u8,
+    bytes: [u8; MAX_EPOCH_BYTES],
+}
+
+impl Epoch {
+    /// Validates an epoch: 1 to 32 ASCII letters and digits.
+    pub fn parse(text: &str) -> Option<Epoch> {
+        let valid = !text.is_empty()
+            && text.len() <= MAX_EPOCH_BYTES
+            && text.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !valid {
+            return None;
+        }
+        let mut bytes = [0; MAX_EPOCH_BYTES];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Some(Epoch {
+            len: text.len() as u8,
+            bytes,
+        })
+    }
+
+    /// A fresh random epoch.
+    pub fn random() -> Epoch {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Epoch::parse(&random[..12]).unwrap_or(Epoch {
+            len: 0,
+            bytes: [0; MAX_EPOCH_BYTES],
+        })
+    }
+
+    /// The epoch as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII alphanumerics are ever stored.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Epoch({})", self.as_str())
+    }
+}
+
+impl Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// A chat message's place in its room's history: its offset within one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The offset within the history.
+    pub offset: Offset,
+    /// The history it belongs to.
+    pub epoch: Epoch,
+}
+
+/// The JSON text of one server frame, shared: a room's message is serialized once per node and
+/// the same bytes go to every member. Made only from `String`s, so always UTF-8.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FrameText(bytes::Bytes);
+
+impl FrameText {
+    /// The text as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text (validated again: for the rare reader that needs a `str`).
+    pub fn to_text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl From<String> for FrameText {
+    fn from(text: String) -> Self {
+        FrameText(bytes::Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for FrameText {
+    fn from(text: &'static str) -> Self {
+        FrameText(bytes::Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl AsRef<[u8]> for FrameText {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for FrameText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FrameText({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// A frame for the members of one room, as the broker hands it over.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// A chat message with its place in the history, or a presence event.
+    pub kind: DeliveryKind,
+    /// The frame exactly as clients receive it.
+    pub frame: FrameText,
+    /// The publishing node's clock when it published, in µs since the Unix epoch.
+    pub published_at_micros: u64,
+}
+
+/// The two kinds of room traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryKind {
+    /// A chat message stored in the room's history at this position.
+    Chat(Position),
+    /// A presence event (`presence_event` frame), not part of the history.
+    Presence,
 }
 
 /// One user online in a room.
@@ -579,7 +775,7 @@ pub enum ServerFrame<'a> {
         recovered: Option<bool>,
         /// The room history's epoch, when replay was asked for.
         #[serde(skip_serializing_if = "Option::is_none")]
-        epoch: Option<&'a str>,
+        epoch: Option<Epoch>,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -593,13 +789,24 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },
-    /// Reply to `message` once the broker took it.
+    /// Reply to `message` once the broker stored it.
     #[serde(rename = "ack")]
     Ack {
         /// The room it was sent to.
         room: &'a RoomName,
         /// The message id.
         id: uuid::Uuid,
+        /// Its position in the room's history.
+        #[serde(serialize_with = "display")]
+        offset: Offset,
+        /// The history's epoch.
+        epoch: Epoch,
+        /// The client's message id, echoed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cid: Option<&'a str>,
+        /// A retry of a `cid` already stored: this is the original message's ack.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -643,6 +850,13 @@ impl<'a> From<&'a Refusal> for ServerFrame<'a> {
             reference: refusal.reference.as_ref(),
         }
     }
+}
+
+fn display<T: fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 /// Serializes a frame to JSON text. Serializing these types cannot fail: they hold only
@@ -696,9 +910,60 @@ mod tests {
             ClientFrame::Message {
                 room: None,
                 message: "x".into(),
+                cid: None,
                 reference: Some(json!("a"))
             }
         );
+    }
+
+    #[test]
+    fn a_message_may_carry_a_client_id_of_the_documented_shape() {
+        let Ok(ClientFrame::Message { cid, .. }) =
+            parse(r#"{"type":"message","message":"x","cid":"0192f1c4-5d7a:a_b.c"}"#)
+        else {
+            panic!("message parses")
+        };
+        assert_eq!(
+            cid.map(|cid| cid.as_str().to_owned()),
+            Some("0192f1c4-5d7a:a_b.c".into())
+        );
+        let too_long = format!(
+            r#"{{"type":"message","message":"x","cid":"{}","ref":1}}"#,
+            "c".repeat(65)
+        );
+        for bad in [
+            r#"{"type":"message","message":"x","cid":"","ref":1}"#,
+            r#"{"type":"message","message":"x","cid":"a b","ref":1}"#,
+            r#"{"type":"message","message":"x","cid":7,"ref":1}"#,
+            too_long.as_str(),
+        ] {
+            let refusal = parse(bad).expect_err(bad);
+            assert_eq!(
+                (refusal.code, refusal.reference),
+                (ErrorCode::InvalidFrame, Some(json!(1))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_large_ref_is_refused_without_being_echoed() {
+        let fits = format!(
+            r#"{{"type":"ping","ref":"{}"}}"#,
+            "r".repeat(MAX_REF_BYTES - 2)
+        );
+        assert!(parse(&fits).is_ok());
+        let large = format!(
+            r#"{{"type":"ping","ref":"{}"}}"#,
+            "r".repeat(MAX_REF_BYTES - 1)
+        );
+        let refusal = parse(&large).unwrap_err();
+        assert_eq!(
+            (refusal.code, refusal.reference),
+            (ErrorCode::InvalidFrame, None)
+        );
+        let nested = format!(r#"{{"type":"ping","ref":[{}0]}}"#, "0,".repeat(100));
+        assert_eq!(parse(&nested).unwrap_err().reference, None);
     }
 
     #[test]
@@ -723,6 +988,10 @@ mod tests {
             ),
             (
                 r#"{"type":"message","message":"","ref":1}"#,
+                ErrorCode::EmptyMessage,
+            ),
+            (
+                r#"{"type":"message","message":" \t\n ","ref":1}"#,
                 ErrorCode::EmptyMessage,
             ),
             (
@@ -786,14 +1055,19 @@ mod tests {
         assert!(a < b, "9-5 comes before 10-0");
         assert_eq!(Offset::parse("10"), Some(b));
         assert_eq!(b.to_string(), "10-0");
-        let frame = with_offset(r#"{"type":"message","message":"}"}"#, b, "ab12");
+        let epoch = Epoch::parse("ab12").unwrap();
+        let frame = with_offset(r#"{"type":"message","message":"}"}"#, b, epoch);
         let value: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(
             (value["offset"].as_str(), value["epoch"].as_str()),
             (Some("10-0"), Some("ab12"))
         );
         assert_eq!(value["message"], "}");
-        assert!(is_valid_epoch("ab12") && !is_valid_epoch("a\"b") && !is_valid_epoch(""));
+        assert_eq!(epoch.as_str(), "ab12");
+        for bad in ["a\"b", "", &"e".repeat(MAX_EPOCH_BYTES + 1)] {
+            assert!(Epoch::parse(bad).is_none(), "{bad}");
+        }
+        assert_eq!(Epoch::random().as_str().len(), 12);
     }
 
     #[test]

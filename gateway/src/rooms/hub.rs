@@ -9,25 +9,27 @@
 //! the node unsubscribed from a room that has members.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::broker::{
-    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Published,
-    RedisBroker, RedisSettings, now_micros,
+    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Outgoing,
+    Published, RedisBroker, RedisSettings, SharedInbox,
 };
-use crate::fanout::{ConnId, Registry};
-use crate::lock;
+use crate::clock::now_micros;
 use crate::metrics;
-use crate::outbox::{Batch, Outbox};
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
+use crate::rooms::fanout::{ConnId, Registry};
+use crate::transport::outbox::{Batch, Outbox};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
 struct FanoutInbox {
     registry: Arc<Registry>,
-    gaps: Arc<Notify>,
+    /// Wakes the repair task.
+    repairs: Arc<Notify>,
     /// What the broker delivered since its last flush.
     batch: Mutex<Batch>,
 }
@@ -36,7 +38,7 @@ impl Inbox for FanoutInbox {
     fn deliver(&self, room: &str, delivery: Delivery) {
         let recipients = self
             .registry
-            .deliver_into(room, &delivery, &mut lock(&self.batch));
+            .deliver_into(room, &delivery, &mut self.batch.lock());
         let latency =
             Duration::from_micros(now_micros().saturating_sub(delivery.published_at_micros));
         metrics::fanned_out(recipients, latency);
@@ -44,11 +46,21 @@ impl Inbox for FanoutInbox {
 
     fn flush(&self) {
         // Flushed in place so the batch keeps its allocation from one batch to the next.
-        lock(&self.batch).flush();
+        self.batch.lock().flush();
     }
 
-    fn gap(&self) {
-        self.gaps.notify_one();
+    fn hold(&self, which: &dyn Fn(&str) -> bool) {
+        // What was batched arrived before the gap: out it goes first.
+        self.batch.lock().flush();
+        let rooms = self.registry.rooms_where(which);
+        tracing::debug!(rooms = rooms.len(), "holding room traffic for a repair");
+        for room in rooms {
+            room.members.hold();
+        }
+    }
+
+    fn repair(&self) {
+        self.repairs.notify_one();
     }
 }
 
@@ -75,6 +87,8 @@ pub struct Joined {
 pub struct Hub {
     registry: Arc<Registry>,
     broker: Broker,
+    /// How long a repair may keep failing before the room's members are resynced.
+    repair_timeout: Duration,
     /// Local connections per (room, user): presence is per user, not per connection.
     presence: Mutex<HashMap<(RoomName, String), LocalPresence>>,
 }
@@ -89,6 +103,9 @@ pub struct HubSettings {
     pub history: HistorySettings,
     /// How long a presence entry lives without a heartbeat; heartbeats come every third of it.
     pub presence_ttl: Duration,
+    /// How long a room may try to repair a gap from history before its members are closed to
+    /// resume elsewhere.
+    pub repair_timeout: Duration,
 }
 
 impl Hub {
@@ -99,22 +116,29 @@ impl Hub {
         redis: Option<&RedisSettings>,
     ) -> Result<Arc<Hub>, BrokerError> {
         let registry = Arc::new(Registry::default());
-        let gaps = Arc::new(Notify::new());
-        let inbox = Arc::new(FanoutInbox {
-            registry: registry.clone(),
-            gaps: gaps.clone(),
-            batch: Mutex::new(Batch::default()),
-        });
+        let repairs = Arc::new(Notify::new());
+        // One inbox per fan-out partition: each receive loop batches into its own.
+        let inbox = || -> SharedInbox {
+            Arc::new(FanoutInbox {
+                registry: registry.clone(),
+                repairs: repairs.clone(),
+                batch: Mutex::new(Batch::default()),
+            })
+        };
         let broker = match redis {
-            Some(redis) => Broker::Redis(Box::new(RedisBroker::start(redis, inbox)?)),
-            None => Broker::InProcess(InProcessBroker::new(inbox, settings.history)),
+            Some(redis) => {
+                let inboxes = (0..redis.partitions.max(1)).map(|_| inbox()).collect();
+                Broker::Redis(Box::new(RedisBroker::start(redis, inboxes)?))
+            }
+            None => Broker::InProcess(InProcessBroker::new(inbox(), settings.history)),
         };
         let hub = Arc::new(Hub {
             registry,
             broker,
+            repair_timeout: settings.repair_timeout,
             presence: Mutex::default(),
         });
-        tokio::spawn(repair_gaps(Arc::downgrade(&hub), gaps));
+        tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs));
         tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
         Ok(hub)
     }
@@ -138,7 +162,16 @@ impl Hub {
                 continue;
             }
             if !subscription.subscribed {
-                if let Err(error) = self.broker.subscribe(room).await {
+                // Where the history ends before the subscription: should the node miss
+                // messages before it delivers any, it repairs from there.
+                let subscribed = match self.broker.head(room).await {
+                    Ok(head) => {
+                        entry.members.set_head(head);
+                        self.broker.subscribe(room).await
+                    }
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = subscribed {
                     if entry.members.is_empty() {
                         subscription.retired = true;
                         self.registry.remove(room, &entry);
@@ -170,7 +203,7 @@ impl Hub {
     /// Sends a joined member its replay, then the live messages held meanwhile.
     pub fn release(&self, room: &RoomName, conn: ConnId, history: History) {
         if let Some(entry) = self.registry.get(room.as_str()) {
-            entry.members.release(conn, history.entries);
+            entry.members.release(conn, history.epoch, history.entries);
         }
     }
 
@@ -196,9 +229,13 @@ impl Hub {
         self.registry.remove(room, &entry);
     }
 
-    /// Stores and publishes a chat message frame to the room on every node.
-    pub async fn publish(&self, room: &RoomName, frame: String) -> Result<Published, BrokerError> {
-        self.broker.publish(room, frame).await
+    /// Stores and publishes a chat message to the room on every node.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        message: Outgoing,
+    ) -> Result<Published, BrokerError> {
+        self.broker.publish(room, message).await
     }
 
     /// Everyone online in the room across the cluster.
@@ -223,7 +260,7 @@ impl Hub {
 
     async fn mark_present(&self, room: &RoomName, user_id: &str, name: Option<&str>) {
         let first = {
-            let mut presence = lock(&self.presence);
+            let mut presence = self.presence.lock();
             let (count, _) = presence
                 .entry((room.clone(), user_id.to_owned()))
                 .or_insert((0, name.map(str::to_owned)));
@@ -244,7 +281,7 @@ impl Hub {
 
     async fn mark_absent(&self, room: &RoomName, user_id: &str) {
         let last = {
-            let mut presence = lock(&self.presence);
+            let mut presence = self.presence.lock();
             let key = (room.clone(), user_id.to_owned());
             match presence.get_mut(&key) {
                 Some((count, _)) if *count > 1 => {
@@ -270,7 +307,7 @@ impl Hub {
     /// This node's present users, grouped by room.
     fn present_by_room(&self) -> HashMap<RoomName, Vec<PresentUser>> {
         let mut by_room: HashMap<RoomName, Vec<PresentUser>> = HashMap::new();
-        for ((room, user_id), (_, name)) in lock(&self.presence).iter() {
+        for ((room, user_id), (_, name)) in self.presence.lock().iter() {
             by_room.entry(room.clone()).or_default().push(PresentUser {
                 user_id: user_id.clone(),
                 name: name.clone(),
@@ -279,40 +316,89 @@ impl Hub {
         by_room
     }
 
-    /// Repairs every local room from history after the broker may have missed messages.
-    async fn repair(&self) {
+    /// Repairs every room that holds traffic after a gap: reads what it missed from history
+    /// and delivers it, then what was held. A room whose history no longer covers the gap
+    /// (trimmed, or lost with Redis's data), or whose repair kept failing for the repair
+    /// timeout, resyncs its members instead. Returns whether some repair failed and must be
+    /// tried again.
+    async fn repair(&self) -> bool {
+        let mut failed = 0;
+        let mut first_error = None;
         for room in self.registry.room_names() {
             let Some(entry) = self.registry.get(room.as_str()) else {
                 continue;
             };
-            let Some(since) = entry.members.begin_repair() else {
+            let Some(from) = entry.members.repair_from() else {
                 continue;
             };
+            tracing::debug!(%room, ?from, "repairing");
             let replay = Replay::Since {
-                offset: since,
-                epoch: None,
+                offset: from.since,
+                epoch: from.epoch.map(|epoch| epoch.to_string()),
             };
-            let found = match self.broker.history(&room, &replay).await {
-                Ok(history) => history.entries,
-                Err(error) => {
-                    tracing::warn!(%room, %error, "could not read history to repair a gap");
-                    Vec::new()
+            match self.broker.history(&room, &replay).await {
+                Ok(history) if history.complete => {
+                    let recovered = entry.members.finish_repair(history.epoch, history.entries);
+                    metrics::repair("repaired");
+                    if recovered > 0 {
+                        tracing::info!(%room, recovered, "repaired missed messages from history");
+                    }
                 }
-            };
-            let recovered = entry.members.finish_repair(found);
-            if recovered > 0 {
-                tracing::info!(%room, recovered, "repaired missed messages from history");
+                Ok(_) => {
+                    let closed = entry.members.resync();
+                    metrics::repair("resync");
+                    tracing::warn!(
+                        %room,
+                        closed,
+                        "history no longer covers what this node missed; members resync"
+                    );
+                }
+                Err(_) if from.overdue(self.repair_timeout) => {
+                    let closed = entry.members.resync();
+                    metrics::repair("resync");
+                    tracing::warn!(
+                        %room,
+                        closed,
+                        timeout = ?self.repair_timeout,
+                        "could not repair a gap in time; members resync"
+                    );
+                }
+                Err(error) => {
+                    metrics::repair("failed");
+                    failed += 1;
+                    first_error.get_or_insert(error);
+                }
             }
         }
+        if let Some(error) = first_error {
+            tracing::warn!(rooms = failed, %error, "could not read history to repair a gap; retrying");
+        }
+        failed > 0
     }
 }
 
-/// Waits for gap notices and repairs, for as long as the hub lives.
-async fn repair_gaps(hub: Weak<Hub>, gaps: Arc<Notify>) {
+/// Shortest and longest wait before a failed repair is tried again.
+const REPAIR_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+/// Repairs held rooms whenever the broker says its subscriptions are back, retrying failed
+/// repairs with backoff until none is left, for as long as the hub lives.
+async fn repair_gaps(hub: Weak<Hub>, repairs: Arc<Notify>) {
     loop {
-        gaps.notified().await;
-        let Some(hub) = hub.upgrade() else { return };
-        hub.repair().await;
+        repairs.notified().await;
+        let mut retry = REPAIR_RETRY.0;
+        loop {
+            let Some(strong) = hub.upgrade() else { return };
+            let pending = strong.repair().await;
+            drop(strong);
+            if !pending {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = repairs.notified() => {}
+            }
+            retry = (retry * 2).min(REPAIR_RETRY.1);
+        }
     }
 }
 
@@ -327,12 +413,9 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
         if !hub.is_ready() {
             continue;
         }
-        for (room, users) in hub.present_by_room() {
-            let refreshed = hub.broker.presence_upsert(&room, &users).await;
-            let reaped = hub.broker.presence_reap(&room).await;
-            if let Err(error) = refreshed.and(reaped) {
-                tracing::warn!(%room, %error, "presence heartbeat failed");
-            }
+        let rooms: Vec<(RoomName, Vec<PresentUser>)> = hub.present_by_room().into_iter().collect();
+        if let Err(error) = hub.broker.presence_heartbeat(&rooms).await {
+            tracing::warn!(rooms = rooms.len(), %error, "presence heartbeat failed");
         }
     }
 }
@@ -340,22 +423,33 @@ async fn heartbeat(hub: Weak<Hub>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::in_memory;
     use crate::protocol::Offset;
+    use crate::transport::outbox::{MemorySocket, in_memory};
 
     fn hub() -> Arc<Hub> {
         let history = HistorySettings {
             max_len: 3,
             max_age: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(60),
         };
         Hub::start(
             HubSettings {
                 history,
                 presence_ttl: Duration::from_secs(30),
+                repair_timeout: Duration::from_secs(5),
             },
             None,
         )
         .unwrap()
+    }
+
+    /// Joins `room` as connection `conn` of user `u-1`, with no replay; returns its socket.
+    async fn plain_member(hub: &Hub, room: &RoomName, conn: ConnId) -> MemorySocket {
+        let (outbox, socket) = in_memory(8);
+        hub.join(room, joiner(conn, &outbox), &JoinOptions::PLAIN)
+            .await
+            .unwrap();
+        socket
     }
 
     fn joiner(conn: ConnId, outbox: &Outbox) -> Joiner<'static> {
@@ -378,8 +472,12 @@ mod tests {
         joined.unwrap().history.unwrap()
     }
 
-    fn message(text: &str) -> String {
-        format!(r#"{{"type":"message","message":"{text}"}}"#)
+    fn message(text: &str) -> Outgoing {
+        Outgoing {
+            frame: format!(r#"{{"type":"message","message":"{text}"}}"#),
+            id: uuid::Uuid::now_v7(),
+            dedup: None,
+        }
     }
 
     fn text_of(frame: &str) -> String {
@@ -391,14 +489,8 @@ mod tests {
     async fn in_process_publish_reaches_every_member_including_the_sender() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, a_rx) = in_memory(8);
-        let (b, b_rx) = in_memory(8);
-        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
-        hub.join(&room, joiner(2, &b), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
+        let b_rx = plain_member(&hub, &room, 2).await;
         hub.publish(&room, message("hi")).await.unwrap();
         assert_eq!(text_of(&a_rx.next_text().unwrap()), "hi");
         assert_eq!(text_of(&b_rx.next_text().unwrap()), "hi");
@@ -408,10 +500,7 @@ mod tests {
     async fn leaving_stops_delivery_and_forgets_empty_rooms() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let (a, a_rx) = in_memory(8);
-        hub.join(&room, joiner(1, &a), &JoinOptions::PLAIN)
-            .await
-            .unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
         hub.leave(&room, 1, "u-1").await;
         assert!(hub.registry.get("lobby").is_none());
         hub.publish(&room, message("x")).await.unwrap();
@@ -422,7 +511,12 @@ mod tests {
     async fn a_resume_gets_what_it_missed_then_live_without_gap_or_duplicate() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let first = hub.publish(&room, message("one")).await.unwrap().offset;
+        let first = hub
+            .publish(&room, message("one"))
+            .await
+            .unwrap()
+            .position
+            .offset;
         hub.publish(&room, message("two")).await.unwrap();
         let (a, a_rx) = in_memory(8);
         let since = JoinOptions {
@@ -449,7 +543,12 @@ mod tests {
     async fn a_resume_from_before_the_retained_history_is_not_recovered() {
         let hub = hub();
         let room = RoomName::parse("lobby").unwrap();
-        let first = hub.publish(&room, message("0")).await.unwrap().offset;
+        let first = hub
+            .publish(&room, message("0"))
+            .await
+            .unwrap()
+            .position
+            .offset;
         for i in 1..6 {
             hub.publish(&room, message(&i.to_string())).await.unwrap();
         }
@@ -472,6 +571,27 @@ mod tests {
             !history.complete,
             "another epoch's offsets cannot be replayed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_cid_is_stored_once_and_answered_with_the_original() {
+        let hub = hub();
+        let room = RoomName::parse("lobby").unwrap();
+        let a_rx = plain_member(&hub, &room, 1).await;
+        let with_cid = |text: &str, user: &str| Outgoing {
+            dedup: Some((user.to_owned(), "c-1".to_owned())),
+            ..message(text)
+        };
+        let first = hub.publish(&room, with_cid("once", "u-1")).await.unwrap();
+        let retry = hub.publish(&room, with_cid("once", "u-1")).await.unwrap();
+        assert!(!first.duplicate && retry.duplicate);
+        assert_eq!((retry.id, retry.position), (first.id, first.position));
+        let other_user = hub.publish(&room, with_cid("mine", "u-2")).await.unwrap();
+        assert!(!other_user.duplicate, "a cid is scoped to its user");
+        let texts: Vec<String> = std::iter::from_fn(|| a_rx.next_text())
+            .map(|frame| text_of(&frame))
+            .collect();
+        assert_eq!(texts, ["once", "mine"]);
     }
 
     #[tokio::test]

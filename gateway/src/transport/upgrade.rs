@@ -14,7 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::header_list;
+use crate::headers::header_list;
 
 /// A valid WebSocket upgrade request, not yet answered.
 pub struct WebSocketRequest {
@@ -40,6 +40,9 @@ pub enum UpgradeRejection {
     /// `Sec-WebSocket-Key` is missing.
     #[error("`Sec-WebSocket-Key` header missing")]
     MissingKey,
+    /// `Sec-WebSocket-Key` is not one base64-encoded 16-byte value.
+    #[error("`Sec-WebSocket-Key` must be one base64-encoded 16-byte value")]
+    InvalidKey,
     /// The connection cannot be upgraded (HTTP/2, or no upgrade support on this connection).
     #[error("this connection cannot be upgraded")]
     NotUpgradable,
@@ -52,9 +55,9 @@ impl IntoResponse for UpgradeRejection {
             UpgradeRejection::UnsupportedVersion | UpgradeRejection::NotUpgradable => {
                 StatusCode::UPGRADE_REQUIRED
             }
-            UpgradeRejection::NotAnUpgrade | UpgradeRejection::MissingKey => {
-                StatusCode::BAD_REQUEST
-            }
+            UpgradeRejection::NotAnUpgrade
+            | UpgradeRejection::MissingKey
+            | UpgradeRejection::InvalidKey => StatusCode::BAD_REQUEST,
         };
         let mut response = (status, self.to_string()).into_response();
         if self == UpgradeRejection::UnsupportedVersion {
@@ -87,12 +90,14 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketRequest {
         {
             return Err(UpgradeRejection::UnsupportedVersion);
         }
-        let key = headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .ok_or(UpgradeRejection::MissingKey)?;
+        let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+        let key = keys.next().ok_or(UpgradeRejection::MissingKey)?;
+        if keys.next().is_some() || !is_valid_key(key.as_bytes()) {
+            return Err(UpgradeRejection::InvalidKey);
+        }
         let accept_key =
             HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
-                .map_err(|_| UpgradeRejection::MissingKey)?;
+                .map_err(|_| UpgradeRejection::InvalidKey)?;
         let offered_protocols = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
         let on_upgrade = parts
             .extensions
@@ -155,6 +160,15 @@ impl WebSocketRequest {
         }
         response
     }
+}
+
+/// Whether a `Sec-WebSocket-Key` is what RFC 6455 §4.1 says a client sends: a random 16-byte
+/// value, base64-encoded.
+fn is_valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|nonce| nonce.len() == 16)
 }
 
 /// Whether a comma-separated header contains `token`, ignoring case.

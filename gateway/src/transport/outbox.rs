@@ -11,15 +11,15 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
+use parking_lot::{Mutex, MutexGuard};
 
-use crate::lock;
 use crate::metrics;
-use crate::protocol::close_code;
-use crate::wire::WireFrame;
+use crate::protocol::close::Disconnect;
+use crate::transport::wire::WireFrame;
 
 /// Where an outbox's bytes go: the connection's socket (or memory, in tests).
 pub trait Transport: Send + Sync + 'static {
@@ -31,29 +31,6 @@ impl Transport for tokio::net::TcpStream {
     fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
         tokio::net::TcpStream::try_write_vectored(self, frames)
     }
-}
-
-/// Why the server is closing a connection: a WebSocket close code and a short reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseReason {
-    /// WebSocket close code.
-    pub code: u16,
-    /// Human-readable reason sent in the close frame.
-    pub reason: &'static str,
-}
-
-impl CloseReason {
-    /// The backlog overflowed.
-    pub const SLOW_CONSUMER: CloseReason = CloseReason {
-        code: close_code::SLOW_CONSUMER,
-        reason: "slow consumer: outgoing queue full",
-    };
-    /// A write failed: the peer is gone, so nothing more (not even a close frame) can be sent.
-    /// 1006 is reserved for exactly this and never appears on the wire.
-    pub const CONNECTION_LOST: CloseReason = CloseReason {
-        code: 1006,
-        reason: "connection lost",
-    };
 }
 
 /// Why a frame could not be sent.
@@ -70,9 +47,10 @@ pub enum QueueError {
 /// Whether a frame counts against the backlog's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
-    /// Data frames: a full backlog refuses them and closes the connection as slow.
+    /// Data, ping and pong frames: a full backlog refuses them and closes the connection as
+    /// slow. Pongs count too: a client that pings without reading must not grow the backlog.
     Bounded,
-    /// Control and close frames: always admitted while the connection is open.
+    /// The close frame: always admitted while the connection is open.
     Always,
 }
 
@@ -95,6 +73,8 @@ struct Link {
     transport: Arc<dyn Transport>,
     /// Most frames the backlog may hold.
     capacity: usize,
+    /// Most bytes the backlog may hold (frames shared with other connections count in full).
+    max_bytes: usize,
     backlog: Mutex<Backlog>,
     /// Set, and the connection's task woken, when a backlog formed or a close was requested.
     /// A flag and a waker rather than a `Notify`: an idle connection's task then waits without
@@ -102,12 +82,14 @@ struct Link {
     wake: AtomicBool,
     waker: AtomicWaker,
     /// The first close request, if any.
-    close: OnceLock<CloseReason>,
+    close: OnceLock<Disconnect>,
 }
 
 #[derive(Default)]
 struct Backlog {
     frames: VecDeque<WireFrame>,
+    /// Bytes of every queued frame, the part of the front one already written included.
+    bytes: usize,
     /// Bytes of the front frame already written.
     written: usize,
     /// Frames wait without being written until [`Outbox::uncork`].
@@ -119,13 +101,14 @@ struct Backlog {
 }
 
 impl Outbox {
-    /// An outbox writing to `transport`, holding at most `capacity` frames while it cannot.
-    /// It starts corked: frames wait until [`Outbox::uncork`], so a connection can queue its
-    /// greeting ahead of the traffic of the rooms it is joining.
-    pub fn new(transport: Arc<dyn Transport>, capacity: usize) -> Outbox {
+    /// An outbox writing to `transport`, holding at most `capacity` frames and `max_bytes`
+    /// bytes while it cannot. It starts corked: frames wait until [`Outbox::uncork`], so a
+    /// connection can queue its greeting ahead of the traffic of the rooms it is joining.
+    pub fn new(transport: Arc<dyn Transport>, capacity: usize, max_bytes: usize) -> Outbox {
         Outbox(Arc::new(Link {
             transport,
             capacity: capacity.max(1),
+            max_bytes,
             backlog: Mutex::new(Backlog {
                 corked: true,
                 ..Backlog::default()
@@ -136,23 +119,16 @@ impl Outbox {
         }))
     }
 
-    /// Sends a frame now, or queues it behind what is waiting. A full backlog closes the
-    /// connection as a slow consumer.
+    /// Sends a frame (data, ping or pong) now, or queues it behind what is waiting. A full
+    /// backlog closes the connection as a slow consumer.
     pub fn push(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Bounded)?;
-        self.send(&mut backlog, frame)
-    }
-
-    /// Sends a control frame (ping, pong): like [`Outbox::push`] but never refused for space,
-    /// since the protocol requires it and it is tiny.
-    pub fn push_control(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Always)?;
+        let mut backlog = self.admit(Admission::Bounded, frame)?;
         self.send(&mut backlog, frame)
     }
 
     /// Queues the close frame after everything already waiting; nothing is sent after it.
     pub fn push_close(&self, frame: &WireFrame) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Always)?;
+        let mut backlog = self.admit(Admission::Always, frame)?;
         let sent = self.send(&mut backlog, frame);
         backlog.sealed = true;
         sent
@@ -162,9 +138,9 @@ impl Outbox {
     /// connection in one batch leave in one write. A full backlog closes the connection as a
     /// slow consumer.
     pub fn defer(&self, frame: &WireFrame, batch: &mut Batch) -> Result<(), QueueError> {
-        let mut backlog = self.admit(Admission::Bounded)?;
+        let mut backlog = self.admit(Admission::Bounded, frame)?;
         let idle = backlog.frames.is_empty();
-        backlog.frames.push_back(frame.clone());
+        backlog.enqueue(frame);
         // A corked outbox, or one whose backlog its task is draining, needs no flush; one
         // already scheduled is in the batch.
         if idle && !backlog.corked {
@@ -204,9 +180,17 @@ impl Outbox {
 
     /// Refuses everything from now on and drops what is waiting.
     pub fn seal(&self) {
-        let mut backlog = self.backlog();
-        backlog.sealed = true;
-        backlog.frames.clear();
+        self.backlog().clear_sealed();
+    }
+
+    /// Most bytes the backlog may hold.
+    pub fn max_bytes(&self) -> usize {
+        self.0.max_bytes
+    }
+
+    /// Bytes waiting in the backlog now.
+    pub fn backlog_bytes(&self) -> usize {
+        self.backlog().bytes
     }
 
     /// Ready when the connection's task has something to do: a backlog to drain or a close.
@@ -225,13 +209,13 @@ impl Outbox {
     }
 
     /// The close requested for this connection, if any.
-    pub fn close_requested(&self) -> Option<CloseReason> {
+    pub fn close_requested(&self) -> Option<Disconnect> {
         self.0.close.get().copied()
     }
 
     /// Closes the connection as a slow consumer; returns whether this was the first close request.
     pub fn close_slow(&self) -> bool {
-        let first = self.close_with(CloseReason::SLOW_CONSUMER);
+        let first = self.close_with(Disconnect::SlowConsumer);
         if first {
             metrics::slow_consumer_disconnect();
         }
@@ -239,7 +223,7 @@ impl Outbox {
     }
 
     /// Asks the connection to close. Only the first request counts; returns whether it was this one.
-    pub fn close_with(&self, reason: CloseReason) -> bool {
+    pub fn close_with(&self, reason: Disconnect) -> bool {
         let first = self.0.close.set(reason).is_ok();
         if first {
             self.wake();
@@ -248,17 +232,25 @@ impl Outbox {
     }
 
     fn backlog(&self) -> MutexGuard<'_, Backlog> {
-        lock(&self.0.backlog)
+        self.0.backlog.lock()
     }
 
-    /// The backlog, if one more frame may join it: not after the close frame, and (for
-    /// [`Admission::Bounded`] frames) not past capacity, which closes the connection as slow.
-    fn admit(&self, admission: Admission) -> Result<MutexGuard<'_, Backlog>, QueueError> {
+    /// The backlog, if `frame` may join it: not after the close frame, and (for
+    /// [`Admission::Bounded`] frames) not past the frame or byte capacity, which closes the
+    /// connection as slow. A frame always fits an empty backlog, however large.
+    fn admit(
+        &self,
+        admission: Admission,
+        frame: &WireFrame,
+    ) -> Result<MutexGuard<'_, Backlog>, QueueError> {
         let backlog = self.backlog();
         if backlog.sealed {
             return Err(QueueError::Closed);
         }
-        if admission == Admission::Bounded && backlog.frames.len() >= self.0.capacity {
+        let full = backlog.frames.len() >= self.0.capacity
+            || (!backlog.frames.is_empty()
+                && backlog.bytes + frame.as_bytes().len() > self.0.max_bytes);
+        if admission == Admission::Bounded && full {
             drop(backlog);
             self.close_slow();
             return Err(QueueError::Full);
@@ -269,7 +261,7 @@ impl Outbox {
     /// Writes `frame` directly when nothing is waiting, otherwise queues it.
     fn send(&self, backlog: &mut Backlog, frame: &WireFrame) -> Result<(), QueueError> {
         let idle = backlog.frames.is_empty();
-        backlog.frames.push_back(frame.clone());
+        backlog.enqueue(frame);
         if backlog.corked {
             return Ok(());
         }
@@ -317,9 +309,8 @@ impl Outbox {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
-                    backlog.sealed = true;
-                    backlog.frames.clear();
-                    self.close_with(CloseReason::CONNECTION_LOST);
+                    backlog.clear_sealed();
+                    self.close_with(Disconnect::ConnectionLost);
                     return Err(error);
                 }
             }
@@ -358,25 +349,46 @@ impl Drop for Batch {
 }
 
 impl Backlog {
+    fn enqueue(&mut self, frame: &WireFrame) {
+        self.bytes += frame.as_bytes().len();
+        self.frames.push_back(frame.clone());
+    }
+
     /// Drops `written` bytes from the front of the queue.
     fn consume(&mut self, mut written: usize) {
         while let Some(front) = self.frames.front() {
-            let left = front.as_bytes().len() - self.written;
+            let len = front.as_bytes().len();
+            let left = len - self.written;
             if written < left {
                 self.written += written;
                 return;
             }
             written -= left;
             self.written = 0;
+            self.bytes -= len;
             self.frames.pop_front();
         }
+    }
+
+    fn clear_sealed(&mut self) {
+        self.sealed = true;
+        self.frames.clear();
+        self.bytes = 0;
+        self.written = 0;
     }
 }
 
 /// An outbox that writes into memory: for tests and benchmarks of the fan-out.
+#[cfg(any(test, feature = "test-util"))]
 pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
+    in_memory_bounded(capacity, usize::MAX)
+}
+
+/// [`in_memory`] with a byte bound on the backlog too.
+#[cfg(any(test, feature = "test-util"))]
+pub fn in_memory_bounded(capacity: usize, max_bytes: usize) -> (Outbox, MemorySocket) {
     let socket = Arc::new(MemoryTransport::default());
-    let outbox = Outbox::new(socket.clone(), capacity);
+    let outbox = Outbox::new(socket.clone(), capacity, max_bytes);
     outbox.uncork();
     (
         outbox.clone(),
@@ -388,23 +400,26 @@ pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
 }
 
 /// The far end of an [`in_memory`] outbox.
+#[cfg(any(test, feature = "test-util"))]
 pub struct MemorySocket {
     transport: Arc<MemoryTransport>,
     outbox: Outbox,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Default)]
 struct MemoryTransport {
     bytes: Mutex<Vec<u8>>,
     stalled: std::sync::atomic::AtomicBool,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl Transport for MemoryTransport {
     fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
         if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let mut bytes = lock(&self.bytes);
+        let mut bytes = self.bytes.lock();
         let before = bytes.len();
         for frame in frames {
             bytes.extend_from_slice(frame);
@@ -413,6 +428,7 @@ impl Transport for MemoryTransport {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl MemorySocket {
     /// The payloads of the text frames written so far, oldest first, removing them.
     pub fn take_texts(&self) -> Vec<String> {
@@ -421,8 +437,8 @@ impl MemorySocket {
 
     /// The payload of the oldest text frame not taken yet, removing it.
     pub fn next_text(&self) -> Option<String> {
-        let mut bytes = lock(&self.transport.bytes);
-        let (payload, rest) = split_frame(&bytes)?;
+        let mut bytes = self.transport.bytes.lock();
+        let (_, payload, rest) = crate::transport::wire::decode(&bytes)?;
         let text = String::from_utf8_lossy(payload).into_owned();
         let taken = bytes.len() - rest.len();
         bytes.drain(..taken);
@@ -431,7 +447,7 @@ impl MemorySocket {
 
     /// Bytes written so far, removing them.
     pub fn take_bytes(&self) -> Vec<u8> {
-        std::mem::take(&mut *lock(&self.transport.bytes))
+        std::mem::take(&mut *self.transport.bytes.lock())
     }
 
     /// Makes the socket take nothing (like a client that stopped reading), or take again.
@@ -442,7 +458,7 @@ impl MemorySocket {
     }
 
     /// The close requested for the connection, if any.
-    pub fn close_requested(&self) -> Option<CloseReason> {
+    pub fn close_requested(&self) -> Option<Disconnect> {
         self.outbox.close_requested()
     }
 
@@ -452,27 +468,15 @@ impl MemorySocket {
     }
 }
 
-/// Splits one unmasked server frame off the front: its payload and what follows.
-fn split_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (&_first, rest) = bytes.split_first()?;
-    let (&len_byte, rest) = rest.split_first()?;
-    let (len, rest) = match len_byte & 0x7f {
-        126 => {
-            let (len, rest) = rest.split_at_checked(2)?;
-            (u16::from_be_bytes([len[0], len[1]]) as usize, rest)
-        }
-        127 => {
-            let (len, rest) = rest.split_at_checked(8)?;
-            (u64::from_be_bytes(len.try_into().ok()?) as usize, rest)
-        }
-        short => (short as usize, rest),
-    };
-    rest.split_at_checked(len)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame's payload and what follows it.
+    fn split_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+        let (_, payload, rest) = crate::transport::wire::decode(bytes)?;
+        Some((payload, rest))
+    }
 
     fn text(s: &str) -> WireFrame {
         WireFrame::text(s)
@@ -491,7 +495,7 @@ mod tests {
     #[test]
     fn a_corked_outbox_holds_frames_until_uncorked() {
         let transport = Arc::new(MemoryTransport::default());
-        let outbox = Outbox::new(transport.clone(), 4);
+        let outbox = Outbox::new(transport.clone(), 4, usize::MAX);
         let socket = MemorySocket {
             transport,
             outbox: outbox.clone(),
@@ -520,7 +524,7 @@ mod tests {
             outbox.push(&text(word)).unwrap();
         }
         assert_eq!(outbox.push(&text("g")), Err(QueueError::Full));
-        assert_eq!(socket.close_requested(), Some(CloseReason::SLOW_CONSUMER));
+        assert_eq!(socket.close_requested(), Some(Disconnect::SlowConsumer));
     }
 
     #[test]
@@ -530,7 +534,7 @@ mod tests {
         struct Counting(Mutex<(usize, Vec<u8>)>);
         impl Transport for Counting {
             fn try_write_vectored(&self, frames: &[IoSlice<'_>]) -> io::Result<usize> {
-                let mut state = lock(&self.0);
+                let mut state = self.0.lock();
                 state.0 += 1;
                 let before = state.1.len();
                 for frame in frames {
@@ -540,20 +544,20 @@ mod tests {
             }
         }
         let socket = Arc::new(Counting::default());
-        let outbox = Outbox::new(socket.clone(), 8);
+        let outbox = Outbox::new(socket.clone(), 8, usize::MAX);
         outbox.uncork();
         let mut batch = Batch::default();
         for word in ["a", "b", "c"] {
             outbox.defer(&text(word), &mut batch).unwrap();
         }
         outbox.push(&text("reply")).unwrap();
-        assert_eq!(lock(&socket.0).0, 0, "nothing is written before the flush");
+        assert_eq!(socket.0.lock().0, 0, "nothing is written before the flush");
         assert!(
             !outbox.has_backlog(),
             "the batch, not the task, owes the write"
         );
         batch.flush();
-        let (writes, bytes) = lock(&socket.0).clone();
+        let (writes, bytes) = socket.0.lock().clone();
         assert_eq!(writes, 1, "one write for the whole batch");
         let mut rest = bytes.as_slice();
         for expected in ["a", "b", "c", "reply"] {
@@ -561,6 +565,32 @@ mod tests {
             assert_eq!(payload, expected.as_bytes());
             rest = next;
         }
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_in_bytes_and_pongs_count() {
+        let (outbox, socket) = in_memory_bounded(1000, 100);
+        socket.stall(true);
+        // One frame always fits, however large; then the byte bound applies.
+        outbox.push(&text(&"x".repeat(150))).unwrap();
+        assert_eq!(outbox.push(&WireFrame::ping()), Err(QueueError::Full));
+        assert_eq!(socket.close_requested(), Some(Disconnect::SlowConsumer));
+
+        let (outbox, socket) = in_memory_bounded(1000, 100);
+        socket.stall(true);
+        let mut pongs = 0;
+        while outbox.push(&WireFrame::preformatted(&[0x8a, 0])).is_ok() {
+            pongs += 1;
+        }
+        assert_eq!(pongs, 50, "two-byte pongs until 100 bytes wait");
+        assert_eq!(outbox.backlog_bytes(), 100);
+        assert!(
+            outbox.push_close(&WireFrame::close(4000, "")).is_ok(),
+            "close always fits"
+        );
+        socket.stall(false);
+        assert!(socket.drain_backlog());
+        assert_eq!(outbox.backlog_bytes(), 0);
     }
 
     #[test]
@@ -587,16 +617,16 @@ mod tests {
                     .find(|f| !f.is_empty())
                     .expect("something to write");
                 let n = first.len().min(3);
-                lock(&self.0).extend_from_slice(&first[..n]);
+                self.0.lock().extend_from_slice(&first[..n]);
                 Ok(n)
             }
         }
         let trickle = Arc::new(Trickle(Mutex::new(Vec::new())));
-        let outbox = Outbox::new(trickle.clone(), 4);
+        let outbox = Outbox::new(trickle.clone(), 4, usize::MAX);
         outbox.uncork();
         outbox.push(&text("hello")).unwrap();
         outbox.push(&text("world")).unwrap();
-        let bytes = lock(&trickle.0).clone();
+        let bytes = trickle.0.lock().clone();
         let (first, rest) = split_frame(&bytes).unwrap();
         assert_eq!(
             (first, split_frame(rest).unwrap().0),
@@ -612,20 +642,17 @@ mod tests {
                 Err(io::ErrorKind::BrokenPipe.into())
             }
         }
-        let outbox = Outbox::new(Arc::new(Broken), 4);
+        let outbox = Outbox::new(Arc::new(Broken), 4, usize::MAX);
         outbox.uncork();
         assert_eq!(outbox.push(&text("x")), Err(QueueError::Closed));
         assert_eq!(outbox.push(&text("y")), Err(QueueError::Closed));
-        assert_eq!(outbox.close_requested(), Some(CloseReason::CONNECTION_LOST));
+        assert_eq!(outbox.close_requested(), Some(Disconnect::ConnectionLost));
     }
 
     #[test]
     fn the_first_close_reason_wins() {
         let (outbox, socket) = in_memory(1);
-        let other = CloseReason {
-            code: 1001,
-            reason: "going away",
-        };
+        let other = Disconnect::GoingAway;
         assert!(outbox.close_with(other));
         assert!(!outbox.close_slow());
         assert_eq!(socket.close_requested(), Some(other));

@@ -6,19 +6,19 @@
 //! here is per node; a user connected to several nodes gets each node's budget.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use ipnet::IpNet;
+use parking_lot::Mutex;
 
-use crate::header_list;
+use crate::headers::header_list;
 
 /// The limit flags (all per node; `0` turns a rate or count limit off).
 #[derive(Debug, Clone, clap::Args)]
@@ -60,7 +60,7 @@ pub struct LimitArgs {
 
     /// Proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For` names the
     /// client; from any other peer the header is ignored. E.g. 127.0.0.1/32,10.0.0.0/8.
-    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
 
     /// Most WebSocket connections this node holds; beyond it handshakes get 503 with
@@ -176,7 +176,7 @@ impl UserLimiters {
     /// The shared bucket of `user`, created on first use.
     pub fn bucket(self: &Arc<Self>, user: &str) -> Option<UserBucket> {
         let quota = self.quota?;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.lock();
         let limiter = match buckets.get(user).and_then(std::sync::Weak::upgrade) {
             Some(limiter) => limiter,
             None => {
@@ -193,12 +193,14 @@ impl UserLimiters {
     }
 
     /// How many users have a bucket now.
-    pub fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets.lock().len()
     }
 
     /// Whether no user has a bucket.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -213,11 +215,7 @@ pub struct UserBucket {
 impl Drop for UserBucket {
     fn drop(&mut self) {
         // New handles are only made under this lock, so a count of one here is final.
-        let mut buckets = self
-            .registry
-            .buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.registry.buckets.lock();
         if Arc::strong_count(&self.limiter) == 1 {
             buckets.remove(&self.user);
         }
@@ -314,70 +312,17 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// An address range such as `10.0.0.0/8`, or one address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
 /// A range that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid address range `{0}`: expected an IP address or CIDR such as 10.0.0.0/8")]
 pub struct InvalidIpNet(String);
 
-impl FromStr for IpNet {
-    type Err = InvalidIpNet;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = || InvalidIpNet(text.to_owned());
-        let text = text.trim();
-        let (addr, prefix) = match text.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(prefix) => prefix.parse::<u8>().map_err(|_| invalid())?,
-            None => max,
-        };
-        if prefix > max {
-            return Err(invalid());
-        }
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl IpNet {
-    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            IpAddr::V4(_) => ip,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
+/// Parses an address range (`10.0.0.0/8`) or one address (`127.0.0.1`, a /32 or /128).
+pub fn parse_net(text: &str) -> Result<IpNet, InvalidIpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| InvalidIpNet(text.to_owned()))
 }
 
 /// The peers whose `X-Forwarded-For` is believed.
@@ -391,7 +336,12 @@ impl TrustedProxies {
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
-        self.0.iter().any(|net| net.contains(ip))
+        // A v4 peer on a dual-stack socket shows as an IPv4-mapped IPv6 address.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            IpAddr::V4(_) => ip,
+        };
+        self.0.iter().any(|net| net.contains(&ip))
     }
 
     /// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case
@@ -416,9 +366,14 @@ impl TrustedProxies {
         client
     }
 
-    /// Whether no proxy is trusted.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// How the client reached the gateway: `https` when a trusted proxy says so in
+    /// `X-Forwarded-Proto` (it terminated TLS), `http` otherwise.
+    pub fn scheme(&self, peer: IpAddr, headers: &HeaderMap) -> &'static str {
+        let forwarded_https = self.trusts(peer)
+            && header_list(headers.get_all("x-forwarded-proto"))
+                .next()
+                .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
+        if forwarded_https { "https" } else { "http" }
     }
 }
 
@@ -443,21 +398,21 @@ mod tests {
     }
 
     #[test]
-    fn ranges_parse_and_match() {
-        let net: IpNet = "10.0.0.0/8".parse().unwrap();
-        assert!(net.contains(ip("10.1.2.3")));
-        assert!(!net.contains(ip("11.0.0.1")));
-        assert!(net.contains(ip("::ffff:10.0.0.1")));
-        let one: IpNet = "127.0.0.1".parse().unwrap();
-        assert!(one.contains(ip("127.0.0.1")));
-        assert!(!one.contains(ip("127.0.0.2")));
-        let all: IpNet = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(ip("8.8.8.8")));
-        let v6: IpNet = "fd00::/8".parse().unwrap();
-        assert!(v6.contains(ip("fd12::1")));
-        assert!(!v6.contains(ip("10.0.0.1")));
+    fn ranges_and_single_addresses_parse_and_match() {
+        let trusted = |nets: &[&str]| {
+            TrustedProxies::new(nets.iter().map(|net| parse_net(net).unwrap()).collect())
+        };
+        let private = trusted(&["10.0.0.0/8"]);
+        assert!(private.trusts(ip("10.1.2.3")));
+        assert!(!private.trusts(ip("11.0.0.1")));
+        assert!(private.trusts(ip("::ffff:10.0.0.1")), "IPv4-mapped");
+        let one = trusted(&["127.0.0.1"]);
+        assert!(one.trusts(ip("127.0.0.1")) && !one.trusts(ip("127.0.0.2")));
+        assert!(trusted(&["0.0.0.0/0"]).trusts(ip("8.8.8.8")));
+        let v6 = trusted(&["fd00::/8"]);
+        assert!(v6.trusts(ip("fd12::1")) && !v6.trusts(ip("10.0.0.1")));
         for bad in ["10.0.0.0/33", "nope", "10.0.0/8", "::/129", ""] {
-            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+            assert!(parse_net(bad).is_err(), "{bad}");
         }
     }
 

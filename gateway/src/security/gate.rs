@@ -20,35 +20,24 @@ use governor::Quota;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tungstenite::Message;
 
-use crate::auth::{AuthArgs, AuthSetupError, Authenticator, Grants, TokenError, handshake_token};
-use crate::limits::{
+use crate::metrics;
+use crate::protocol::close::Disconnect;
+use crate::protocol::{ErrorCode, MAX_REF_BYTES, Refusal, RoomName, json_len, to_json};
+use crate::security::auth::{
+    AuthArgs, AuthSetupError, Authenticator, Grants, TokenError, handshake_token,
+};
+use crate::security::limits::{
     ConnectLimiter, ConnectionCap, ConnectionSlot, LimitArgs, MessageBudget, TrustedProxies,
     UserLimiters, Verdict, quota,
 };
-use crate::metrics;
-use crate::origin::{AllowedOrigin, OriginPolicy};
-use crate::outbox::CloseReason;
-use crate::protocol::{ErrorCode, Refusal, RoomName, close_code, to_json};
+use crate::security::origin::{AllowedOrigin, OriginPolicy};
 
 /// `Retry-After` sent with 503 when the node is full, in seconds.
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 
 /// How often forgotten per-address buckets are swept.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-/// The server closes with this when the connection's token expired and was not refreshed.
-pub const TOKEN_EXPIRED: CloseReason = CloseReason {
-    code: close_code::TOKEN_EXPIRED,
-    reason: "token expired",
-};
-
-/// The server closes with this after sustained sending over the rate limits.
-pub const RATE_LIMIT_ABUSE: CloseReason = CloseReason {
-    code: close_code::POLICY_VIOLATION,
-    reason: "rate limit exceeded",
-};
 
 /// Every security flag: authentication, origins, limits.
 #[derive(Debug, Clone, clap::Args)]
@@ -115,7 +104,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
 /// A handshake the gate let through: who it is and its place under the connection cap.
 #[derive(Debug)]
 pub struct Admission {
-    principal: Option<crate::auth::Principal>,
+    principal: Option<crate::security::auth::Principal>,
     slot: ConnectionSlot,
 }
 
@@ -232,7 +221,10 @@ impl Gate {
             )
             .retry_after(FULL_RETRY_AFTER_SECS));
         };
-        if !self.origins.allows(&handshake.headers) {
+        let scheme = handshake.peer.map_or("http", |peer| {
+            self.trusted.scheme(peer.ip(), &handshake.headers)
+        });
+        if !self.origins.allows(&handshake.headers, scheme) {
             tracing::debug!(
                 client = ?client,
                 origin = ?handshake.headers.get(header::ORIGIN),
@@ -358,10 +350,22 @@ impl IntoResponse for Refused {
 pub enum Throttle {
     /// Handle it.
     Pass,
-    /// Drop it and answer with this `rate_limited` error.
-    Refuse(Refusal),
+    /// Drop it, answering with this `rate_limited` error (none for a control frame, which
+    /// has no `ref` and whose pong already answers it).
+    Refuse(Option<Refusal>),
     /// Close the connection.
-    Close(CloseReason),
+    Close(Disconnect),
+}
+
+/// A frame a client sent, as far as the rate limits care.
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound<'a> {
+    /// A text frame: its `ref` is echoed when it is refused.
+    Text(&'a str),
+    /// A binary frame.
+    Binary,
+    /// A ping or pong: counted like any frame, since each ping costs a pong.
+    Control,
 }
 
 /// Per-connection security state: what the token allows, when it expires, and the message
@@ -403,6 +407,7 @@ struct Authenticated<'a> {
 
 impl ConnectionGuard {
     /// A guard that allows everything and never expires, for a connection outside any gate.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn unrestricted(user_id: &str) -> ConnectionGuard {
         ConnectionGuard {
             user_id: user_id.to_owned(),
@@ -414,30 +419,28 @@ impl ConnectionGuard {
         }
     }
 
-    /// Spends one message of the budget on `message` (text and binary messages count;
-    /// control frames do not).
-    pub fn throttle(&self, message: &Message) -> Throttle {
-        let text = match message {
-            Message::Text(text) => Some(text.as_str()),
-            Message::Binary(_) => None,
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
-                return Throttle::Pass;
-            }
-        };
+    /// Spends one message of the budget on `frame`.
+    pub fn throttle(&self, frame: Inbound<'_>) -> Throttle {
         let scope = match self.budget.check() {
             Verdict::Allowed => return Throttle::Pass,
             Verdict::Abusive(scope) => {
                 metrics::rate_limited(scope.as_str());
                 metrics::policy_close("rate_limit");
-                return Throttle::Close(RATE_LIMIT_ABUSE);
+                return Throttle::Close(Disconnect::PolicyViolation);
             }
             Verdict::Limited(scope) => scope,
         };
         metrics::rate_limited(scope.as_str());
+        let text = match frame {
+            Inbound::Text(text) => Some(text),
+            Inbound::Binary => None,
+            Inbound::Control => return Throttle::Refuse(None),
+        };
         let reference = text
             .and_then(|text| serde_json::from_str::<RefOnly>(text).ok())
-            .and_then(|frame| frame.reference);
-        Throttle::Refuse(
+            .and_then(|frame| frame.reference)
+            .filter(|reference| json_len(reference) <= MAX_REF_BYTES);
+        Throttle::Refuse(Some(
             Refusal::new(
                 ErrorCode::RateLimited,
                 format!(
@@ -446,7 +449,7 @@ impl ConnectionGuard {
                 ),
             )
             .with_ref(reference),
-        )
+        ))
     }
 
     /// Whether this connection may join `room`.
@@ -564,20 +567,21 @@ mod tests {
             .unwrap();
         for _ in 0..40 {
             assert!(matches!(
-                guard.throttle(&Message::Text("{}".into())),
+                guard.throttle(Inbound::Text("{}")),
                 Throttle::Pass
             ));
         }
-        match guard.throttle(&Message::Text(r#"{"ref":9}"#.into())) {
-            Throttle::Refuse(refusal) => {
+        match guard.throttle(Inbound::Text(r#"{"ref":9}"#)) {
+            Throttle::Refuse(Some(refusal)) => {
                 assert_eq!(refusal.code, ErrorCode::RateLimited);
                 assert_eq!(refusal.reference, Some(serde_json::json!(9)));
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        // Pings count too, and are dropped without an error frame.
         assert!(matches!(
-            guard.throttle(&Message::Ping(Default::default())),
-            Throttle::Pass
+            guard.throttle(Inbound::Control),
+            Throttle::Refuse(None)
         ));
     }
 
@@ -637,10 +641,7 @@ mod tests {
         assert!(guard.may_join(&room).is_ok());
         assert!(guard.may_publish(&room).is_ok());
         for _ in 0..1000 {
-            assert!(matches!(
-                guard.throttle(&Message::Text("{}".into())),
-                Throttle::Pass
-            ));
+            assert!(matches!(guard.throttle(Inbound::Control), Throttle::Pass));
         }
         let refused = guard.refresh("token", None).unwrap_err();
         assert_eq!(refused.code, ErrorCode::Unauthorized);

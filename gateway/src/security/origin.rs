@@ -25,65 +25,42 @@ struct Origin {
 }
 
 impl Origin {
-    /// Parses an `Origin` header value. Anything but a bare `scheme://host[:port]` is refused.
+    /// Parses an `Origin` header value or allowlist entry. Anything but a bare
+    /// `scheme://host[:port]` (a path, a query, credentials) is refused. Hosts come out
+    /// lower-cased (and internationalised names as punycode), ports made explicit.
     fn parse(text: &str) -> Option<Origin> {
-        let (scheme, rest) = text.split_once("://")?;
-        let scheme = scheme.to_ascii_lowercase();
-        if scheme.is_empty()
-            || !scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-        {
+        if text.len() > 300 {
             return None;
         }
-        let (host, port) = split_host_port(rest)?;
-        let port = match port {
-            Some(port) => port,
-            None => default_port(&scheme)?,
-        };
-        Some(Origin { scheme, host, port })
-    }
-}
-
-/// Splits `host[:port]` (with `[v6]` literals), lower-casing the host. `None` if malformed.
-fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
-    if authority.is_empty() || authority.len() > 300 {
-        return None;
-    }
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => None,
-            _ => Some(after.strip_prefix(':')?),
-        };
-        (format!("[{v6}]"), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => (host.to_owned(), Some(port)),
-            None => (authority.to_owned(), None),
+        let url = url::Url::parse(text).ok()?;
+        let bare = matches!(url.path(), "" | "/")
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.password().is_none();
+        if !bare {
+            return None;
         }
-    };
-    let valid_host = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._*[]:".contains(&b));
-    if !valid_host {
-        return None;
+        Some(Origin {
+            scheme: url.scheme().to_owned(),
+            host: url.host_str()?.to_owned(),
+            // Schemes without a default port (browser extensions, app shells) match exactly.
+            port: url.port_or_known_default().unwrap_or(0),
+        })
     }
-    let port = match port {
-        Some(port) => Some(port.parse::<u16>().ok()?),
-        None => None,
-    };
-    Some((host.to_ascii_lowercase(), port))
 }
 
-fn default_port(scheme: &str) -> Option<u16> {
-    match scheme {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        // Other schemes (browser extensions, app shells) have no port; they match exactly.
-        _ => Some(0),
-    }
+/// The port a request for `host` (a `Host` header) went to, over `scheme`.
+fn host_and_port(host: &str, scheme: &str) -> Option<(String, u16)> {
+    let authority: axum::http::uri::Authority = host.parse().ok()?;
+    let default = match scheme {
+        "https" => 443,
+        _ => 80,
+    };
+    Some((
+        authority.host().to_ascii_lowercase(),
+        authority.port_u16().unwrap_or(default),
+    ))
 }
 
 /// One allowed origin: exact, or every subdomain of a host.
@@ -158,8 +135,9 @@ fn parse_pattern(text: &str) -> Result<Pattern, InvalidOrigin> {
 pub enum OriginPolicy {
     /// No check (anonymous demo mode without an allowlist).
     AllowAll,
-    /// Only pages served from the gateway's own address: `Origin` must name the `Host` the
-    /// request was sent to (authenticated mode without an allowlist).
+    /// Only pages served from the gateway's own address: `Origin` must name the scheme the
+    /// client used and the `Host` the request was sent to (authenticated mode without an
+    /// allowlist).
     SameOrigin,
     /// Only the listed origins.
     List(Vec<AllowedOrigin>),
@@ -210,8 +188,9 @@ impl OriginPolicy {
     }
 
     /// Whether a handshake with these headers may go on. Requests without `Origin` (clients
-    /// that are not browsers) always may.
-    pub fn allows(&self, headers: &HeaderMap) -> bool {
+    /// that are not browsers) always may. `scheme` is how the client reached the gateway
+    /// (`http`, or `https` through a TLS-terminating proxy): a same-origin page shares it.
+    pub fn allows(&self, headers: &HeaderMap, scheme: &str) -> bool {
         let Some(origin) = headers.get(ORIGIN) else {
             return true;
         };
@@ -234,14 +213,14 @@ impl OriginPolicy {
         };
         match self {
             OriginPolicy::AllowAll => true,
-            OriginPolicy::SameOrigin => headers
-                .get(HOST)
-                .and_then(|host| host.to_str().ok())
-                .and_then(split_host_port)
-                .is_some_and(|(host, port)| {
-                    host == origin.host
-                        && port.or(default_port(&origin.scheme)) == Some(origin.port)
-                }),
+            OriginPolicy::SameOrigin => {
+                origin.scheme == scheme
+                    && headers
+                        .get(HOST)
+                        .and_then(|host| host.to_str().ok())
+                        .and_then(|host| host_and_port(host, scheme))
+                        .is_some_and(|(host, port)| host == origin.host && port == origin.port)
+            }
             OriginPolicy::List(allowed) => {
                 allowed.iter().any(|entry| entry.pattern.matches(&origin))
             }
@@ -284,7 +263,7 @@ mod tests {
     #[test]
     fn exact_origins_match_scheme_host_and_port() {
         let policy = list(&["https://chat.example.com", "http://localhost:8080"]);
-        let allowed = |origin| policy.allows(&headers(Some(origin), "gw:8080"));
+        let allowed = |origin| policy.allows(&headers(Some(origin), "gw:8080"), "http");
         assert!(allowed("https://chat.example.com"));
         assert!(allowed("https://CHAT.example.com:443"));
         assert!(allowed("http://localhost:8080"));
@@ -300,7 +279,7 @@ mod tests {
     #[test]
     fn wildcards_match_subdomains_only() {
         let policy = list(&["https://*.example.com"]);
-        let allowed = |origin| policy.allows(&headers(Some(origin), "gw"));
+        let allowed = |origin| policy.allows(&headers(Some(origin), "gw"), "https");
         assert!(allowed("https://a.example.com"));
         assert!(allowed("https://a.b.example.com"));
         assert!(!allowed("https://example.com"));
@@ -311,30 +290,36 @@ mod tests {
 
     #[test]
     fn requests_without_origin_are_always_allowed() {
-        assert!(list(&["https://a.example"]).allows(&headers(None, "gw")));
-        assert!(OriginPolicy::SameOrigin.allows(&headers(None, "gw")));
+        assert!(list(&["https://a.example"]).allows(&headers(None, "gw"), "http"));
+        assert!(OriginPolicy::SameOrigin.allows(&headers(None, "gw"), "http"));
     }
 
     #[test]
-    fn same_origin_compares_with_the_host_header() {
+    fn same_origin_compares_scheme_host_and_port() {
         let policy = OriginPolicy::new(&[], true);
-        assert!(policy.allows(&headers(Some("http://gw.local:8080"), "gw.local:8080")));
-        assert!(policy.allows(&headers(Some("https://gw.local"), "gw.local")));
-        assert!(!policy.allows(&headers(Some("http://evil.example"), "gw.local:8080")));
-        assert!(!policy.allows(&headers(Some("http://gw.local:9999"), "gw.local:8080")));
+        let allowed = |origin, host, scheme| policy.allows(&headers(Some(origin), host), scheme);
+        assert!(allowed("http://gw.local:8080", "gw.local:8080", "http"));
+        assert!(allowed("https://gw.local", "gw.local", "https"));
+        assert!(allowed("https://gw.local:443", "gw.local", "https"));
+        assert!(!allowed("http://evil.example", "gw.local:8080", "http"));
+        assert!(!allowed("http://gw.local:9999", "gw.local:8080", "http"));
+        // Same host and port, another scheme: another origin.
+        assert!(!allowed("https://gw.local:8080", "gw.local:8080", "http"));
+        assert!(!allowed("http://gw.local", "gw.local", "https"));
+        assert!(!allowed("ws://gw.local:8080", "gw.local:8080", "http"));
     }
 
     #[test]
     fn anonymous_mode_without_a_list_allows_everything() {
         let policy = OriginPolicy::new(&[], false);
-        assert!(policy.allows(&headers(Some("http://evil.example"), "gw")));
-        assert!(policy.allows(&headers(Some("not even an origin"), "gw")));
+        assert!(policy.allows(&headers(Some("http://evil.example"), "gw"), "http"));
+        assert!(policy.allows(&headers(Some("not even an origin"), "gw"), "http"));
     }
 
     #[test]
     fn null_and_star_are_explicit_choices() {
-        assert!(list(&["null"]).allows(&headers(Some("null"), "gw")));
-        assert!(list(&["*"]).allows(&headers(Some("https://any.where"), "gw")));
+        assert!(list(&["null"]).allows(&headers(Some("null"), "gw"), "http"));
+        assert!(list(&["*"]).allows(&headers(Some("https://any.where"), "gw"), "http"));
     }
 
     #[test]
@@ -346,6 +331,9 @@ mod tests {
             "https://*.",
             "ftp//x",
             "https://x:99999",
+            "https://a.example/path",
+            "https://user@a.example",
+            "https://a.example?q",
         ] {
             assert!(AllowedOrigin::parse(bad).is_err(), "{bad}");
         }

@@ -1,0 +1,227 @@
+#!lua name=chatgw_v1
+-- The gateway's Redis functions, one library loaded on every primary (FUNCTION LOAD REPLACE):
+-- functions are kept with the data and replicated, so a restarted Redis or a promoted replica
+-- still has them, and fred can send FCALLs in a pipeline. The version in the names changes
+-- whenever a function's keys or arguments do, so nodes of two versions can run side by side.
+-- Every function touches the keys of one room only, which share one hash slot.
+
+-- The epoch of each room's history, as last read or set by append, kept in the library's own
+-- memory so most appends need no GET. It is empty whenever the library (re)loads, which is
+-- whenever Redis restarts and may have lost data; a history that was recreated since (it
+-- expired) is noticed because XADD NOMKSTREAM finds no stream, and the epoch is read again.
+local epochs, cached = {}, 0
+
+-- Appends chat messages to their rooms' histories and publishes each on its room's shard
+-- channel, atomically: every delivered message has an offset, and no stored message goes
+-- unpublished. A message whose client id (cid) was stored recently is not stored again: the
+-- original is returned instead. A node sends what it has ready as one call (in a Redis Cluster,
+-- one call per hash slot), so the cost of a call is shared by its messages.
+--
+-- Message i (from 1) has keys[3i-2 .. 3i]: history stream (`<base>history`), epoch, shard
+-- channel; its recent cids are `<base>cids` and `<base>cids-old`. It has args[6+3i-2 .. 6+3i]:
+-- frame JSON, message id, user \31 cid (or '').
+-- args[1] max length   args[2] history lifetime (ms)   args[3] dedup window (ms)
+-- args[4] publish time (µs, the node's clock)   args[5] epoch for a history that is new
+-- args[6] one character per message: '1' to refresh that room's expiry and trim it by age (a
+-- node asks for that now and then, not every message)
+-- Returns three values per message: offset, epoch, and '' (or, for a duplicate, the original's
+-- message id).
+local function append(keys, args)
+  local now_ms = math.floor(tonumber(args[4]) / 1000)
+  local lifetime = tonumber(args[2])
+  local refresh = args[6]
+  local out = {}
+  for i = 1, #keys / 3 do
+    local stream, epoch_key, channel = keys[3 * i - 2], keys[3 * i - 1], keys[3 * i]
+    local frame, id, cid = args[6 + 3 * i - 2], args[6 + 3 * i - 1], args[6 + 3 * i]
+    local base = string.sub(stream, 1, -8)
+    local seen = false
+    if cid ~= '' then
+      seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
+    end
+    if seen then
+      -- "offset epoch id", as stored below.
+      local offset, epoch, original = string.match(seen, '^(%S+) (%S+) (%S+)$')
+      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, original
+    else
+      local epoch = epochs[epoch_key]
+      local offset = epoch and redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', args[1], '*', 'f', frame)
+      if not offset then
+        epoch = redis.call('GET', epoch_key)
+        if not epoch then
+          -- No history (first message, expired, or Redis lost its data): a new epoch tells
+          -- resuming clients that offsets from before cannot be replayed. An epoch without a
+          -- stream was given by a subscribing node (head) and is kept.
+          epoch = args[5]
+          redis.call('SET', epoch_key, epoch, 'PX', lifetime)
+        end
+        offset = redis.call('XADD', stream, 'MAXLEN', '~', args[1], '*', 'f', frame)
+        if cached >= 100000 then epochs, cached = {}, 0 end
+        if not epochs[epoch_key] then cached = cached + 1 end
+        epochs[epoch_key] = epoch
+      end
+      redis.call('SPUBLISH', channel, args[4] .. '\nm\n' .. offset .. '\n' .. epoch .. '\n' .. frame)
+      if string.byte(refresh, i) == 49 then
+        redis.call('PEXPIRE', stream, lifetime)
+        redis.call('PEXPIRE', epoch_key, lifetime)
+        redis.call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
+      end
+      if cid ~= '' then
+        -- Two generations: a cid stays findable for at least one window and at most two. The
+        -- empty field holds the current generation's birth time.
+        local cids, old_cids = base .. 'cids', base .. 'cids-old'
+        local window = tonumber(args[3])
+        local born = tonumber(redis.call('HGET', cids, '') or '')
+        if (not born) or now_ms - born >= window then
+          if born then redis.call('RENAME', cids, old_cids) end
+          redis.call('HSET', cids, '', now_ms)
+          redis.call('PEXPIRE', cids, window * 2)
+        end
+        redis.call('HSET', cids, cid, offset .. ' ' .. epoch .. ' ' .. id)
+      end
+      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, ''
+    end
+  end
+  return out
+end
+
+-- Where a room's history ends, read by a node before it subscribes to the room: its epoch and
+-- its newest offset ('' when it holds no entry). A room without history gets its epoch now, so
+-- that if Redis later loses its data, the epoch a node remembers no longer matches and the
+-- loss cannot pass for "nothing was published".
+-- keys[1] history stream   keys[2] epoch
+-- args[1] epoch to use if the room has none   args[2] its lifetime (ms), as the history's
+local function head(keys, args)
+  local epoch = redis.call('GET', keys[2])
+  if not epoch then
+    epoch = args[1]
+    redis.call('SET', keys[2], epoch, 'PX', args[2])
+  end
+  local newest = redis.call('XREVRANGE', keys[1], '+', '-', 'COUNT', 1)[1]
+  if newest then return {epoch, newest[1]} end
+  return {epoch, ''}
+end
+
+-- Reads a room's history in one atomic step: its epoch, the first offset still kept and whether
+-- anything was ever trimmed or has expired (so a resume can tell whether anything it missed is
+-- gone), the last offset, and the entries asked for. Entries older than the history's age
+-- limit are expired even while still stored (they are trimmed only now and then).
+-- keys[1] history stream   keys[2] epoch
+-- args[1] 'since' or 'last'   args[2] the offset (exclusive) or the count
+-- args[3] the oldest offset still within the age limit
+local function history(keys, args)
+  local epoch = redis.call('GET', keys[2])
+  if not epoch then
+    return {'', '', '0-0', 0, {}}
+  end
+  if redis.call('EXISTS', keys[1]) == 0 then
+    -- An epoch given when a node subscribed, before any message.
+    return {epoch, '', '0-0', 0, {}}
+  end
+  local info = redis.call('XINFO', 'STREAM', keys[1])
+  local first, last, length, added = '', '0-0', 0, 0
+  for i = 1, #info, 2 do
+    local field, value = info[i], info[i + 1]
+    if field == 'first-entry' and value then first = value[1] end
+    if field == 'last-generated-id' then last = value end
+    if field == 'length' then length = value end
+    if field == 'entries-added' then added = value end
+  end
+  local trimmed = 0
+  if added > length then trimmed = 1 end
+  local cut = args[3]
+  -- Whether stream id a is before stream id b.
+  local function before(a, b)
+    local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+    local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+    a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+    return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
+  end
+  if first ~= '' and before(first, cut) then
+    -- Some entries are past the age limit: as good as trimmed.
+    trimmed = 1
+    local kept = redis.call('XRANGE', keys[1], cut, '+', 'COUNT', 1)[1]
+    first = kept and kept[1] or ''
+  end
+  local entries
+  if args[1] == 'since' then
+    if before(args[2], cut) then
+      entries = redis.call('XRANGE', keys[1], cut, '+')
+    else
+      entries = redis.call('XRANGE', keys[1], '(' .. args[2], '+')
+    end
+  else
+    entries = redis.call('XREVRANGE', keys[1], '+', cut, 'COUNT', args[2])
+  end
+  return {epoch, first, last, trimmed, entries}
+end
+
+-- Marks users online in a room on one node until an expiry time, announces users who were not
+-- online anywhere yet, and takes offline every entry whose expiry passed (a node that died),
+-- announcing who left. Used on join and, to keep entries alive, on every heartbeat.
+-- keys[1] zset of node\31user -> expiry (ms)   keys[2] hash user -> entries
+-- keys[3] hash user -> name   keys[4] the room's shard channel
+-- args[1] expiry (ms)  args[2] key lifetime (ms)  args[3] publish time (µs)  args[4] room
+-- args[5] node  args[6] now (ms)  then pairs: user, name ('' for none)
+local function presence_upsert(keys, args)
+  local function announce(event, user, name)
+    local frame = {type = 'presence_event', room = args[4], event = event, userId = user}
+    if name and name ~= '' then frame.name = name end
+    redis.call('SPUBLISH', keys[4], args[3] .. '\np\n\n\n' .. cjson.encode(frame))
+  end
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', args[6])) do
+    redis.call('ZREM', keys[1], member)
+    local user = string.match(member, '\31(.*)$')
+    if redis.call('HINCRBY', keys[2], user, -1) <= 0 then
+      local name = redis.call('HGET', keys[3], user)
+      redis.call('HDEL', keys[2], user)
+      redis.call('HDEL', keys[3], user)
+      announce('leave', user, name)
+    end
+  end
+  for i = 7, #args, 2 do
+    local user, name = args[i], args[i + 1]
+    if redis.call('ZADD', keys[1], args[1], args[5] .. '\31' .. user) == 1 then
+      if name ~= '' then redis.call('HSET', keys[3], user, name) end
+      if redis.call('HINCRBY', keys[2], user, 1) == 1 then announce('join', user, name) end
+    end
+  end
+  for i = 1, 3 do redis.call('PEXPIRE', keys[i], args[2]) end
+  return 0
+end
+
+-- Takes users of one node offline in a room (their connections all closed), and, with node '',
+-- every entry whose expiry passed (a node that died). Announces each user who is then online
+-- nowhere.
+-- keys as presence_upsert.lua.
+-- args[1] now (ms)  args[2] publish time (µs)  args[3] room  args[4] node  then users
+local function presence_remove(keys, args)
+  local gone = {}
+  if args[4] == '' then
+    gone = redis.call('ZRANGEBYSCORE', keys[1], '-inf', args[1])
+  else
+    for i = 5, #args do gone[#gone + 1] = args[4] .. '\31' .. args[i] end
+  end
+  local left = 0
+  for _, member in ipairs(gone) do
+    if redis.call('ZREM', keys[1], member) == 1 then
+      local user = string.match(member, '\31(.*)$')
+      if redis.call('HINCRBY', keys[2], user, -1) <= 0 then
+        local name = redis.call('HGET', keys[3], user)
+        redis.call('HDEL', keys[2], user)
+        redis.call('HDEL', keys[3], user)
+        local event = {type = 'presence_event', room = args[3], event = 'leave', userId = user}
+        if name then event.name = name end
+        redis.call('SPUBLISH', keys[4], args[2] .. '\np\n\n\n' .. cjson.encode(event))
+        left = left + 1
+      end
+    end
+  end
+  return left
+end
+
+redis.register_function('chatgw_v1_append', append)
+redis.register_function('chatgw_v1_head', head)
+redis.register_function{function_name = 'chatgw_v1_history', callback = history, flags = {'no-writes'}}
+redis.register_function('chatgw_v1_presence_upsert', presence_upsert)
+redis.register_function('chatgw_v1_presence_remove', presence_remove)

@@ -1,0 +1,92 @@
+//! Where a room lives in Redis: every key and the shard channel of one room share its name as a
+//! hash tag (`chat:{lobby}:history`, `chat:{lobby}:messages`, ...), so in a Redis Cluster they
+//! all sit in one hash slot, each script touches one slot, and a room's messages travel only
+//! within the shard that owns it. The prefix lets several deployments share one Redis.
+
+use crate::protocol::RoomName;
+
+/// The key space of one deployment.
+#[derive(Debug, Clone)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+/// The keys of one room.
+#[derive(Debug, Clone)]
+pub struct RoomKeys {
+    /// The shard channel its messages and presence events are published on.
+    pub channel: String,
+    /// Its history stream.
+    pub history: String,
+    /// The epoch of that history.
+    pub epoch: String,
+    /// Recent client message ids: current and previous generation.
+    pub cids: [String; 2],
+    /// Presence: the entries (`node\x1fuser` → expiry), entries per user, display names.
+    pub presence: [String; 3],
+}
+
+impl KeySpace {
+    /// Keys under `prefix` (for example `chat:`).
+    pub fn new(prefix: &str) -> KeySpace {
+        KeySpace {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Every key of `room`.
+    pub fn room(&self, room: &RoomName) -> RoomKeys {
+        let base = format!("{}{{{room}}}:", self.prefix);
+        let key = |name: &str| format!("{base}{name}");
+        RoomKeys {
+            channel: key("messages"),
+            history: key("history"),
+            epoch: key("epoch"),
+            cids: [key("cids"), key("cids-old")],
+            presence: [
+                key("presence"),
+                key("presence-users"),
+                key("presence-names"),
+            ],
+        }
+    }
+
+    /// The room a message channel belongs to, if it is one of this key space's.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix("}:messages")
+    }
+
+    /// The hash slot of `room`'s keys in a Redis Cluster.
+    pub fn slot(&self, room: &RoomName) -> u16 {
+        fred::util::redis_keyslot(room.as_str().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_room_shares_its_hash_slot_and_channels_map_back() {
+        let keys = KeySpace::new("chat:");
+        let room = RoomName::parse("team:eng-1").unwrap();
+        let room_keys = keys.room(&room);
+        let slot = keys.slot(&room);
+        for key in [&room_keys.channel, &room_keys.history, &room_keys.epoch]
+            .into_iter()
+            .chain(&room_keys.cids)
+            .chain(&room_keys.presence)
+        {
+            assert!(key.starts_with("chat:{team:eng-1}:"), "{key}");
+            assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
+        }
+        assert_eq!(keys.room_of_channel(&room_keys.channel), Some("team:eng-1"));
+        assert_eq!(keys.room_of_channel("other:{team:eng-1}:messages"), None);
+        assert_eq!(keys.room_of_channel(&room_keys.history), None);
+        let other = KeySpace::new("staging:");
+        assert_eq!(other.room_of_channel(&room_keys.channel), None);
+    }
+}

@@ -1,0 +1,562 @@
+//! The cluster broker: rooms shared through Redis, as one server, a Sentinel-managed primary
+//! with replicas, or a Redis Cluster, chosen by the URL (fred's forms: `redis://`,
+//! `redis-sentinel://…?sentinelServiceName=…`, `redis-cluster://…`, and `rediss…` for TLS).
+//!
+//! Three kinds of connection: commands (history, heads, presence), the publisher (messages,
+//! appended and published in batches by one Lua script per call, see [`publisher`]) and one
+//! subscriber per fan-out partition (see [`subscriber`]). Every key and the shard channel of a
+//! room share one hash slot ([`keys`]); messages are published with `SPUBLISH` and received with
+//! `SSUBSCRIBE` in every topology, so in a cluster a room's traffic stays within its shard.
+//! Every message, also one for members on the publishing node, comes back through Redis, so all
+//! members of a room see its messages in the order Redis published them.
+
+mod functions;
+mod keys;
+mod publisher;
+mod subscriber;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::{ClientLike, EventInterface, FunctionInterface, HashesInterface};
+use fred::types::config::{Config, PerformanceConfig, ReconnectPolicy, ServerConfig};
+use fred::types::{Builder, InfoKind};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+pub use self::keys::KeySpace;
+use super::{BrokerError, History, HistorySettings, Outgoing, Published, Retained, SharedInbox};
+use crate::clock::now_micros;
+use crate::protocol::{
+    Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
+};
+
+/// The oldest Redis this gateway runs on: sharded pub/sub, script flags and the `XINFO STREAM`
+/// fields it reads arrived in 7.0.
+const MINIMUM_VERSION: (u32, u32) = (7, 0);
+
+/// How to reach Redis and how the node uses it.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// A fred URL: `redis://`, `rediss://`, `redis-cluster://…`, `redis-sentinel://…`.
+    pub url: String,
+    /// A password that replaces the URL's (read from a file, so it stays off command lines).
+    pub password: Option<String>,
+    /// A PEM file of certificate authorities to trust for `rediss` (besides the system's).
+    pub tls_ca: Option<PathBuf>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub prefix: String,
+    /// This node's id, which scopes its presence entries.
+    pub node_id: String,
+    /// Messages a subscriber may hold before it counts as lagging (fred's default is 32).
+    pub subscriber_capacity: usize,
+    /// How long a command may take before it is reported as failed.
+    pub command_timeout: Duration,
+    /// Bounds of each room's history.
+    pub history: HistorySettings,
+    /// How long a presence entry lives without a heartbeat.
+    pub presence_ttl: Duration,
+    /// Replicas that must have a message before it is acknowledged (`WAIT`); 0: none.
+    pub ack_replicas: u32,
+    /// Subscriber connections the node's rooms are split over, each read by its own task.
+    pub partitions: usize,
+    /// While busy, how long the publisher waits for more messages before its next call.
+    pub publish_linger: Duration,
+}
+
+/// Redis broker.
+pub struct RedisBroker {
+    commands: Client,
+    publisher: Arc<publisher::Publisher>,
+    partitions: Vec<subscriber::Partition>,
+    keys: KeySpace,
+    settings: RedisSettings,
+    /// Set when the server turned out to be too old: the node is never ready on it.
+    incompatible: Arc<OnceLock<BrokerError>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RedisBroker {
+    /// Starts every connection and task. Returns without waiting for Redis: a node whose Redis
+    /// is down starts anyway, reports not ready, and keeps retrying with backoff. `inboxes`
+    /// has one inbox per partition.
+    pub fn start(settings: &RedisSettings, inboxes: Vec<SharedInbox>) -> Result<Self, BrokerError> {
+        let builder = builder(settings)?;
+        let cluster = matches!(
+            builder.get_config().map(|c| &c.server),
+            Some(ServerConfig::Clustered { .. })
+        );
+        let keys = KeySpace::new(&settings.prefix);
+        let commands = builder.build()?;
+        let incompatible = Arc::new(OnceLock::new());
+        let mut tasks = vec![
+            watch_connection("commands", &commands),
+            check_and_load(commands.clone(), incompatible.clone()),
+        ];
+        let (publisher, task) = publisher::Publisher::start(
+            builder.build()?,
+            keys.clone(),
+            settings.history,
+            settings.ack_replicas,
+            settings.command_timeout,
+            cluster,
+            settings.publish_linger,
+        );
+        tasks.push(task);
+        tasks.push(watch_connection("publisher", publisher.client()));
+        let count = inboxes.len();
+        let mut partitions = Vec::with_capacity(count);
+        for (index, inbox) in inboxes.into_iter().enumerate() {
+            let client: SubscriberClient = builder.build_subscriber_client()?;
+            tasks.push(watch_connection("subscriber", &client));
+            partitions.push(subscriber::Partition::start(
+                index,
+                count,
+                client,
+                keys.clone(),
+                cluster,
+                inbox,
+            ));
+        }
+        drop(commands.connect());
+        drop(publisher.client().connect());
+        Ok(RedisBroker {
+            commands,
+            publisher,
+            partitions,
+            keys,
+            settings: settings.clone(),
+            incompatible,
+            tasks,
+        })
+    }
+
+    fn ensure_connected(&self) -> Result<(), BrokerError> {
+        if let Some(error) = self.incompatible.get() {
+            return Err(error.clone());
+        }
+        if self.commands.is_connected() {
+            Ok(())
+        } else {
+            Err(BrokerError::Unavailable("redis is not connected"))
+        }
+    }
+
+    /// The partition `room` is routed to.
+    fn partition(&self, room: &RoomName) -> &subscriber::Partition {
+        &self.partitions[super::partition_of(room.as_str(), self.partitions.len())]
+    }
+
+    pub(super) async fn publish(
+        &self,
+        room: &RoomName,
+        message: Outgoing,
+    ) -> Result<Published, BrokerError> {
+        if let Some(error) = self.incompatible.get() {
+            return Err(error.clone());
+        }
+        self.publisher.publish(room, message).await
+    }
+
+    /// Calls one of the gateway's functions on the commands connection.
+    async fn run<R: fred::types::FromValue>(
+        &self,
+        function: &'static str,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<R, BrokerError> {
+        functions::call(&self.commands, &self.commands, function, keys, args).await
+    }
+
+    pub(super) async fn head(&self, room: &RoomName) -> Result<Option<Position>, BrokerError> {
+        self.ensure_connected()?;
+        let keys = self.keys.room(room);
+        let args = vec![
+            Epoch::random().to_string(),
+            self.settings.history.max_age.as_millis().to_string(),
+        ];
+        let (epoch, newest): (String, String) = self
+            .run(functions::HEAD, vec![keys.history, keys.epoch], args)
+            .await?;
+        Ok(Some(Position {
+            epoch: Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?,
+            // A history whose entries all expired: whatever it holds later is new.
+            offset: if newest.is_empty() {
+                Offset::ZERO
+            } else {
+                Offset::parse(&newest).ok_or(BrokerError::Reply("stream id"))?
+            },
+        }))
+    }
+
+    pub(super) async fn history(
+        &self,
+        room: &RoomName,
+        replay: &Replay,
+    ) -> Result<History, BrokerError> {
+        self.ensure_connected()?;
+        let keys = self.keys.room(room);
+        let mut args = match replay {
+            Replay::None => return Ok(History::default()),
+            Replay::Since { offset, .. } => vec!["since".to_owned(), offset.to_string()],
+            Replay::Last(count) => vec!["last".to_owned(), count.to_string()],
+        };
+        // The oldest offset still within the age limit, by this node's clock.
+        let max_age = self.settings.history.max_age.as_millis() as u64;
+        args.push(format!(
+            "{}-0",
+            (now_micros() / 1000).saturating_sub(max_age)
+        ));
+        type Reply = (String, String, String, i64, Vec<(String, Vec<String>)>);
+        let (epoch, first, last, trimmed, raw): Reply = self
+            .run(functions::HISTORY, vec![keys.history, keys.epoch], args)
+            .await?;
+        let parse = |id: &str| Offset::parse(id).ok_or(BrokerError::Reply("stream id"));
+        if epoch.is_empty() {
+            let nothing = Retained {
+                first: None,
+                last: Offset::ZERO,
+                trimmed: true,
+            };
+            return Ok(History::default().judge_since_if(replay, nothing));
+        }
+        let epoch = Epoch::parse(&epoch).ok_or(BrokerError::Reply("epoch"))?;
+        let mut entries = Vec::with_capacity(raw.len());
+        for (id, fields) in raw {
+            let offset = parse(&id)?;
+            let frame = fields.get(1).ok_or(BrokerError::Reply("stream entry"))?;
+            entries.push((offset, FrameText::from(with_offset(frame, offset, epoch))));
+        }
+        if matches!(replay, Replay::Last(_)) {
+            entries.reverse();
+        }
+        let retained = Retained {
+            first: if first.is_empty() {
+                None
+            } else {
+                Some(parse(&first)?)
+            },
+            last: parse(&last)?,
+            trimmed: trimmed != 0,
+        };
+        Ok(History {
+            epoch: Some(epoch),
+            entries,
+            complete: false,
+        }
+        .judge_since_if(replay, retained))
+    }
+
+    /// Subscribes to the room's shard channel and returns once Redis has processed it, so
+    /// every message published from then on reaches this node.
+    pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
+        if let Some(error) = self.incompatible.get() {
+            return Err(error.clone());
+        }
+        self.partition(room).subscribe(room).await
+    }
+
+    pub(super) async fn unsubscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
+        self.partition(room).unsubscribe(room).await
+    }
+
+    /// The keys and arguments of a presence upsert for `users` of this node in `room`.
+    fn upsert_call(&self, room: &RoomName, users: &[PresentUser]) -> (Vec<String>, Vec<String>) {
+        let keys = self.keys.room(room);
+        let ttl = self.settings.presence_ttl.as_millis() as u64;
+        let now_ms = now_micros() / 1000;
+        let mut args = vec![
+            (now_ms + ttl).to_string(),
+            (ttl * 2).to_string(),
+            now_micros().to_string(),
+            room.to_string(),
+            self.settings.node_id.clone(),
+            now_ms.to_string(),
+        ];
+        for user in users {
+            args.push(user.user_id.clone());
+            args.push(user.name.clone().unwrap_or_default());
+        }
+        let [entries, counts, names] = keys.presence;
+        (vec![entries, counts, names, keys.channel], args)
+    }
+
+    pub(super) async fn presence_upsert(
+        &self,
+        room: &RoomName,
+        users: &[PresentUser],
+    ) -> Result<(), BrokerError> {
+        self.ensure_connected()?;
+        let (keys, args) = self.upsert_call(room, users);
+        let _: i64 = self.run(functions::PRESENCE_UPSERT, keys, args).await?;
+        Ok(())
+    }
+
+    /// Refreshes this node's presence entries in many rooms (and drops expired ones), the
+    /// calls sent together.
+    pub(super) async fn presence_heartbeat(
+        &self,
+        rooms: &[(RoomName, Vec<PresentUser>)],
+    ) -> Result<(), BrokerError> {
+        self.ensure_connected()?;
+        let pipeline = self.commands.pipeline();
+        for (room, users) in rooms {
+            let (keys, args) = self.upsert_call(room, users);
+            let _: () = pipeline
+                .fcall(functions::PRESENCE_UPSERT, keys, args)
+                .await?;
+        }
+        let results: Vec<Result<i64, fred::error::Error>> = pipeline.try_all().await;
+        if results
+            .iter()
+            .any(|result| matches!(result, Err(error) if functions::missing(error)))
+        {
+            // A Redis without the library (a fresh one): load it and go again, one by one.
+            functions::load(&self.commands).await?;
+            for (room, users) in rooms {
+                self.presence_upsert(room, users).await?;
+            }
+            return Ok(());
+        }
+        match results.into_iter().find_map(Result::err) {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn presence_remove(
+        &self,
+        room: &RoomName,
+        users: &[&str],
+    ) -> Result<(), BrokerError> {
+        self.remove_presence(room, &self.settings.node_id, users)
+            .await
+    }
+
+    pub(super) async fn presence_reap(&self, room: &RoomName) -> Result<(), BrokerError> {
+        // An empty node id asks the script for every entry whose expiry passed.
+        self.remove_presence(room, "", &[]).await
+    }
+
+    async fn remove_presence(
+        &self,
+        room: &RoomName,
+        node: &str,
+        users: &[&str],
+    ) -> Result<(), BrokerError> {
+        self.ensure_connected()?;
+        let keys = self.keys.room(room);
+        let mut args = vec![
+            (now_micros() / 1000).to_string(),
+            now_micros().to_string(),
+            room.to_string(),
+            node.to_owned(),
+        ];
+        args.extend(users.iter().map(|user| (*user).to_owned()));
+        let [entries, counts, names] = keys.presence;
+        let _: i64 = self
+            .run(
+                functions::PRESENCE_REMOVE,
+                vec![entries, counts, names, keys.channel],
+                args,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn presence_list(
+        &self,
+        room: &RoomName,
+    ) -> Result<Vec<PresentUser>, BrokerError> {
+        self.presence_reap(room).await?;
+        let [_, users, names] = self.keys.room(room).presence;
+        let users: Vec<String> = self.commands.hkeys(users).await?;
+        let names: std::collections::HashMap<String, String> = self.commands.hgetall(names).await?;
+        let mut present: Vec<PresentUser> = users
+            .into_iter()
+            .map(|user_id| PresentUser {
+                name: names.get(&user_id).cloned(),
+                user_id,
+            })
+            .collect();
+        present.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        Ok(present)
+    }
+
+    pub(super) fn is_ready(&self) -> bool {
+        self.incompatible.get().is_none()
+            && self.commands.is_connected()
+            && self.publisher.client().is_connected()
+            && self
+                .partitions
+                .iter()
+                .all(|partition| partition.client().is_connected())
+    }
+
+    /// Why the node can never be ready on this Redis, if it cannot.
+    pub(super) fn incompatible(&self) -> Option<&BrokerError> {
+        self.incompatible.get()
+    }
+
+    pub(super) async fn close(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for partition in &self.partitions {
+            partition.close().await;
+        }
+        // Best effort: the process is exiting either way.
+        let _ = self.publisher.client().quit().await;
+        let _ = self.commands.quit().await;
+    }
+}
+
+/// The fred builder every connection of a node is made from.
+fn builder(settings: &RedisSettings) -> Result<Builder, BrokerError> {
+    let mut config = Config::from_url(&settings.url)?;
+    if let Some(password) = &settings.password {
+        config.password = Some(password.clone());
+    }
+    if let Some(ca) = &settings.tls_ca {
+        if config.tls.is_none() {
+            return Err(BrokerError::Incompatible(format!(
+                "--redis-tls-ca {} needs a TLS URL (rediss://, rediss-cluster://, rediss-sentinel://)",
+                ca.display()
+            )));
+        }
+        config.tls = Some(tls_with_ca(ca)?.into());
+    }
+    // Retry forever: 100 ms doubling up to 5 s between attempts.
+    let policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
+    let mut builder = Builder::from_config(config);
+    builder
+        .set_policy(policy)
+        .with_performance_config(|perf: &mut PerformanceConfig| {
+            perf.default_command_timeout = settings.command_timeout;
+            perf.broadcast_channel_capacity = settings.subscriber_capacity;
+        })
+        .with_connection_config(|connection| {
+            connection.connection_timeout = settings.command_timeout;
+            connection.internal_command_timeout = settings.command_timeout;
+            // A command in flight when the connection drops fails rather than being
+            // replayed later, so its sender hears about it now.
+            connection.max_command_attempts = 1;
+        });
+    Ok(builder)
+}
+
+/// A rustls connector trusting the system's roots and the authorities in `ca` (a PEM file).
+fn tls_with_ca(ca: &std::path::Path) -> Result<fred::types::config::TlsConnector, BrokerError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let unreadable = |reason: String| {
+        BrokerError::Incompatible(format!("--redis-tls-ca {}: {reason}", ca.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot use is no reason to refuse the rest.
+        let _ = roots.add(certificate);
+    }
+    let mut added = 0;
+    for certificate in
+        CertificateDer::pem_file_iter(ca).map_err(|error| unreadable(error.to_string()))?
+    {
+        let certificate = certificate.map_err(|error| unreadable(error.to_string()))?;
+        roots
+            .add(certificate)
+            .map_err(|error| unreadable(error.to_string()))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(unreadable("no certificate in it".to_owned()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| unreadable(error.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(config.into())
+}
+
+/// On every connect, checks the server's version (a Redis older than 7.0 lacks what the gateway
+/// relies on: the node says so and stays not ready rather than failing in odd ways) and loads
+/// the gateway's functions.
+fn check_and_load(client: Client, incompatible: Arc<OnceLock<BrokerError>>) -> JoinHandle<()> {
+    let mut connects = client.reconnect_rx();
+    tokio::spawn(async move {
+        while !matches!(connects.recv().await, Err(RecvError::Closed)) {
+            let info: Result<String, _> = client.info(Some(InfoKind::Server)).await;
+            let Ok(info) = info else { continue };
+            let version = info
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:"))
+                .unwrap_or("unknown")
+                .trim()
+                .to_owned();
+            if !supported(&version) {
+                let error = BrokerError::Incompatible(format!(
+                    "Redis {version} is too old: the gateway needs Redis {}.{} or newer (sharded \
+                     pub/sub, script flags, XINFO STREAM fields)",
+                    MINIMUM_VERSION.0, MINIMUM_VERSION.1
+                ));
+                tracing::error!(%error, "incompatible redis");
+                let _ = incompatible.set(error);
+                continue;
+            }
+            if let Err(error) = functions::load(&client).await {
+                tracing::warn!(%error, "could not load the gateway's functions; calls load them");
+            }
+        }
+    })
+}
+
+/// Whether a `redis_version` is at least [`MINIMUM_VERSION`].
+fn supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|part| part.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= MINIMUM_VERSION,
+        _ => false,
+    }
+}
+
+/// Logs connection losses and reconnects.
+fn watch_connection<C: EventInterface + ClientLike>(
+    role: &'static str,
+    client: &C,
+) -> JoinHandle<()> {
+    let mut errors = client.error_rx();
+    let mut reconnects = client.reconnect_rx();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                error = errors.recv() => match error {
+                    Ok((error, _)) => tracing::warn!(role, %error, "redis connection lost; retrying"),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                },
+                server = reconnects.recv() => match server {
+                    Ok(server) => tracing::info!(role, %server, "redis connected"),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break,
+                },
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_7_0_are_supported() {
+        assert!(supported("7.0.15") && supported("7.2.4") && supported("8.0.0"));
+        assert!(
+            !supported("6.2.14") && !supported("5.0") && !supported("unknown") && !supported("")
+        );
+    }
+}
