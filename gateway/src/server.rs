@@ -64,6 +64,7 @@ pub async fn run(
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
         gate,
+        meters: Arc::new(crate::metrics::TransportMeters::new()),
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));

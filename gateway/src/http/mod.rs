@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::connection::{Identity, NodeContext};
+use crate::metrics::TransportMeters;
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
 use crate::security::gate::{Gate, Handshake};
 use crate::transport::upgrade::{UpgradeRejection, WebSocketRequest};
@@ -41,6 +42,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Authentication, origin and limit checks for handshakes.
     pub gate: Arc<Gate>,
+    /// The node's byte counters and backlog gauge, shared by every connection.
+    pub meters: Arc<TransportMeters>,
 }
 
 /// The router of a node.
@@ -128,10 +131,12 @@ fn accept(
     let node = state.node.clone();
     let config = state.websocket;
     let sessions = state.sessions.clone();
+    let meters = state.meters.clone();
     let protocol = upgrade.offers_protocol(SUBPROTOCOL).then_some(SUBPROTOCOL);
     upgrade.accept(protocol, move |socket, pipelined| {
         sessions.track_future(
-            websocket::serve(socket, pipelined, config, identity, node, guard).in_current_span(),
+            websocket::serve(socket, pipelined, config, identity, node, guard, meters)
+                .in_current_span(),
         )
     })
 }
@@ -183,6 +188,7 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
+    crate::metrics::collect_process();
     // Read at scrape time, so the gauges never disagree with `/readyz`.
     let broker_ready = state.node.hub.is_ready();
     crate::metrics::set_ready(broker_ready && !state.node.shutdown.is_cancelled());

@@ -324,14 +324,29 @@ pub trait Gateway {
         http_get(self.port(), path, &[])
     }
 
-    /// The value of a metric (summed over label sets).
+    /// The value of a metric (summed over label sets; 0 when it is not exported).
     fn metric(&self, name: &str) -> f64 {
-        self.metrics_text()
+        self.series_where(name, "").unwrap_or(0.0)
+    }
+
+    /// The value of a metric summed over the label sets that contain `label` (e.g.
+    /// `code="1000"`); fails the test if no such series is exported.
+    fn metric_where(&self, name: &str, label: &str) -> f64 {
+        self.series_where(name, label)
+            .unwrap_or_else(|| panic!("no series {name} with {label:?}"))
+    }
+
+    /// Like [`Gateway::metric_where`], `None` when no such series is exported.
+    fn series_where(&self, name: &str, label: &str) -> Option<f64> {
+        let values: Vec<f64> = self
+            .metrics_text()
             .lines()
             .filter(|line| !line.starts_with('#'))
             .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter(|line| line.contains(label))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
     }
 }
 
