@@ -1,6 +1,7 @@
 //! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
-//! readiness and metrics. Owns routing and handshake validation up to the upgrade; knows
-//! nothing of frame formats. The server API (`/api/`) plugs in here as its own router.
+//! readiness and metrics. Owns routing and handshake validation up to the upgrade (a node
+//! that is not ready refuses before upgrading); knows nothing of frame formats. The server API
+//! (`/api/`) plugs in here as its own router.
 
 use std::sync::Arc;
 
@@ -105,11 +106,22 @@ fn accept(
     handshake: &Handshake,
     upgrade: WebSocketRequest,
 ) -> Response {
-    if state.node.shutdown.is_cancelled() {
+    // Refused before the upgrade, so a load balancer can still pass the handshake to another
+    // node (nginx: `proxy_next_upstream http_503`); once upgraded, the client's only way to
+    // another node is to reconnect.
+    let shutting_down = state.node.shutdown.is_cancelled();
+    if shutting_down || !state.node.hub.is_ready() {
+        crate::metrics::handshake_unavailable(shutting_down);
+        let (retry_after, why) = if shutting_down {
+            ("1", "node is shutting down")
+        } else {
+            // fred's reconnect backoff tops out at 5s.
+            ("5", "node is not ready: the broker is unavailable")
+        };
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "node is shutting down",
+            [(header::RETRY_AFTER, retry_after)],
+            why,
         )
             .into_response();
     }
