@@ -376,6 +376,25 @@ async fn metrics_show_the_process_bytes_and_closes_and_move_with_traffic() {
 }
 
 #[tokio::test]
+async fn with_an_internal_listener_metrics_are_served_there_only() {
+    let internal = common::free_port();
+    let node = Node::single(&["--internal-listen", &format!("127.0.0.1:{internal}")]);
+    assert_eq!(node.get("/metrics").map(|(status, _)| status), Some(404));
+    assert_eq!(node.get("/api/").map(|(status, _)| status), Some(404));
+    let (status, body) = http_get(internal, "/metrics", &[]).expect("the internal listener");
+    assert_eq!(status, 200);
+    assert!(body.contains("chat_connections_open"), "{body}");
+    // Probes work on either; clients only on the public one.
+    for port in [node.port, internal] {
+        assert_eq!(http_get(port, "/healthz", &[]).map(|(s, _)| s), Some(200));
+        assert_eq!(http_get(port, "/readyz", &[]).map(|(s, _)| s), Some(200));
+    }
+    assert_eq!(http_get(internal, "/", &[]).map(|(s, _)| s), Some(404));
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    client.say("lobby", "public as before").await;
+}
+
+#[tokio::test]
 async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
     const MESSAGES: usize = 1000;
     // The sender sends as fast as acks come back: far over the default message rate limits.

@@ -1,7 +1,12 @@
 //! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
-//! readiness and metrics. Owns routing and handshake validation up to the upgrade (a node
-//! that is not ready refuses before upgrading); knows nothing of frame formats. The server API
-//! (`/api/`) plugs in here as its own router.
+//! readiness and metrics. Owns routing, which routes are public and which internal, and
+//! handshake validation up to the upgrade (a node that is not ready refuses before upgrading);
+//! knows nothing of frame formats.
+//!
+//! Internal routes (`/metrics`; the server API under `/api/` plugs in beside it as its own
+//! router) are for operators and the application's backend, never for the public: with
+//! `--internal-listen` they are served only on that listener, otherwise on the one listener
+//! with everything else, and the load balancer keeps them private.
 
 use std::sync::Arc;
 
@@ -47,15 +52,37 @@ pub struct AppState {
     pub meters: Arc<TransportMeters>,
 }
 
-/// The router of a node.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The router of a node's public listener: the WebSocket endpoint, the demo page, health and
+/// readiness, and the internal routes too unless `internal_apart` (they have a listener of
+/// their own).
+pub fn router(state: Arc<AppState>, internal_apart: bool) -> Router {
+    let public = Router::new()
         .route("/", any(index))
         .route("/ws", any(websocket_endpoint))
+        .merge(probes());
+    let public = if internal_apart {
+        public
+    } else {
+        public.merge(internal_routes())
+    };
+    public.with_state(state)
+}
+
+/// The router of a node's internal listener: the internal routes, health and readiness.
+pub fn internal_router(state: Arc<AppState>) -> Router {
+    internal_routes().merge(probes()).with_state(state)
+}
+
+/// What operators and the application's backend use, never the public.
+fn internal_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/metrics", get(render_metrics))
+}
+
+/// Liveness and readiness, on every listener: probes may use either.
+fn probes() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .with_state(state)
 }
 
 /// Query parameters of the WebSocket handshake.
