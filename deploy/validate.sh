@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Validates the shipped deployment files without Docker:
 #   nginx       `nginx -t` on deploy/nginx/nginx.conf, as compose runs it and as
-#               deploy/local/cluster.sh renders it
+#               deploy/local/cluster.sh renders it (with a certificate from
+#               deploy/nginx/self-signed-cert.sh); the public server routes
+#               only the chat paths, the internal one has an allow list, 503s
+#               are retried and old workers have a shutdown timeout
 #   prometheus  `promtool check config` on both variants of prometheus.yml;
 #               alerts.yml: `promtool check rules`, its unit tests
 #               (`promtool test rules alerts_test.yml`), and that every alert
@@ -90,6 +93,9 @@ check_nginx() {
     elif ! grep -Eq '^[[:space:]]*server[[:space:]]+gateway:8080[[:space:]].*\bresolve\b' <<<"$upstream" ||
         ! grep -Eq '^[[:space:]]*zone[[:space:]]' <<<"$upstream"; then
         fail nginx "$NGINX_CONF: compose upstream must be 'server gateway:8080 resolve' with a zone"
+    elif ! sed -n '/^[[:space:]]*upstream chat_gateway_internal[[:space:]]*{/,/^[[:space:]]*}/p' "$NGINX_CONF" |
+        grep -Eq '^[[:space:]]*server[[:space:]]+gateway:9091[[:space:]].*\bresolve\b'; then
+        fail nginx "$NGINX_CONF: upstream chat_gateway_internal must be 'server gateway:9091 resolve' (GATEWAY_INTERNAL_LISTEN)"
     elif ! grep -Eq '^[[:space:]]*resolver[[:space:]]+127\.0\.0\.11[[:space:]].*valid=' "$NGINX_CONF"; then
         fail nginx "$NGINX_CONF: Docker DNS resolver 127.0.0.11 with valid= missing"
     else
@@ -110,11 +116,39 @@ check_nginx() {
     # an older local nginx the upstream line is checked with the name
     # replaced by an address and `resolve` dropped -- exactly what cluster.sh
     # does; the rest of the file is tested unchanged.
+    # What the public and internal servers let through, and how failures are retried.
+    local problems=()
+    grep -Eq '^[[:space:]]*worker_shutdown_timeout[[:space:]]+[0-9]+s;' "$NGINX_CONF" ||
+        problems+=("no worker_shutdown_timeout: a reload would keep old workers as long as any WebSocket lives")
+    grep -Eq '^[[:space:]]*proxy_next_upstream[[:space:]]+error[[:space:]]+timeout[[:space:]]+http_503;' "$NGINX_CONF" ||
+        problems+=("proxy_next_upstream must be 'error timeout http_503' (a node that is not ready answers 503)")
+    ! grep -Eq '^[[:space:]]*proxy_next_upstream[[:space:]].*non_idempotent' "$NGINX_CONF" ||
+        problems+=("proxy_next_upstream must not retry non-idempotent requests (POST /sse/send)")
+    local public
+    public=$(awk '/listen 443 ssl;/ { on = 1 } on { print } on && /^    }/ { exit }' "$NGINX_CONF")
+    [ "$(grep -c 'proxy_pass' <<<"$public")" = 1 ] &&
+        grep -Fq 'location ~ ^/(ws|sse|sse/send)?$ {' <<<"$public" &&
+        grep -Eq 'location / \{' <<<"$public" && grep -Eq 'return 404;' <<<"$public" ||
+        problems+=("the public server must proxy exactly /, /ws, /sse and /sse/send and answer 404 otherwise")
+    awk '/listen 8081;/ { on = 1 } on { print } on && /^    }/ { exit }' "$NGINX_CONF" | grep -Eq '^[[:space:]]*deny all;' ||
+        problems+=("the internal server must end its allow list with 'deny all'")
+    if [ "${#problems[@]}" -eq 0 ]; then
+        pass "nginx: public server routes the chat paths only, internal one has an allow list, 503 retried, workers time out"
+    else
+        fail nginx "$(printf '%s\n' "${problems[@]}")"
+    fi
+
+    if ! sh deploy/nginx/self-signed-cert.sh "$WORK/tls" >/dev/null; then
+        fail nginx "deploy/nginx/self-signed-cert.sh could not make a certificate (openssl missing?)"
+        return
+    fi
     local compose_conf="$WORK/nginx-compose.conf"
     if version_ge "$version" 1.27.3; then
-        sed "s|/var/cache/nginx|$prefix/temp|" "$NGINX_CONF" >"$compose_conf"
+        sed -e "s|/var/cache/nginx|$prefix/temp|" -e "s|/etc/nginx/tls/|$WORK/tls/|" "$NGINX_CONF" >"$compose_conf"
     else
-        render_nginx "$NGINX_CONF" "$compose_conf" 80 "$prefix/temp" 127.0.0.1:8080
+        render_nginx "$NGINX_CONF" "$compose_conf" https=443 http=80 internal=8081 redirect_port=8443 \
+            cert="$WORK/tls/tls.crt" key="$WORK/tls/tls.key" temp="$prefix/temp" \
+            servers=127.0.0.1:8080 internal_servers=127.0.0.1:9091
     fi
     local out
     if out=$(nginx -t -c "$compose_conf" "${args[@]}" 2>&1); then
@@ -125,8 +159,10 @@ check_nginx() {
 
     # Native variant, rendered as cluster.sh does for three nodes.
     local native_conf="$WORK/nginx-native.conf"
-    if render_nginx "$NGINX_CONF" "$native_conf" 127.0.0.1:8080 "$prefix/temp" \
-        127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
+    if render_nginx "$NGINX_CONF" "$native_conf" https=127.0.0.1:8443 http=127.0.0.1:8080 \
+        internal=127.0.0.1:9080 redirect_port=8443 cert="$WORK/tls/tls.crt" key="$WORK/tls/tls.key" \
+        temp="$prefix/temp" servers="127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083" \
+        internal_servers="127.0.0.1:9181 127.0.0.1:9182 127.0.0.1:9183" &&
         out=$(nginx -t -c "$native_conf" "${args[@]}" 2>&1); then
         pass "nginx -t: native cluster variant (3 nodes)"
     else
@@ -347,6 +383,36 @@ check_compose() {
             fail compose "$COMPOSE_FILE does not mount ./$f"
         fi
     done
+    # TLS at the edge: nginx gets a certificate (the operator's, or tls-init's) and only
+    # nginx publishes client ports; the gateways serve /metrics on their internal port.
+    if out=$("${compose[@]}" config 2>&1) && printf '%s\n' "$out" >"$WORK/compose-config.yml" &&
+        out=$("$PYTHON" - "$WORK/compose-config.yml" 2>&1 <<'PY'
+import sys
+
+import yaml
+
+services = yaml.safe_load(open(sys.argv[1]))["services"]
+nginx, gateway = services["nginx"], services["gateway"]
+def port(p):
+    # "[ip:]published:target[/proto]" or the long form, as compose versions print them.
+    if isinstance(p, str):
+        return p.split("/")[0]
+    return f"{p['host_ip'] + ':' if p.get('host_ip') else ''}{p['published']}:{p['target']}"
+ports = {port(p) for p in nginx["ports"]}
+assert any(p.endswith(":443") for p in ports), f"nginx publishes no TLS port: {ports}"
+assert any(p.startswith("127.0.0.1:") and p.endswith(":8081") for p in ports), f"internal port not on loopback only: {ports}"
+assert any(str(v).endswith(":/etc/nginx/tls:ro") or (isinstance(v, dict) and v.get("target") == "/etc/nginx/tls")
+           for v in nginx["volumes"]), "nginx does not mount the TLS directory"
+assert nginx["depends_on"]["tls-init"]["condition"] == "service_completed_successfully", "nginx must wait for tls-init"
+assert services["tls-init"]["build"]["target"] == "tls-init", "tls-init builds the Dockerfile's tls-init stage"
+assert gateway["environment"]["GATEWAY_INTERNAL_LISTEN"] == "0.0.0.0:9091", "gateways need an internal listener"
+assert "ports" not in gateway, "gateways publish no port"
+PY
+    ); then
+        pass "compose: nginx terminates TLS (tls-init when no certificate), internal port on loopback, gateways' metrics internal"
+    else
+        fail compose "TLS or the internal listener is not wired as expected:"$'\n'"$out"
+    fi
 }
 
 # ---------------------------------------------------------------------------

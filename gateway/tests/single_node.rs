@@ -345,7 +345,10 @@ async fn metrics_show_the_process_bytes_and_closes_and_move_with_traffic() {
         assert_eq!(node.metric_where(name, label), 0.0, "{name} {label}");
     }
     let rss = node.metric("process_resident_memory_bytes");
-    assert!(rss > 1e6, "a node's resident memory is megabytes, not {rss}");
+    assert!(
+        rss > 1e6,
+        "a node's resident memory is megabytes, not {rss}"
+    );
     let (open, max) = (
         node.metric("process_open_fds"),
         node.metric("process_max_fds"),

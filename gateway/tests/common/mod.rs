@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod edge;
 pub mod local;
 pub mod relay;
 
@@ -245,6 +246,8 @@ pub fn room_of_channel(channel: &str) -> Option<String> {
 /// A `chat-gateway` process. Its log goes to a file, printed when the test fails.
 pub struct Node {
     pub port: u16,
+    /// Where it serves `/metrics`: its `--internal-listen` port when given, else `port`.
+    pub metrics_port: u16,
     pub id: String,
     pub process: Process,
     log: TempDir,
@@ -295,8 +298,14 @@ impl Node {
         command.stderr(file.try_clone().expect("clone the log file"));
         command.stdout(file);
         let process = Process::spawn("chat-gateway", &mut command);
+        let metrics_port = extra
+            .iter()
+            .position(|arg| *arg == "--internal-listen")
+            .and_then(|flag| extra.get(flag + 1)?.rsplit(':').next()?.parse().ok())
+            .unwrap_or(port);
         let node = Node {
             port,
+            metrics_port,
             id: id.to_owned(),
             process,
             log,
@@ -356,7 +365,9 @@ impl Gateway for Node {
     }
 
     fn metrics_text(&self) -> String {
-        self.get("/metrics").expect("metrics answer").1
+        http_get(self.metrics_port, "/metrics", &[])
+            .expect("metrics answer")
+            .1
     }
 }
 
@@ -389,7 +400,7 @@ impl Drop for Node {
             return;
         }
         // A node the test stopped or killed has nothing to say.
-        if let Some((200, body)) = self.get("/metrics") {
+        if let Some((200, body)) = http_get(self.metrics_port, "/metrics", &[]) {
             let panics = body
                 .lines()
                 .find_map(|line| line.strip_prefix("chat_panics_total"))
@@ -629,7 +640,34 @@ impl Client {
     /// before the welcome frame) is returned as an error instead of failing the test, so a
     /// caller can retry, e.g. while a load balancer has not yet noticed a dead node.
     pub async fn try_connect(url: &str, within: Duration) -> Result<Client, String> {
-        let (socket, _) = tokio::time::timeout(within, tokio_tungstenite::connect_async(url))
+        Self::try_connect_with(url, within, None).await
+    }
+
+    /// Connects to a `wss://` URL, trusting what `tls` trusts, and reads the welcome frame.
+    pub async fn connect_tls(url: &str, tls: &std::sync::Arc<rustls::ClientConfig>) -> Client {
+        match Self::try_connect_tls(url, PATIENCE, tls).await {
+            Ok(client) => client,
+            Err(error) => panic!("connect to {url}: {error}"),
+        }
+    }
+
+    /// [`Client::try_connect`] for a `wss://` URL, trusting what `tls` trusts.
+    pub async fn try_connect_tls(
+        url: &str,
+        within: Duration,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Client, String> {
+        let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
+        Self::try_connect_with(url, within, Some(connector)).await
+    }
+
+    async fn try_connect_with(
+        url: &str,
+        within: Duration,
+        connector: Option<tokio_tungstenite::Connector>,
+    ) -> Result<Client, String> {
+        let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector);
+        let (socket, _) = tokio::time::timeout(within, connect)
             .await
             .map_err(|_| format!("no handshake with {url} within {within:?}"))?
             .map_err(|error| format!("connect to {url}: {error}"))?;
