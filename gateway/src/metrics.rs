@@ -13,7 +13,9 @@ use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::protocol::ErrorCode;
 use crate::protocol::close::Disconnect;
+use crate::security::limits::Scope;
 
 const CONNECTIONS_OPEN: &str = "chat_connections_open";
 const CONNECTIONS_ACCEPTED: &str = "chat_connections_accepted_total";
@@ -192,6 +194,15 @@ fn register_at_zero() {
     for reason in [NOT_READY, SHUTTING_DOWN] {
         counter!(HANDSHAKES_REFUSED, "reason" => reason).absolute(0);
     }
+    for code in ErrorCode::ALL {
+        counter!(CLIENT_ERRORS, "code" => code.as_str()).absolute(0);
+    }
+    for scope in [Scope::Connection, Scope::User] {
+        counter!(RATE_LIMITED, "scope" => scope.as_str()).absolute(0);
+    }
+    for reason in PolicyClose::ALL {
+        counter!(POLICY_CLOSES, "reason" => reason.label()).absolute(0);
+    }
     gauge!(CONNECTIONS_OPEN).set(0.0);
     gauge!(ROOMS_LOCAL).set(0.0);
     gauge!(OUTBOX_BACKLOG_BYTES).set(0.0);
@@ -333,9 +344,29 @@ pub fn rate_limited(scope: &'static str) {
     counter!(RATE_LIMITED, "scope" => scope).increment(1);
 }
 
+/// Why a security policy closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyClose {
+    /// The client kept sending over the rate limits.
+    RateLimit,
+    /// The client's token expired.
+    TokenExpired,
+}
+
+impl PolicyClose {
+    const ALL: [PolicyClose; 2] = [PolicyClose::RateLimit, PolicyClose::TokenExpired];
+
+    fn label(self) -> &'static str {
+        match self {
+            PolicyClose::RateLimit => "rate_limit",
+            PolicyClose::TokenExpired => "token_expired",
+        }
+    }
+}
+
 /// A connection was closed by a security policy.
-pub fn policy_close(reason: &'static str) {
-    counter!(POLICY_CLOSES, "reason" => reason).increment(1);
+pub fn policy_close(reason: PolicyClose) {
+    counter!(POLICY_CLOSES, "reason" => reason.label()).increment(1);
 }
 
 /// A task panicked.

@@ -209,7 +209,7 @@ impl Session {
                         .unwrap_or(Disconnect::GoingAway);
                 }
                 Wake::Expired => {
-                    metrics::policy_close("token_expired");
+                    metrics::policy_close(metrics::PolicyClose::TokenExpired);
                     return Disconnect::TokenExpired;
                 }
                 Wake::Lost => return Disconnect::ConnectionLost,
