@@ -305,6 +305,7 @@ for group in yaml.safe_load(open(alerts_path))["groups"]:
         wanted |= metric_names(rule["expr"])
 wanted |= {
     "chat_ready", "chat_broker_repairs_total", "chat_closes_total", "chat_bytes_received_total",
+    "chat_handshakes_refused_total",
     "chat_bytes_sent_total", "chat_outbox_backlog_bytes", "process_resident_memory_bytes",
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_threads",
     "chat_api_requests_total", "chat_api_request_seconds_bucket", "redis_up",
