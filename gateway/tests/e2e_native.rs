@@ -649,6 +649,20 @@ async fn the_public_entry_is_tls_with_the_chat_only_and_metrics_stay_internal() 
 
     let mut client = cluster.connect("tls").await;
     client.say("tls", "over wss").await;
+
+    // A token in the query string (allowed, if discouraged) stays out of nginx's access log.
+    let page = https_get(https, "/?room=lobby&token=never-logged", &tls).expect("an answer");
+    assert_eq!(page.status, 200);
+    let log =
+        std::fs::read_to_string(cluster.dir.path().join("logs/nginx.log")).unwrap_or_default();
+    assert!(
+        log.contains("\"GET / HTTP/1.1\" 200"),
+        "the request is logged: {log}"
+    );
+    assert!(
+        !log.contains("never-logged"),
+        "the query string is not: {log}"
+    );
 }
 
 #[tokio::test]
