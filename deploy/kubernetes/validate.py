@@ -9,8 +9,9 @@
    cloudcoil-models-prometheus-operator, plus a check that no field was left unread.
    An object of any other kind fails: nothing is skipped.
 3. Checks what the deployment relies on but no schema says (security context, probes,
-   ports, what the Ingress and the NetworkPolicy let through, the drain budget) and that the
-   PrometheusRule carries exactly the groups of deploy/prometheus/alerts.yml.
+   ports, what the Ingress and the NetworkPolicy let through, the drain budget, that every
+   ConfigMap setting is a variable the gateway reads) and that the PrometheusRule carries
+   exactly the groups of deploy/prometheus/alerts.yml.
 
     validate.py                 check everything
     validate.py --sync-rules    rewrite base/prometheusrule.yaml from alerts.yml, then check
@@ -35,6 +36,7 @@ BASE = os.path.join(HERE, "base")
 OVERLAYS = os.path.join(HERE, "overlays")
 ALERTS = os.path.join(HERE, "..", "prometheus", "alerts.yml")
 RULE_FILE = os.path.join(BASE, "prometheusrule.yaml")
+GATEWAY_SOURCES = os.path.join(HERE, "..", "..", "gateway", "src")
 
 # The preStop `sleep` handler is on by default from 1.30: the oldest version the manifests
 # target. The newest is the newest kubernetes-validate ships.
@@ -190,6 +192,19 @@ def memory_bytes(text):
     return int(match.group(1)) * {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[match.group(2)]
 
 
+def gateway_variables():
+    """The environment variables the gateway reads: every `env = "..."` of its flags."""
+    if not os.path.isdir(GATEWAY_SOURCES):
+        raise ValueError(f"gateway sources not found at {os.path.normpath(GATEWAY_SOURCES)}")
+    names = {"RUST_LOG"}
+    for directory, _, files in os.walk(GATEWAY_SOURCES):
+        for file in files:
+            if file.endswith(".rs"):
+                with open(os.path.join(directory, file)) as f:
+                    names.update(re.findall(r'\benv\s*=\s*"([A-Z0-9_]+)"', f.read()))
+    return names
+
+
 def check_gateway(label, docs, alerts, problems):
     def need(condition, what, message):
         if not condition:
@@ -257,6 +272,8 @@ def check_gateway(label, docs, alerts, problems):
         }.items():
             need(config.get(key) == value, "ConfigMap", f"{key} must be {value}")
         need(bool(config.get("GATEWAY_TRUSTED_PROXIES")), "ConfigMap", "GATEWAY_TRUSTED_PROXIES must be set")
+        unknown = sorted(set(config) - gateway_variables())
+        need(not unknown, "ConfigMap", f"{unknown}: not a variable the gateway reads (chat-gateway --help)")
         need("REDIS_URL" not in config and not any("SECRET" in k or "API_KEY" in k for k in config),
              "ConfigMap", "credentials belong in the Secret, not the ConfigMap")
 
@@ -337,6 +354,10 @@ def check_gateway(label, docs, alerts, problems):
             need(annotations.get("nginx.ingress.kubernetes.io/proxy-buffering") == "off",
                  "Ingress/chat-gateway", "proxy-buffering must be off for SSE")
             need(bool(ingress["spec"].get("tls")), "Ingress/chat-gateway", "TLS required")
+            retried = annotations.get("nginx.ingress.kubernetes.io/proxy-next-upstream", "").split()
+            need("http_503" in retried and "non_idempotent" not in retried, "Ingress/chat-gateway",
+                 "proxy-next-upstream must include http_503 (a node that is not ready refuses the "
+                 "handshake with 503) and not non_idempotent")
 
     with section("NetworkPolicy/chat-gateway"):
         # The NetworkPolicy lets the ingress controller reach http, and only monitoring and the

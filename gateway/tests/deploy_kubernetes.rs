@@ -97,6 +97,11 @@ fn broken_manifests_fail_validation_and_each_break_is_reported() {
     for part in ["kubernetes", "prometheus"] {
         copy_tree(&repo_root().join("deploy").join(part), &deploy.join(part));
     }
+    // The ConfigMap is checked against the variables the gateway's sources declare.
+    copy_tree(
+        &repo_root().join("gateway/src"),
+        &dir.path().join("gateway/src"),
+    );
     let kube = deploy.join("kubernetes");
 
     // (file, text, replacement, what the report must say about it)
@@ -143,7 +148,21 @@ fn broken_manifests_fail_validation_and_each_break_is_reported() {
             "  serviceName: 42\n",
             "overlays/single-redis StatefulSet/redis: did not validate: Kubernetes 1.30.0: spec.serviceName: 42 is not of type 'string'",
         ),
-        // Valid for the API, wrong for the gateway: the Ingress publishing /metrics.
+        // Valid for the API, wrong for the gateway: a setting the gateway does not read.
+        (
+            "base/kustomization.yaml",
+            "      - RUST_LOG=info\n",
+            "      - GATEWAY_SHUTDOWN_GRACE_PERIOD=5s\n      - RUST_LOG=info\n",
+            "ConfigMap: ['GATEWAY_SHUTDOWN_GRACE_PERIOD']: not a variable the gateway reads",
+        ),
+        // ... an Ingress that would not pass a not-ready node's 503 on to another pod.
+        (
+            "base/ingress.yaml",
+            "proxy-next-upstream: \"error timeout http_503\"",
+            "proxy-next-upstream: \"error timeout\"",
+            "Ingress/chat-gateway: proxy-next-upstream must include http_503",
+        ),
+        // ... and the Ingress publishing /metrics.
         (
             "base/ingress.yaml",
             "          - path: /sse/send\n",
