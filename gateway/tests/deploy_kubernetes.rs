@@ -10,17 +10,11 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::edge::{describe, repo_root};
 use common::temp_dir;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the gateway crate lives in the workspace root")
-        .to_path_buf()
-}
 
 /// Runs a copy of `validate.sh` (it checks the tree it sits in).
 fn validate(script: &Path) -> Output {
@@ -29,15 +23,6 @@ fn validate(script: &Path) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run deploy/kubernetes/validate.sh")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn copy_tree(from: &Path, to: &Path) {

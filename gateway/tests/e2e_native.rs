@@ -19,7 +19,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::edge::{Nginx, http_get_reply, https_get, repo_root, search_path, trusting};
+use common::edge::{Nginx, describe, http_get_reply, https_get, repo_root, search_path, trusting};
 use common::{Client, Ended, Gateway, Node, Redis, http_get, wait_until};
 use common::{TempDir, temp_dir};
 use serde_json::Value;
@@ -41,15 +41,6 @@ fn distinct_free_ports(count: usize) -> Vec<u16> {
         ports.insert(common::free_port());
     }
     ports.into_iter().collect()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// A native cluster started by `deploy/local/cluster.sh up` in a private state dir; stopped

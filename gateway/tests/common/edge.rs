@@ -1,12 +1,12 @@
 //! The edge as clients meet it: nginx rendered from the shipped `deploy/nginx/nginx.conf`
 //! (exactly as `deploy/local/cluster.sh` renders it) with a self-signed certificate from
 //! `deploy/nginx/self-signed-cert.sh`, and HTTPS and WSS clients that trust that certificate
-//! and nothing else.
+//! and nothing else; and the helpers that run the shipped scripts.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
@@ -20,6 +20,29 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .expect("the gateway crate lives in the workspace root")
         .to_path_buf()
+}
+
+/// A finished command's status and output, for a failure message.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs `command` (for `what`) and fails the test, with its output, unless it succeeds.
+fn run(command: &mut Command, what: &str) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {what}: {error}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        describe(&output)
+    );
+    output
 }
 
 /// `PATH` plus the sbin directories: Debian installs nginx in /usr/sbin, which a non-root
@@ -97,16 +120,12 @@ fn request(mut stream: impl Read + Write, port: u16, path: &str) -> Option<HttpR
 /// Makes a self-signed certificate for 127.0.0.1 in `dir` with the shipped script; returns
 /// the certificate's path (the key is beside it).
 pub fn self_signed_certificate(dir: &Path) -> PathBuf {
-    let output = Command::new("sh")
-        .arg(repo_root().join("deploy/nginx/self-signed-cert.sh"))
-        .arg(dir)
-        .args(["localhost", "127.0.0.1"])
-        .output()
-        .expect("run deploy/nginx/self-signed-cert.sh");
-    assert!(
-        output.status.success(),
-        "self-signed-cert.sh failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    run(
+        Command::new("sh")
+            .arg(repo_root().join("deploy/nginx/self-signed-cert.sh"))
+            .arg(dir)
+            .args(["localhost", "127.0.0.1"]),
+        "deploy/nginx/self-signed-cert.sh",
     );
     dir.join("tls.crt")
 }
@@ -138,28 +157,24 @@ impl Nginx {
         let config = dir.path().join("nginx.conf");
         std::fs::create_dir_all(dir.path().join("temp")).expect("nginx's temp dir");
         // render_nginx is a shell function: source it, then call it with the arguments.
-        let render = Command::new("bash")
-            .arg("-c")
-            .arg(r#"source "$1" && shift && render_nginx "$@""#)
-            .arg("render")
-            .arg(repo_root().join("deploy/local/render.sh"))
-            .arg(repo_root().join("deploy/nginx/nginx.conf"))
-            .arg(&config)
-            .arg(format!("https=127.0.0.1:{https_port}"))
-            .arg(format!("http=127.0.0.1:{http_port}"))
-            .arg(format!("internal=127.0.0.1:{internal_port}"))
-            .arg(format!("redirect_port={https_port}"))
-            .arg(format!("cert={}", certificate.display()))
-            .arg(format!("key={}", dir.path().join("tls/tls.key").display()))
-            .arg(format!("temp={}", dir.path().join("temp").display()))
-            .arg(format!("servers={}", addresses(nodes)))
-            .arg(format!("internal_servers={}", addresses(internal_nodes)))
-            .output()
-            .expect("run render_nginx");
-        assert!(
-            render.status.success(),
-            "render_nginx failed: {}",
-            String::from_utf8_lossy(&render.stderr)
+        run(
+            Command::new("bash")
+                .arg("-c")
+                .arg(r#"source "$1" && shift && render_nginx "$@""#)
+                .arg("render")
+                .arg(repo_root().join("deploy/local/render.sh"))
+                .arg(repo_root().join("deploy/nginx/nginx.conf"))
+                .arg(&config)
+                .arg(format!("https=127.0.0.1:{https_port}"))
+                .arg(format!("http=127.0.0.1:{http_port}"))
+                .arg(format!("internal=127.0.0.1:{internal_port}"))
+                .arg(format!("redirect_port={https_port}"))
+                .arg(format!("cert={}", certificate.display()))
+                .arg(format!("key={}", dir.path().join("tls/tls.key").display()))
+                .arg(format!("temp={}", dir.path().join("temp").display()))
+                .arg(format!("servers={}", addresses(nodes)))
+                .arg(format!("internal_servers={}", addresses(internal_nodes))),
+            "render_nginx",
         );
         let log = std::fs::File::create(dir.path().join("nginx.log")).expect("nginx's log");
         // One process (no master and workers), so killing it on drop leaves nothing behind.
