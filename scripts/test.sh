@@ -20,6 +20,7 @@ declare -A needed=(
   [prometheus-redis-exporter]=prometheus-redis-exporter
   [docker-compose]=docker-compose
   [curl]=curl
+  [openssl]=openssl
   [python3]=python3
   [shellcheck]=shellcheck
 )
