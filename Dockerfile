@@ -36,8 +36,18 @@ RUN find gateway -type f -exec touch {} + \
     && cargo build --release --locked -p gateway \
     && install -D -m 0755 target/release/chat-gateway /out/chat-gateway
 
-# Runtime: glibc-based slim image (the binary links against glibc; it needs
-# no OpenSSL since Redis is spoken over plain TCP).
+# nginx's self-signed certificate when the operator supplies none (compose
+# service `tls-init`; `docker build --target tls-init`). Before `runtime`, so
+# a plain `docker build` still ends with the gateway image.
+FROM debian:${DEBIAN_RELEASE}-slim AS tls-init
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openssl \
+    && rm -rf /var/lib/apt/lists/*
+COPY deploy/nginx/self-signed-cert.sh /usr/local/bin/self-signed-cert
+ENTRYPOINT ["sh", "/usr/local/bin/self-signed-cert"]
+
+# Runtime: glibc-based slim image (the binary links against glibc; Redis TLS
+# uses rustls, so it needs no OpenSSL).
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 
 RUN groupadd --system --gid 10001 chat \

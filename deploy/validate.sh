@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Validates the shipped deployment files without Docker:
 #   nginx       `nginx -t` on deploy/nginx/nginx.conf, as compose runs it and as
-#               deploy/local/cluster.sh renders it
-#   prometheus  `promtool check config` on both variants of prometheus.yml
+#               deploy/local/cluster.sh renders it (with a certificate from
+#               deploy/nginx/self-signed-cert.sh); the public server routes
+#               only the chat paths, the internal one has an allow list, 503s
+#               are retried and old workers have a shutdown timeout
+#   prometheus  `promtool check config` on both variants of prometheus.yml;
+#               alerts.yml: `promtool check rules`, its unit tests
+#               (`promtool test rules alerts_test.yml`), and that every alert
+#               has a severity, a summary, a description and a runbook
 #   grafana     provisioning YAML and dashboard JSON parse; every dashboard
-#               query is valid PromQL (`promtool check rules`)
-#   compose     `docker-compose config -q` (and `docker compose` when present)
+#               query is valid PromQL (`promtool check rules`); every metric
+#               an alert watches (and the process, API and Redis metrics) has
+#               a panel
+#   compose     `docker-compose config -q` (and `docker compose` when present),
+#               and that it refuses to start without GRAFANA_ADMIN_PASSWORD
 #   Dockerfile  build inputs exist, every workspace member's manifest is
 #               copied, the stubbed workspace loads with --locked
 #   scripts     shellcheck, when installed
@@ -20,6 +29,8 @@ cd "$REPO_ROOT"
 
 NGINX_CONF=deploy/nginx/nginx.conf
 PROM_CONF=deploy/prometheus/prometheus.yml
+PROM_ALERTS=deploy/prometheus/alerts.yml
+PROM_ALERTS_TEST=deploy/prometheus/alerts_test.yml
 COMPOSE_FILE=docker-compose.yml
 DASHBOARD_DIR=deploy/grafana/dashboards
 GRAFANA_PROVISIONING=deploy/grafana/provisioning
@@ -82,6 +93,9 @@ check_nginx() {
     elif ! grep -Eq '^[[:space:]]*server[[:space:]]+gateway:8080[[:space:]].*\bresolve\b' <<<"$upstream" ||
         ! grep -Eq '^[[:space:]]*zone[[:space:]]' <<<"$upstream"; then
         fail nginx "$NGINX_CONF: compose upstream must be 'server gateway:8080 resolve' with a zone"
+    elif ! sed -n '/^[[:space:]]*upstream chat_gateway_internal[[:space:]]*{/,/^[[:space:]]*}/p' "$NGINX_CONF" |
+        grep -Eq '^[[:space:]]*server[[:space:]]+gateway:9091[[:space:]].*\bresolve\b'; then
+        fail nginx "$NGINX_CONF: upstream chat_gateway_internal must be 'server gateway:9091 resolve' (GATEWAY_INTERNAL_LISTEN)"
     elif ! grep -Eq '^[[:space:]]*resolver[[:space:]]+127\.0\.0\.11[[:space:]].*valid=' "$NGINX_CONF"; then
         fail nginx "$NGINX_CONF: Docker DNS resolver 127.0.0.11 with valid= missing"
     else
@@ -102,11 +116,39 @@ check_nginx() {
     # an older local nginx the upstream line is checked with the name
     # replaced by an address and `resolve` dropped -- exactly what cluster.sh
     # does; the rest of the file is tested unchanged.
+    # What the public and internal servers let through, and how failures are retried.
+    local problems=()
+    grep -Eq '^[[:space:]]*worker_shutdown_timeout[[:space:]]+[0-9]+s;' "$NGINX_CONF" ||
+        problems+=("no worker_shutdown_timeout: a reload would keep old workers as long as any WebSocket lives")
+    grep -Eq '^[[:space:]]*proxy_next_upstream[[:space:]]+error[[:space:]]+timeout[[:space:]]+http_503;' "$NGINX_CONF" ||
+        problems+=("proxy_next_upstream must be 'error timeout http_503' (a node that is not ready answers 503)")
+    ! grep -Eq '^[[:space:]]*proxy_next_upstream[[:space:]].*non_idempotent' "$NGINX_CONF" ||
+        problems+=("proxy_next_upstream must not retry non-idempotent requests (POST /sse/send)")
+    local public
+    public=$(awk '/listen 443 ssl;/ { on = 1 } on { print } on && /^    }/ { exit }' "$NGINX_CONF")
+    [ "$(grep -c 'proxy_pass' <<<"$public")" = 1 ] &&
+        grep -Fq 'location ~ ^/(ws|sse|sse/send)?$ {' <<<"$public" &&
+        grep -Eq 'location / \{' <<<"$public" && grep -Eq 'return 404;' <<<"$public" ||
+        problems+=("the public server must proxy exactly /, /ws, /sse and /sse/send and answer 404 otherwise")
+    awk '/listen 8081;/ { on = 1 } on { print } on && /^    }/ { exit }' "$NGINX_CONF" | grep -Eq '^[[:space:]]*deny all;' ||
+        problems+=("the internal server must end its allow list with 'deny all'")
+    if [ "${#problems[@]}" -eq 0 ]; then
+        pass "nginx: public server routes the chat paths only, internal one has an allow list, 503 retried, workers time out"
+    else
+        fail nginx "$(printf '%s\n' "${problems[@]}")"
+    fi
+
+    if ! sh deploy/nginx/self-signed-cert.sh "$WORK/tls" >/dev/null; then
+        fail nginx "deploy/nginx/self-signed-cert.sh could not make a certificate (openssl missing?)"
+        return
+    fi
     local compose_conf="$WORK/nginx-compose.conf"
     if version_ge "$version" 1.27.3; then
-        sed "s|/var/cache/nginx|$prefix/temp|" "$NGINX_CONF" >"$compose_conf"
+        sed -e "s|/var/cache/nginx|$prefix/temp|" -e "s|/etc/nginx/tls/|$WORK/tls/|" "$NGINX_CONF" >"$compose_conf"
     else
-        render_nginx "$NGINX_CONF" "$compose_conf" 80 "$prefix/temp" 127.0.0.1:8080
+        render_nginx "$NGINX_CONF" "$compose_conf" https=443 http=80 internal=8081 redirect_port=8443 \
+            cert="$WORK/tls/tls.crt" key="$WORK/tls/tls.key" temp="$prefix/temp" \
+            servers=127.0.0.1:8080 internal_servers=127.0.0.1:9091
     fi
     local out
     if out=$(nginx -t -c "$compose_conf" "${args[@]}" 2>&1); then
@@ -117,8 +159,10 @@ check_nginx() {
 
     # Native variant, rendered as cluster.sh does for three nodes.
     local native_conf="$WORK/nginx-native.conf"
-    if render_nginx "$NGINX_CONF" "$native_conf" 127.0.0.1:8080 "$prefix/temp" \
-        127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
+    if render_nginx "$NGINX_CONF" "$native_conf" https=127.0.0.1:8443 http=127.0.0.1:8080 \
+        internal=127.0.0.1:9080 redirect_port=8443 cert="$WORK/tls/tls.crt" key="$WORK/tls/tls.key" \
+        temp="$prefix/temp" servers="127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083" \
+        internal_servers="127.0.0.1:9181 127.0.0.1:9182 127.0.0.1:9183" &&
         out=$(nginx -t -c "$native_conf" "${args[@]}" 2>&1); then
         pass "nginx -t: native cluster variant (3 nodes)"
     else
@@ -144,24 +188,86 @@ check_prometheus() {
     else
         fail prometheus "$PROM_CONF: expected dns_sd_configs for 'gateway' and scrape_interval 5s"
     fi
-    local native="$WORK/prometheus-native.yml"
-    if render_prometheus "$PROM_CONF" "$native" 127.0.0.1:9090 127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
-        out=$(promtool check config "$native" 2>&1); then
-        pass "promtool check config: native cluster variant"
+    if grep -Eq '^[[:space:]]*-[[:space:]]*"?alerts\.yml"?[[:space:]]*$' "$PROM_CONF" &&
+        grep -Eq '^[[:space:]]*-[[:space:]]*job_name:[[:space:]]*redis[[:space:]]*$' "$PROM_CONF"; then
+        pass "prometheus: loads alerts.yml, scrapes the Redis exporter (job redis)"
     else
-        fail prometheus "native cluster variant invalid:"$'\n'"${out:-render failed}"
+        fail prometheus "$PROM_CONF: expected rule_files with alerts.yml and a 'redis' scrape job"
+    fi
+    # Native variants, rendered as cluster.sh does (each into its own dir, so
+    # the copied rule file is checked too): with and without the exporter.
+    local variant exporter native
+    for variant in with-exporter without-exporter; do
+        exporter=""
+        [ "$variant" = with-exporter ] && exporter=127.0.0.1:9121
+        mkdir -p "$WORK/prometheus-$variant"
+        native="$WORK/prometheus-$variant/prometheus.yml"
+        out=""
+        if render_prometheus "$PROM_CONF" "$native" 127.0.0.1:9090 "$exporter" \
+            127.0.0.1:8081 127.0.0.1:8082 127.0.0.1:8083 &&
+            out=$(promtool check config "$native" 2>&1); then
+            pass "promtool check config: native cluster variant ($variant)"
+        else
+            fail prometheus "native cluster variant ($variant) invalid:"$'\n'"${out:-render failed}"
+        fi
+    done
+    if [ -n "$(sed -n '/job_name: redis/p' "$WORK/prometheus-without-exporter/prometheus.yml")" ]; then
+        fail prometheus "native variant without an exporter still has the redis job"
+    fi
+
+    if out=$(promtool check rules "$PROM_ALERTS" 2>&1); then
+        pass "promtool check rules: $PROM_ALERTS"
+    else
+        fail prometheus "$out"
+    fi
+    if out=$(cd "$(dirname "$PROM_ALERTS_TEST")" && promtool test rules "$(basename "$PROM_ALERTS_TEST")" 2>&1); then
+        pass "promtool test rules: $PROM_ALERTS_TEST"
+    else
+        fail prometheus "alert unit tests failed:"$'\n'"$out"
+    fi
+    if out=$("$PYTHON" - "$PROM_ALERTS" "$PROM_ALERTS_TEST" 2>&1 <<'PY'
+import sys
+
+import yaml
+
+rules_path, tests_path = sys.argv[1:3]
+alerts = [r for g in yaml.safe_load(open(rules_path))["groups"] for r in g["rules"] if "alert" in r]
+problems = []
+for r in alerts:
+    if r.get("labels", {}).get("severity") not in ("critical", "warning"):
+        problems.append(f"{r['alert']}: severity label must be critical or warning")
+    missing = {"summary", "description", "runbook"} - set(r.get("annotations", {}))
+    if missing:
+        problems.append(f"{r['alert']}: annotations {sorted(missing)} missing")
+# Each alert is tested firing (a non-empty exp_alerts) and silent (an empty one).
+fired, silent = set(), set()
+for test in yaml.safe_load(open(tests_path))["tests"]:
+    for case in test.get("alert_rule_test", []):
+        (fired if case.get("exp_alerts") else silent).add(case["alertname"])
+for r in alerts:
+    for kind, seen in (("firing", fired), ("not firing", silent)):
+        if r["alert"] not in seen:
+            problems.append(f"{r['alert']}: no unit test shows it {kind}")
+if problems:
+    sys.exit("\n".join(problems))
+print(f"{len(alerts)} alerts")
+PY
+    ); then
+        pass "alerts: severity, summary, description, runbook; tested firing and silent ($out)"
+    else
+        fail prometheus "$out"
     fi
 }
 
 # ---------------------------------------------------------------------------
 check_grafana() {
     local out rules="$WORK/dashboard-rules.yml"
-    if out=$("$PYTHON" - "$GRAFANA_PROVISIONING" "$DASHBOARD_DIR" "$rules" 2>&1 <<'PY'
-import glob, json, os, sys
+    if out=$("$PYTHON" - "$GRAFANA_PROVISIONING" "$DASHBOARD_DIR" "$rules" "$PROM_ALERTS" 2>&1 <<'PY'
+import glob, json, os, re, sys
 
 import yaml
 
-prov, dash_dir, rules_path = sys.argv[1:4]
+prov, dash_dir, rules_path, alerts_path = sys.argv[1:5]
 for path in sorted(glob.glob(os.path.join(prov, "**", "*.yml"), recursive=True)):
     doc = yaml.safe_load(open(path))
     assert doc.get("apiVersion") == 1, f"{path}: apiVersion 1 expected"
@@ -187,7 +293,27 @@ for path in dashboards:
                     .replace("$__interval", "1m").replace("$node", ".*"))
             rules.append({"record": f"dashboard:panel{panel['id']}:{t['refId']}", "expr": expr})
 json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(rules_path, "w"))
-print(f"{len(dashboards)} dashboard(s), {len(rules)} queries")
+
+# A panel for every signal an alert watches, and for the process, API and Redis metrics an
+# on-call engineer reads next to them.
+def metric_names(expr):
+    return set(re.findall(r"\b((?:chat|process|redis)_[a-z0-9_]+)", expr))
+shown = set().union(*(metric_names(r["expr"]) for r in rules))
+wanted = set()
+for group in yaml.safe_load(open(alerts_path))["groups"]:
+    for rule in group["rules"]:
+        wanted |= metric_names(rule["expr"])
+wanted |= {
+    "chat_ready", "chat_broker_repairs_total", "chat_closes_total", "chat_bytes_received_total",
+    "chat_handshakes_refused_total",
+    "chat_bytes_sent_total", "chat_outbox_backlog_bytes", "process_resident_memory_bytes",
+    "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_threads",
+    "chat_api_requests_total", "chat_api_request_seconds_bucket", "redis_up",
+    "redis_memory_used_bytes", "redis_connected_clients", "redis_commands_processed_total",
+}
+missing = sorted(wanted - shown)
+assert not missing, f"no dashboard panel shows {missing}"
+print(f"{len(dashboards)} dashboard(s), {len(rules)} queries, every alerting signal shown")
 PY
     ); then
         pass "grafana: provisioning and dashboards parse ($out)"
@@ -208,36 +334,91 @@ check_compose() {
         fail compose "docker-compose not available"
         return
     fi
-    local out
-    if out=$(docker-compose -f "$COMPOSE_FILE" config -q 2>&1); then
+    # Secrets come from the environment or .env; check with placeholders given
+    # in an env file of our own, so a developer's .env or shell cannot change
+    # the outcome.
+    local out env_file="$WORK/compose.env" no_env="$WORK/compose-empty.env"
+    printf 'GRAFANA_ADMIN_PASSWORD=validate-placeholder\nREDIS_PASSWORD=validate-placeholder\n' >"$env_file"
+    : >"$no_env"
+    local compose=(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD docker-compose --env-file "$env_file" -f "$COMPOSE_FILE")
+    if out=$("${compose[@]}" config -q 2>&1); then
         pass "docker-compose config -q"
     else
         fail compose "$out"
     fi
-    if out=$(docker-compose -f "$COMPOSE_FILE" --profile loadtest config -q 2>&1); then
+    if out=$("${compose[@]}" --profile loadtest config -q 2>&1); then
         pass "docker-compose --profile loadtest config -q"
     else
         fail compose "$out"
     fi
-    if out=$(docker-compose -f "$COMPOSE_FILE" -f deploy/compose/redis-cluster.yml config -q 2>&1); then
+    if out=$("${compose[@]}" -f deploy/compose/redis-cluster.yml config -q 2>&1); then
         pass "docker-compose config -q with the Redis Cluster override"
     else
         fail compose "$out"
     fi
     if docker compose version >/dev/null 2>&1; then
-        if out=$(docker compose -f "$COMPOSE_FILE" config -q 2>&1); then
+        if out=$(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD \
+            docker compose --env-file "$env_file" -f "$COMPOSE_FILE" config -q 2>&1); then
             pass "docker compose config -q"
         else
             fail compose "$out"
         fi
     fi
+    if out=$(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD \
+        docker-compose --env-file "$no_env" -f "$COMPOSE_FILE" config -q 2>&1); then
+        fail compose "$COMPOSE_FILE starts without GRAFANA_ADMIN_PASSWORD (must refuse)"
+    elif grep -q 'GRAFANA_ADMIN_PASSWORD' <<<"$out"; then
+        pass "compose: refuses to start without GRAFANA_ADMIN_PASSWORD"
+    else
+        fail compose "compose failed without GRAFANA_ADMIN_PASSWORD, but not because of it:"$'\n'"$out"
+    fi
+    # REDIS_PASSWORD reaches Redis (--requirepass), the gateway's REDIS_URL and
+    # the exporter.
+    if out=$("${compose[@]}" config 2>&1) &&
+        grep -q 'requirepass' <<<"$out" &&
+        grep -q 'REDIS_URL: redis://:validate-placeholder@redis:6379' <<<"$out" &&
+        [ "$(grep -c 'REDIS_PASSWORD: validate-placeholder' <<<"$out")" -ge 2 ]; then
+        pass "compose: REDIS_PASSWORD wired into redis, REDIS_URL and the exporter"
+    else
+        fail compose "REDIS_PASSWORD is not wired into redis (--requirepass), the gateway's REDIS_URL and redis-exporter"
+    fi
     local f
-    for f in deploy/nginx/nginx.conf deploy/prometheus/prometheus.yml \
+    for f in deploy/nginx/nginx.conf deploy/prometheus/prometheus.yml deploy/prometheus/alerts.yml \
         deploy/grafana/provisioning deploy/grafana/dashboards; do
         if ! grep -q "\./$f:" "$COMPOSE_FILE"; then
             fail compose "$COMPOSE_FILE does not mount ./$f"
         fi
     done
+    # TLS at the edge: nginx gets a certificate (the operator's, or tls-init's) and only
+    # nginx publishes client ports; the gateways serve /metrics on their internal port.
+    if out=$("${compose[@]}" config 2>&1) && printf '%s\n' "$out" >"$WORK/compose-config.yml" &&
+        out=$("$PYTHON" - "$WORK/compose-config.yml" 2>&1 <<'PY'
+import sys
+
+import yaml
+
+services = yaml.safe_load(open(sys.argv[1]))["services"]
+nginx, gateway = services["nginx"], services["gateway"]
+def port(p):
+    # "[ip:]published:target[/proto]" or the long form, as compose versions print them.
+    if isinstance(p, str):
+        return p.split("/")[0]
+    return f"{p['host_ip'] + ':' if p.get('host_ip') else ''}{p['published']}:{p['target']}"
+ports = {port(p) for p in nginx["ports"]}
+assert any(p.endswith(":443") for p in ports), f"nginx publishes no TLS port: {ports}"
+assert any(p.startswith("127.0.0.1:") and p.endswith(":8081") for p in ports), f"internal port not on loopback only: {ports}"
+assert any(str(v).endswith(":/etc/nginx/tls:ro") or (isinstance(v, dict) and v.get("target") == "/etc/nginx/tls")
+           for v in nginx["volumes"]), "nginx does not mount the TLS directory"
+assert nginx["depends_on"]["tls-init"]["condition"] == "service_completed_successfully", "nginx must wait for tls-init"
+assert services["tls-init"]["build"]["target"] == "tls-init", "tls-init builds the Dockerfile's tls-init stage"
+assert gateway["environment"]["GATEWAY_INTERNAL_LISTEN"] == "0.0.0.0:9091", "gateways need an internal listener"
+assert "ports" not in gateway, "gateways publish no port"
+PY
+    ); then
+        pass "compose: nginx terminates TLS (tls-init when no certificate), internal port on loopback, gateways' metrics internal"
+    else
+        fail compose "TLS or the internal listener is not wired as expected:"$'\n'"$out"
+    fi
 }
 
 # ---------------------------------------------------------------------------
@@ -300,7 +481,7 @@ check_scripts() {
     if command -v shellcheck >/dev/null 2>&1; then
         local out
         if out=$(shellcheck -x deploy/local/cluster.sh deploy/local/render.sh deploy/validate.sh \
-            deploy/docker/*.sh 2>&1); then
+            deploy/docker/*.sh deploy/kubernetes/validate.sh 2>&1); then
             pass "shellcheck: deploy scripts"
         else
             fail scripts "$out"

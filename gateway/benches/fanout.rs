@@ -6,11 +6,14 @@
 //!   recipient, kernel included.
 //!
 //! Only the delivery (and the batch's write) is timed; the receiving ends are emptied between iterations.
+//! The Prometheus recorder is installed as in the binary, so the outboxes' byte counters and
+//! backlog gauge cost what they cost in a node.
 
 use std::hint::black_box;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,7 +58,16 @@ fn time_deliveries(room: &Members, iters: u64, mut drain: impl FnMut()) -> Durat
     total
 }
 
+/// Installs the node's metrics recorder, once.
+fn install_metrics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        gateway::metrics::install("bench").expect("install the metrics recorder");
+    });
+}
+
 fn fan_out_in_memory(c: &mut Criterion) {
+    install_metrics();
     let mut group = c.benchmark_group("fanout_memory");
     for members in [1usize, 100, 1_000, 10_000] {
         let room = Members::default();
@@ -81,6 +93,7 @@ fn fan_out_in_memory(c: &mut Criterion) {
 }
 
 fn fan_out_tcp(c: &mut Criterion) {
+    install_metrics();
     let mut group = c.benchmark_group("fanout_tcp");
     group.sample_size(20);
     for members in [1usize, 100, 1_000] {
@@ -114,6 +127,7 @@ fn tcp_room(members: usize) -> (Members, Vec<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     let room = Members::default();
+    let meters = Arc::new(gateway::metrics::TransportMeters::new());
     let mut clients = Vec::with_capacity(members);
     for conn in 0..members as u64 {
         let client = TcpStream::connect(addr).expect("connect");
@@ -121,7 +135,7 @@ fn tcp_room(members: usize) -> (Members, Vec<TcpStream>) {
         server.set_nodelay(true).expect("nodelay");
         server.set_nonblocking(true).expect("non-blocking");
         client.set_nonblocking(true).expect("non-blocking");
-        let outbox = Outbox::new(Arc::new(Socket(server)), 1024, usize::MAX);
+        let outbox = Outbox::new(Arc::new(Socket(server)), meters.clone(), 1024, usize::MAX);
         outbox.uncork();
         room.insert(conn, outbox, false, false);
         clients.push(client);

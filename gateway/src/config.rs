@@ -23,9 +23,16 @@ pub enum LogFormat {
 // A flag given twice takes its last value (a wrapper script's defaults, then the caller's).
 #[command(name = "chat-gateway", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
-    /// Address to listen on for WebSocket, HTTP and metrics.
+    /// Address to listen on for WebSocket, the demo page, health, readiness, and (without
+    /// --internal-listen) metrics.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// A second address for what only operators and the application's backend may reach:
+    /// /metrics (and the server API under /api/), which --listen then no longer serves.
+    /// Health and readiness are served on both.
+    #[arg(long, env = "GATEWAY_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
 
     /// Redis URL. Without it the node runs alone with an in-process broker. One server:
     /// redis://[user:password@]host:port[/db]; a Redis Cluster:

@@ -24,9 +24,15 @@ fn main() -> anyhow::Result<()> {
     let span = tracing::info_span!("node", id = %node_id);
     runtime.block_on(
         async {
-            let listener = gateway::transport::listener::bind(config.listen)
-                .with_context(|| format!("cannot listen on {}", config.listen))?;
-            gateway::server::run(config, node_id, listener, Some(metrics), signal()).await?;
+            let bind = |address| {
+                gateway::transport::listener::bind(address)
+                    .with_context(|| format!("cannot listen on {address}"))
+            };
+            let listeners = gateway::server::Listeners {
+                public: bind(config.listen)?,
+                internal: config.internal_listen.map(bind).transpose()?,
+            };
+            gateway::server::run(config, node_id, listeners, Some(metrics), signal()).await?;
             anyhow::Ok(())
         }
         .instrument(span),

@@ -2,13 +2,20 @@
 //! call sites cannot misspell a name or a label.
 //!
 //! The recorder is installed once by the binary; without it (unit tests) every call is a no-op.
+//! Process metrics (`process_*`: memory, CPU, open files, threads) are read from the operating
+//! system at each scrape by `metrics-process`.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, counter, gauge, histogram};
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+
+use crate::protocol::ErrorCode;
+use crate::protocol::close::Disconnect;
+use crate::security::limits::Scope;
 
 const CONNECTIONS_OPEN: &str = "chat_connections_open";
 const CONNECTIONS_ACCEPTED: &str = "chat_connections_accepted_total";
@@ -29,6 +36,17 @@ const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
 const POLICY_CLOSES: &str = "chat_policy_closes_total";
 const PANICS: &str = "chat_panics_total";
 const BROKER_REPAIRS: &str = "chat_broker_repairs_total";
+const BYTES_RECEIVED: &str = "chat_bytes_received_total";
+const BYTES_SENT: &str = "chat_bytes_sent_total";
+const CLOSES: &str = "chat_closes_total";
+const OUTBOX_BACKLOG_BYTES: &str = "chat_outbox_backlog_bytes";
+
+/// Reasons a handshake is refused before the gate sees it, because of the node's own state.
+const NOT_READY: &str = "not_ready";
+const SHUTTING_DOWN: &str = "shutting_down";
+
+static PROCESS: LazyLock<metrics_process::Collector> =
+    LazyLock::new(metrics_process::Collector::default);
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -69,6 +87,7 @@ pub fn register() {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    PROCESS.describe();
     describe_gauge!(CONNECTIONS_OPEN, "WebSocket connections open on this node");
     describe_counter!(CONNECTIONS_ACCEPTED, "WebSocket connections accepted");
     describe_counter!(MESSAGES_RECEIVED, "Chat messages received from clients");
@@ -108,7 +127,27 @@ fn describe() {
     describe_counter!(CLIENT_ERRORS, "Error frames sent to clients, by code");
     describe_counter!(
         HANDSHAKES_REFUSED,
-        "WebSocket handshakes refused by the security gate, by reason"
+        "WebSocket handshakes refused, by reason: the security gate's, or not_ready and \
+         shutting_down (503 before the upgrade)"
+    );
+    describe_counter!(
+        BYTES_RECEIVED,
+        metrics::Unit::Bytes,
+        "WebSocket bytes read from clients after the handshake"
+    );
+    describe_counter!(
+        BYTES_SENT,
+        metrics::Unit::Bytes,
+        "WebSocket bytes written to clients after the handshake"
+    );
+    describe_counter!(
+        CLOSES,
+        "Connections ended, by close code (1006: the connection broke, no close frame)"
+    );
+    describe_gauge!(
+        OUTBOX_BACKLOG_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes waiting in connections' backlogs because their sockets could not take them"
     );
     describe_counter!(
         RATE_LIMITED,
@@ -141,14 +180,83 @@ fn register_at_zero() {
         BROKER_LAG_EVENTS,
         BROKER_LAGGED_MESSAGES,
         PANICS,
+        BYTES_RECEIVED,
+        BYTES_SENT,
     ] {
         counter!(name).absolute(0);
     }
     for outcome in ["repaired", "failed", "resync"] {
         counter!(BROKER_REPAIRS, "outcome" => outcome).absolute(0);
     }
+    for reason in Disconnect::ALL {
+        counter!(CLOSES, "code" => reason.code().to_string()).absolute(0);
+    }
+    for reason in [NOT_READY, SHUTTING_DOWN] {
+        counter!(HANDSHAKES_REFUSED, "reason" => reason).absolute(0);
+    }
+    for code in ErrorCode::ALL {
+        counter!(CLIENT_ERRORS, "code" => code.as_str()).absolute(0);
+    }
+    for scope in [Scope::Connection, Scope::User] {
+        counter!(RATE_LIMITED, "scope" => scope.as_str()).absolute(0);
+    }
+    for reason in PolicyClose::ALL {
+        counter!(POLICY_CLOSES, "reason" => reason.label()).absolute(0);
+    }
     gauge!(CONNECTIONS_OPEN).set(0.0);
     gauge!(ROOMS_LOCAL).set(0.0);
+    gauge!(OUTBOX_BACKLOG_BYTES).set(0.0);
+}
+
+/// Reads the process metrics, for a scrape.
+pub fn collect_process() {
+    PROCESS.collect();
+}
+
+/// The series the transports move on every read and write, looked up once per node: `counter!`
+/// by name hashes the name and searches the registry on every call, which a path taken for
+/// each frame should not pay.
+pub struct TransportMeters {
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    backlog_bytes: Gauge,
+}
+
+impl TransportMeters {
+    /// Handles in the recorder in effect (the global one, or this thread's local one; without
+    /// a recorder, handles that count nothing).
+    pub fn new() -> TransportMeters {
+        TransportMeters {
+            bytes_received: counter!(BYTES_RECEIVED),
+            bytes_sent: counter!(BYTES_SENT),
+            backlog_bytes: gauge!(OUTBOX_BACKLOG_BYTES),
+        }
+    }
+
+    /// `bytes` were read from a client.
+    pub fn received(&self, bytes: usize) {
+        self.bytes_received.increment(bytes as u64);
+    }
+
+    /// `bytes` were written to a client.
+    pub fn sent(&self, bytes: usize) {
+        self.bytes_sent.increment(bytes as u64);
+    }
+
+    /// A connection's backlog went from `before` to `after` bytes.
+    pub fn backlog_changed(&self, before: usize, after: usize) {
+        if after > before {
+            self.backlog_bytes.increment((after - before) as f64);
+        } else {
+            self.backlog_bytes.decrement((before - after) as f64);
+        }
+    }
+}
+
+impl Default for TransportMeters {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A connection was accepted and is now open.
@@ -157,9 +265,10 @@ pub fn connection_opened() {
     gauge!(CONNECTIONS_OPEN).increment(1.0);
 }
 
-/// A connection closed.
-pub fn connection_closed() {
+/// A connection ended with `reason`.
+pub fn connection_closed(reason: Disconnect) {
     gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    counter!(CLOSES, "code" => reason.code().to_string()).increment(1);
 }
 
 /// A client sent a chat message.
@@ -220,14 +329,44 @@ pub fn handshake_refused(reason: &'static str) {
     counter!(HANDSHAKES_REFUSED, "reason" => reason).increment(1);
 }
 
+/// A handshake was answered 503 because the node is not ready (`shutting_down`: because it is
+/// draining).
+pub fn handshake_unavailable(shutting_down: bool) {
+    handshake_refused(if shutting_down {
+        SHUTTING_DOWN
+    } else {
+        NOT_READY
+    });
+}
+
 /// A client message was dropped by the `scope` rate limit.
 pub fn rate_limited(scope: &'static str) {
     counter!(RATE_LIMITED, "scope" => scope).increment(1);
 }
 
+/// Why a security policy closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyClose {
+    /// The client kept sending over the rate limits.
+    RateLimit,
+    /// The client's token expired.
+    TokenExpired,
+}
+
+impl PolicyClose {
+    const ALL: [PolicyClose; 2] = [PolicyClose::RateLimit, PolicyClose::TokenExpired];
+
+    fn label(self) -> &'static str {
+        match self {
+            PolicyClose::RateLimit => "rate_limit",
+            PolicyClose::TokenExpired => "token_expired",
+        }
+    }
+}
+
 /// A connection was closed by a security policy.
-pub fn policy_close(reason: &'static str) {
-    counter!(POLICY_CLOSES, "reason" => reason).increment(1);
+pub fn policy_close(reason: PolicyClose) {
+    counter!(POLICY_CLOSES, "reason" => reason.label()).increment(1);
 }
 
 /// A task panicked.

@@ -1,5 +1,5 @@
-//! A node's lifecycle: start the hub and the gate, serve the HTTP surface on a bound listener
-//! until told to stop, then drain: stop accepting, report not ready, close every connection
+//! A node's lifecycle: start the hub and the gate, serve the HTTP surface on bound listeners
+//! (the public one, and the internal one when there is one) until told to stop, then drain: stop accepting, report not ready, close every connection
 //! with the close it was told to send, wait for them within the grace period, close the
 //! broker. Signals are the binary's business: tests drive the same `run` in-process.
 
@@ -37,12 +37,21 @@ pub enum ServerError {
     Serve(std::io::Error),
 }
 
-/// Runs a node on `listener` until `stop` resolves with the close to send every client (1012
+/// The sockets a node serves, bound by the caller.
+pub struct Listeners {
+    /// Clients: the WebSocket endpoint, the demo page, health and readiness.
+    pub public: TcpListener,
+    /// Metrics and the server API, apart from clients (`--internal-listen`); without it they
+    /// are served on `public`.
+    pub internal: Option<TcpListener>,
+}
+
+/// Runs a node on `listeners` until `stop` resolves with the close to send every client (1012
 /// for a restart, 1001 for going away), then shuts it down gracefully.
 pub async fn run(
     config: Config,
     node_id: String,
-    listener: TcpListener,
+    listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     stop: impl Future<Output = Disconnect>,
 ) -> Result<(), ServerError> {
@@ -64,20 +73,47 @@ pub async fn run(
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
         gate,
+        meters: Arc::new(crate::metrics::TransportMeters::new()),
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));
     }
-    let address = listener.local_addr().map_err(ServerError::Serve)?;
-    tracing::info!(listen = %address, broker = hub.broker_kind(), "chat gateway listening");
+    let address = listeners.public.local_addr().map_err(ServerError::Serve)?;
+    let internal = match &listeners.internal {
+        Some(listener) => Some(listener.local_addr().map_err(ServerError::Serve)?),
+        None => None,
+    };
+    tracing::info!(
+        listen = %address,
+        internal = internal.map_or_else(|| "same as listen".to_owned(), |a| a.to_string()),
+        broker = hub.broker_kind(),
+        "chat gateway listening"
+    );
 
-    let server = crate::transport::listener::serve(
-        listener,
-        crate::http::router(state.clone()),
-        config.security.limits.handshake_timeout,
+    let handshake_timeout = config.security.limits.handshake_timeout;
+    let public = crate::transport::listener::serve(
+        listeners.public,
+        crate::http::router(state.clone(), listeners.internal.is_some()),
+        handshake_timeout,
         shutdown.clone(),
     );
-    let server = tokio::spawn(server.in_current_span());
+    let internal = listeners.internal.map(|listener| {
+        crate::transport::listener::serve(
+            listener,
+            crate::http::internal_router(state.clone()),
+            handshake_timeout,
+            shutdown.clone(),
+        )
+    });
+    let server = tokio::spawn(
+        async move {
+            match internal {
+                Some(internal) => tokio::try_join!(public, internal).map(|_| ()),
+                None => public.await,
+            }
+        }
+        .in_current_span(),
+    );
 
     let reason = stop.await;
     tracing::info!(close = %reason, "shutting down: closing connections");

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::relay::{Delay, Relay};
-use common::{Client, Gateway, Node, Persistence, Redis, wait_until};
+use common::{Client, Gateway, Node, Persistence, Redis, wait_until, ws_handshake};
 use serde_json::json;
 
 /// The cluster suite on one Redis server (`redis_cluster.rs` runs it on a Redis Cluster).
@@ -156,4 +156,33 @@ async fn a_node_without_redis_starts_but_is_not_ready() {
     );
     assert_eq!(node.get("/healthz").map(|(status, _)| status), Some(200));
     assert_eq!(node.get("/readyz").map(|(status, _)| status), Some(503));
+    // A handshake is refused before the upgrade, so a load balancer can try another node.
+    let reply = ws_handshake(node.port, "/ws", &[]).expect("an answer");
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert_eq!(reply.header("retry-after"), Some("5"), "{reply:?}");
+    assert_eq!(
+        node.metric_where("chat_handshakes_refused_total", r#"reason="not_ready""#),
+        1.0
+    );
+    assert_eq!(node.metric("chat_connections_accepted_total"), 0.0);
+}
+
+#[tokio::test]
+async fn a_node_that_loses_redis_refuses_handshakes_until_it_is_back() {
+    let mut redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &[]);
+    redis.kill();
+    wait_until("the node to report not ready", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 503)
+    });
+    let reply = ws_handshake(node.port, "/ws", &[]).expect("an answer");
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.header("retry-after").is_some(), "{reply:?}");
+
+    redis.restart();
+    wait_until("the node to be ready again", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    let mut client = Client::connect(&node.ws_url("/ws?room=back")).await;
+    client.say("back", "in again").await;
 }

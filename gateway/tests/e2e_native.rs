@@ -1,8 +1,10 @@
 //! End to end through the native cluster exactly as `deploy/local/cluster.sh` runs it:
-//! redis-server, three `chat-gateway` nodes, nginx in front of them and Prometheus scraping
-//! them, every component on its own free loopback port with its own state dir, so these tests
-//! run in parallel with each other and with the other integration tests. Also checks that the
-//! shipped deployment files pass `deploy/validate.sh`.
+//! redis-server, three `chat-gateway` nodes, nginx in front of them (TLS with the certificate
+//! cluster.sh makes, an internal listener) and Prometheus scraping them, every component on its
+//! own free loopback port with its own state dir, so these tests run in parallel with each
+//! other and with the other integration tests. Clients connect with `wss://` and `https://`,
+//! trusting the cluster's certificate only. Also: nginx passes handshakes on to a ready node
+//! when one node has lost its Redis, and the shipped deployment files pass `deploy/validate.sh`.
 //!
 //! Each test owns a [`Cluster`] whose `Drop` runs `cluster.sh down`, so a failing test leaves
 //! nothing running (and prints the end of every component's log).
@@ -12,11 +14,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Ended, http_get};
+use common::edge::{Nginx, describe, http_get_reply, https_get, repo_root, search_path, trusting};
+use common::{Client, Ended, Gateway, Node, Redis, http_get, wait_until};
 use common::{TempDir, temp_dir};
 use serde_json::Value;
 
@@ -30,20 +34,6 @@ const SCRAPE_PATIENCE: Duration = Duration::from_secs(60);
 /// because CI machines are small and run other test binaries at the same time.
 const COMPONENT_TIMEOUT_SECS: &str = "60";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the gateway crate lives in the workspace root")
-        .to_path_buf()
-}
-
-/// `PATH` plus the sbin directories: Debian installs nginx in /usr/sbin, which a non-root
-/// user's `PATH` often lacks.
-fn search_path() -> String {
-    let path = std::env::var("PATH").unwrap_or_default();
-    format!("{path}:/usr/local/sbin:/usr/sbin:/sbin")
-}
-
 /// `count` distinct loopback ports nobody listens on right now.
 fn distinct_free_ports(count: usize) -> Vec<u16> {
     let mut ports = BTreeSet::new();
@@ -53,21 +43,15 @@ fn distinct_free_ports(count: usize) -> Vec<u16> {
     ports.into_iter().collect()
 }
 
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 /// A native cluster started by `deploy/local/cluster.sh up` in a private state dir; stopped
 /// with `cluster.sh down` when dropped, whether the test passed or not.
 struct Cluster {
     dir: TempDir,
+    https_port: u16,
     http_port: u16,
+    internal_port: u16,
     node_ports: Vec<u16>,
+    node_internal_ports: Vec<u16>,
     redis_port: u16,
     prometheus_port: u16,
     prometheus: bool,
@@ -79,13 +63,16 @@ impl Cluster {
     fn up(prometheus: bool) -> Cluster {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            let ports = distinct_free_ports(NODES + 3);
+            let ports = distinct_free_ports(2 * NODES + 5);
             let cluster = Cluster {
                 dir: temp_dir("e2e-cluster"),
-                http_port: ports[0],
-                redis_port: ports[1],
-                prometheus_port: ports[2],
-                node_ports: ports[3..].to_vec(),
+                https_port: ports[0],
+                http_port: ports[1],
+                internal_port: ports[2],
+                redis_port: ports[3],
+                prometheus_port: ports[4],
+                node_ports: ports[5..5 + NODES].to_vec(),
+                node_internal_ports: ports[5 + NODES..].to_vec(),
                 prometheus,
             };
             // The guard exists before `up` runs: whatever `up` leaves behind is stopped.
@@ -105,7 +92,10 @@ impl Cluster {
 
     /// Runs `cluster.sh ARGS` against this cluster's state dir and ports.
     fn script(&self, args: &[&str]) -> Output {
-        let node_ports: Vec<String> = self.node_ports.iter().map(u16::to_string).collect();
+        let list = |ports: &[u16]| -> String {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            ports.join(" ")
+        };
         let mut command = Command::new("bash");
         command
             .arg(repo_root().join("deploy/local/cluster.sh"))
@@ -124,8 +114,14 @@ impl Cluster {
             .env("PATH", search_path())
             .env("CLUSTER_DIR", self.dir.path())
             .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_chat-gateway"))
+            .env("CLUSTER_HTTPS_PORT", self.https_port.to_string())
             .env("CLUSTER_HTTP_PORT", self.http_port.to_string())
-            .env("CLUSTER_NODE_PORTS", node_ports.join(" "))
+            .env("CLUSTER_INTERNAL_PORT", self.internal_port.to_string())
+            .env("CLUSTER_NODE_PORTS", list(&self.node_ports))
+            .env(
+                "CLUSTER_NODE_INTERNAL_PORTS",
+                list(&self.node_internal_ports),
+            )
             .env("CLUSTER_REDIS_PORT", self.redis_port.to_string())
             .env("CLUSTER_PROMETHEUS_PORT", self.prometheus_port.to_string())
             .env(
@@ -143,7 +139,17 @@ impl Cluster {
 
     /// The WebSocket URL of the cluster's entry point (nginx) for a default room.
     fn ws_url(&self, room: &str) -> String {
-        format!("ws://127.0.0.1:{}/ws?room={room}", self.http_port)
+        format!("wss://127.0.0.1:{}/ws?room={room}", self.https_port)
+    }
+
+    /// Trusts the certificate cluster.sh made for nginx, and nothing else.
+    fn tls(&self) -> Arc<rustls::ClientConfig> {
+        trusting(&self.dir.path().join("tls/tls.crt"))
+    }
+
+    /// Connects a client through nginx.
+    async fn connect(&self, room: &str) -> Client {
+        Client::connect_tls(&self.ws_url(room), &self.tls()).await
     }
 
     /// The node ids cluster.sh gives its nodes: node-1 .. node-N.
@@ -208,12 +214,13 @@ impl Drop for Cluster {
 
 /// Connects through the load balancer, retrying failed attempts (a handshake nginx could not
 /// pass to any node yet) until `within` has passed.
-async fn connect_with_retry(url: &str, within: Duration) -> Client {
+async fn connect_with_retry(cluster: &Cluster, room: &str, within: Duration) -> Client {
+    let (url, tls) = (cluster.ws_url(room), cluster.tls());
     let deadline = Instant::now() + within;
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match Client::try_connect(url, Duration::from_secs(5)).await {
+        match Client::try_connect_tls(&url, Duration::from_secs(5), &tls).await {
             Ok(client) => return client,
             Err(error) => {
                 assert!(
@@ -356,10 +363,9 @@ async fn poll<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Result
 #[tokio::test]
 async fn clients_through_nginx_are_spread_over_all_nodes_and_share_a_room_exactly_once() {
     let cluster = Cluster::up(false);
-    let url = cluster.ws_url("e2e");
     let mut clients = Vec::new();
     for _ in 0..12 {
-        clients.push(Client::connect(&url).await);
+        clients.push(cluster.connect("e2e").await);
     }
     let per_node = count_by_node(&clients);
     assert_eq!(
@@ -386,10 +392,9 @@ async fn clients_through_nginx_are_spread_over_all_nodes_and_share_a_room_exactl
 #[tokio::test]
 async fn clients_of_a_killed_node_reconnect_through_nginx_to_the_survivors_and_chat_again() {
     let cluster = Cluster::up(false);
-    let url = cluster.ws_url("failover");
     let mut clients = Vec::new();
     for _ in 0..9 {
-        clients.push(Client::connect(&url).await);
+        clients.push(cluster.connect("failover").await);
     }
     let victim = clients[0].node.clone();
     let victim_index = cluster.node_index(&victim);
@@ -434,7 +439,7 @@ async fn clients_of_a_killed_node_reconnect_through_nginx_to_the_survivors_and_c
     // They reconnect through nginx and land on live nodes.
     let mut reconnected = Vec::new();
     for _ in &cut_off {
-        let client = connect_with_retry(&url, FAILOVER_PATIENCE).await;
+        let client = connect_with_retry(&cluster, "failover", FAILOVER_PATIENCE).await;
         assert!(
             live.contains(&client.node),
             "reconnected to {:?}, not one of the live nodes {live:?}",
@@ -461,8 +466,9 @@ async fn prometheus_scrapes_every_node_and_counts_the_chat_traffic() {
     let cluster = Cluster::up(true);
     let prometheus = cluster.prometheus_port;
     let job = "chat-gateway"; // deploy/prometheus/prometheus.yml
+    // Metrics come from the nodes' internal listeners.
     let instances: BTreeSet<String> = cluster
-        .node_ports
+        .node_internal_ports
         .iter()
         .map(|port| format!("127.0.0.1:{port}"))
         .collect();
@@ -533,10 +539,9 @@ async fn prometheus_scrapes_every_node_and_counts_the_chat_traffic() {
     let before = delivered_now().expect("query the delivered counter");
 
     // Chat traffic through nginx: six members spread over the nodes, five messages.
-    let url = cluster.ws_url("metrics");
     let mut clients = Vec::new();
     for _ in 0..6 {
-        clients.push(Client::connect(&url).await);
+        clients.push(cluster.connect("metrics").await);
     }
     let mut sent = Vec::new();
     for i in 0..4 {
@@ -561,6 +566,189 @@ async fn prometheus_scrapes_every_node_and_counts_the_chat_traffic() {
         after,
         before + deliveries,
         "{delivered} rose by exactly the {deliveries} deliveries the clients received"
+    );
+}
+
+#[tokio::test]
+async fn the_public_entry_is_tls_with_the_chat_only_and_metrics_stay_internal() {
+    let cluster = Cluster::up(false);
+    let tls = cluster.tls();
+    let https = cluster.https_port;
+
+    let page = https_get(https, "/", &tls).expect("the demo page over https");
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.body.contains("<html"), "the demo page: {page:?}");
+    // What is not a chat endpoint or the demo page is not served to the public, however it
+    // is spelled; the internal routes among it.
+    for path in [
+        "/metrics",
+        "/api/",
+        "/api/publish",
+        "/healthz",
+        "/metrics?x=1",
+        "//metrics",
+    ] {
+        let reply = https_get(https, path, &tls).expect("an answer over https");
+        assert_eq!(
+            reply.status, 404,
+            "{path} through the public entry: {reply:?}"
+        );
+        assert!(
+            !reply.body.contains("chat_"),
+            "{path} leaks metrics: {reply:?}"
+        );
+    }
+    // The nodes themselves serve metrics on their internal listeners only.
+    for (port, internal) in cluster.node_ports.iter().zip(&cluster.node_internal_ports) {
+        assert_eq!(http_get(*port, "/metrics", &[]).map(|(s, _)| s), Some(404));
+        let (status, body) = http_get(*internal, "/metrics", &[]).expect("internal metrics");
+        assert_eq!(status, 200);
+        assert!(body.contains("chat_connections_open"));
+    }
+    // nginx's internal listener reaches them (loopback is on its allow list).
+    let (status, body) = http_get(cluster.internal_port, "/metrics", &[]).expect("an answer");
+    assert_eq!(
+        (status, body.contains("chat_bytes_sent_total")),
+        (200, true),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(cluster.internal_port, "/readyz", &[]).map(|(s, _)| s),
+        Some(200)
+    );
+
+    // Plain HTTP sends browsers to https, keeping the path and query.
+    let redirect = http_get_reply(cluster.http_port, "/?room=lobby").expect("an answer");
+    assert_eq!(redirect.status, 308, "{redirect:?}");
+    assert_eq!(
+        redirect.header("location"),
+        Some(format!("https://127.0.0.1:{https}/?room=lobby").as_str())
+    );
+
+    // The certificate is checked, not waved through: a client trusting another one refuses.
+    let elsewhere = temp_dir("other-cert");
+    let stranger = trusting(&common::edge::self_signed_certificate(elsewhere.path()));
+    assert!(
+        https_get(https, "/", &stranger).is_none(),
+        "a client that does not trust the cluster's certificate gets no answer"
+    );
+    let refused = Client::try_connect_tls(&cluster.ws_url("x"), Duration::from_secs(5), &stranger)
+        .await
+        .err()
+        .expect("no wss connection without trusting the certificate");
+    assert!(refused.contains("certificate"), "{refused}");
+
+    let mut client = cluster.connect("tls").await;
+    client.say("tls", "over wss").await;
+
+    // A token in the query string (allowed, if discouraged) stays out of nginx's access log.
+    let page = https_get(https, "/?room=lobby&token=never-logged", &tls).expect("an answer");
+    assert_eq!(page.status, 200);
+    let log =
+        std::fs::read_to_string(cluster.dir.path().join("logs/nginx.log")).unwrap_or_default();
+    assert!(
+        log.contains("\"GET / HTTP/1.1\" 200"),
+        "the request is logged: {log}"
+    );
+    assert!(
+        !log.contains("never-logged"),
+        "the query string is not: {log}"
+    );
+}
+
+#[tokio::test]
+async fn while_one_node_has_lost_its_redis_every_client_still_gets_in_through_nginx() {
+    // Each node on a Redis of its own, so one of them can lose its broker alone.
+    let (redis_a, mut redis_b) = (Redis::start(), Redis::start());
+    let internal = [common::free_port(), common::free_port()];
+    let flag = |port: u16| format!("127.0.0.1:{port}");
+    let (internal_a, internal_b) = (flag(internal[0]), flag(internal[1]));
+    let a = Node::clustered("node-a", &redis_a, &["--internal-listen", &internal_a]);
+    let b = Node::clustered("node-b", &redis_b, &["--internal-listen", &internal_b]);
+    let nginx = Nginx::start(&[a.port, b.port], &internal);
+    let tls = nginx.tls();
+
+    redis_b.kill();
+    wait_until("node-b to report not ready", || {
+        b.get("/readyz").is_some_and(|(status, _)| status == 503)
+    });
+    // least_conn keeps offering node-b (it holds fewer connections): every handshake it gets
+    // is refused with 503 before upgrading and nginx passes it on to node-a.
+    const CONNECTS: usize = 30;
+    let mut clients = Vec::new();
+    for i in 0..CONNECTS {
+        let url = nginx.wss_url(&format!("/ws?room=r{i}"));
+        match Client::try_connect_tls(&url, common::PATIENCE, &tls).await {
+            Ok(client) => {
+                assert_eq!(
+                    client.node, "node-a",
+                    "connect {i} landed on the ready node"
+                );
+                clients.push(client);
+            }
+            Err(error) => panic!("connect {i} of {CONNECTS} through nginx failed: {error}"),
+        }
+    }
+    assert!(
+        b.metric_where("chat_handshakes_refused_total", r#"reason="not_ready""#) >= 1.0,
+        "nginx offered node-b at least one handshake, and it was refused"
+    );
+    assert_eq!(b.metric("chat_connections_accepted_total"), 0.0);
+    clients[0].say("r0", "in").await;
+}
+
+/// The `chat_*` and `process_*` metric names an expression uses (histogram series by their
+/// family name).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (start, _) in text.match_indices(['c', 'p']) {
+        let rest = &text[start..];
+        if !(rest.starts_with("chat_") || rest.starts_with("process_")) {
+            continue;
+        }
+        if start > 0 && text.as_bytes()[start - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        names.insert(family.to_owned());
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_alerts_and_the_dashboard_use_is_exported_by_a_node() {
+    let root = repo_root();
+    let mut used = BTreeSet::new();
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/dashboards/chat-gateway.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("read a deploy file");
+        used.extend(metric_names(&text));
+    }
+    // The server API's metrics arrive with the API (`/api/`), which this node does not serve
+    // yet; its panels are ready for them.
+    used.retain(|name| !name.starts_with("chat_api_"));
+    assert!(used.len() > 20, "the files name the metrics: {used:?}");
+
+    // A clustered node after some traffic: histograms exist once they have a sample.
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &[]);
+    let mut client = Client::connect(&node.ws_url("/ws?room=m")).await;
+    client.say("m", "a sample for every histogram").await;
+    client.recv_type("message").await;
+    let exported = metric_names(&node.metrics_text());
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "alerts or panels use metrics the node does not export: {missing:?}"
     );
 }
 

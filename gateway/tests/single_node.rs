@@ -329,6 +329,75 @@ async fn health_readiness_and_metrics_answer() {
 }
 
 #[tokio::test]
+async fn metrics_show_the_process_bytes_and_closes_and_move_with_traffic() {
+    // A process of its own: the process metrics are the node's, not the test runner's.
+    let node = Node::single(&[]);
+    // Counters exist from the start, so `rate()` and `increase()` see their first event.
+    for (name, label) in [
+        ("chat_bytes_received_total", ""),
+        ("chat_bytes_sent_total", ""),
+        ("chat_closes_total", r#"code="1000""#),
+        ("chat_closes_total", r#"code="1006""#),
+        ("chat_closes_total", r#"code="4000""#),
+        ("chat_handshakes_refused_total", r#"reason="not_ready""#),
+        ("chat_outbox_backlog_bytes", ""),
+    ] {
+        assert_eq!(node.metric_where(name, label), 0.0, "{name} {label}");
+    }
+    let rss = node.metric("process_resident_memory_bytes");
+    assert!(
+        rss > 1e6,
+        "a node's resident memory is megabytes, not {rss}"
+    );
+    let (open, max) = (
+        node.metric("process_open_fds"),
+        node.metric("process_max_fds"),
+    );
+    assert!(0.0 < open && open < max, "{open} open of at most {max} fds");
+    assert!(node.metric("process_threads") >= 2.0, "runtime threads");
+    assert!(
+        node.series_where("process_cpu_seconds_total", "").is_some(),
+        "CPU time is exported"
+    );
+
+    let mut client = Client::connect(&node.ws_url("/ws?room=bytes")).await;
+    let sent_before = node.metric("chat_bytes_sent_total");
+    assert!(sent_before > 0.0, "the welcome frame was counted");
+    let text = "x".repeat(100);
+    client.say("bytes", &text).await;
+    client.recv_type("message").await;
+    // What the client sent is at least the message in a masked frame (a 8-byte header at this
+    // length, the mask included); what it got back holds the ack and the message itself.
+    assert!(node.metric("chat_bytes_received_total") >= (text.len() + 8) as f64);
+    assert!(node.metric("chat_bytes_sent_total") >= sent_before + 2.0 * text.len() as f64);
+
+    client.close().await;
+    common::wait_until("the close to be counted by its code", || {
+        node.metric_where("chat_closes_total", r#"code="1000""#) == 1.0
+    });
+    assert_eq!(node.metric("chat_connections_open"), 0.0);
+}
+
+#[tokio::test]
+async fn with_an_internal_listener_metrics_are_served_there_only() {
+    let internal = common::free_port();
+    let node = Node::single(&["--internal-listen", &format!("127.0.0.1:{internal}")]);
+    assert_eq!(node.get("/metrics").map(|(status, _)| status), Some(404));
+    assert_eq!(node.get("/api/").map(|(status, _)| status), Some(404));
+    let (status, body) = http_get(internal, "/metrics", &[]).expect("the internal listener");
+    assert_eq!(status, 200);
+    assert!(body.contains("chat_connections_open"), "{body}");
+    // Probes work on either; clients only on the public one.
+    for port in [node.port, internal] {
+        assert_eq!(http_get(port, "/healthz", &[]).map(|(s, _)| s), Some(200));
+        assert_eq!(http_get(port, "/readyz", &[]).map(|(s, _)| s), Some(200));
+    }
+    assert_eq!(http_get(internal, "/", &[]).map(|(s, _)| s), Some(404));
+    let mut client = Client::connect(&node.ws_url("/ws")).await;
+    client.say("lobby", "public as before").await;
+}
+
+#[tokio::test]
 async fn a_slow_consumer_is_disconnected_without_stalling_its_room() {
     const MESSAGES: usize = 1000;
     // The sender sends as fast as acks come back: far over the default message rate limits.
@@ -518,6 +587,11 @@ async fn a_client_that_pauses_reading_gets_every_frame_in_order_when_it_resumes(
     for i in 0..messages {
         sender.say("burst", &format!("{i}:{body}")).await;
     }
+    let waiting = node.metric("chat_outbox_backlog_bytes");
+    assert!(
+        waiting > body.len() as f64,
+        "the backlog shows in the gauge: {waiting}"
+    );
     for i in 0..messages {
         let frame = paused.recv_type("message").await;
         let text = frame["message"].as_str().expect("message text");
@@ -531,4 +605,7 @@ async fn a_client_that_pauses_reading_gets_every_frame_in_order_when_it_resumes(
         0.0,
         "a backlog within capacity is not a slow consumer"
     );
+    common::wait_until("the backlog gauge to drain to zero", || {
+        node.metric("chat_outbox_backlog_bytes") == 0.0
+    });
 }

@@ -1,6 +1,12 @@
 //! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
-//! readiness and metrics. Owns routing and handshake validation up to the upgrade; knows
-//! nothing of frame formats. The server API (`/api/`) plugs in here as its own router.
+//! readiness and metrics. Owns routing, which routes are public and which internal, and
+//! handshake validation up to the upgrade (a node that is not ready refuses before upgrading);
+//! knows nothing of frame formats.
+//!
+//! Internal routes (`/metrics`; the server API under `/api/` plugs in beside it as its own
+//! router) are for operators and the application's backend, never for the public: with
+//! `--internal-listen` they are served only on that listener, otherwise on the one listener
+//! with everything else, and the load balancer keeps them private.
 
 use std::sync::Arc;
 
@@ -15,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::connection::{Identity, NodeContext};
+use crate::metrics::TransportMeters;
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
 use crate::security::gate::{Gate, Handshake};
 use crate::transport::upgrade::{UpgradeRejection, WebSocketRequest};
@@ -41,17 +48,41 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Authentication, origin and limit checks for handshakes.
     pub gate: Arc<Gate>,
+    /// The node's byte counters and backlog gauge, shared by every connection.
+    pub meters: Arc<TransportMeters>,
 }
 
-/// The router of a node.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The router of a node's public listener: the WebSocket endpoint, the demo page, health and
+/// readiness, and the internal routes too unless `internal_apart` (they have a listener of
+/// their own).
+pub fn router(state: Arc<AppState>, internal_apart: bool) -> Router {
+    let public = Router::new()
         .route("/", any(index))
         .route("/ws", any(websocket_endpoint))
+        .merge(probes());
+    let public = if internal_apart {
+        public
+    } else {
+        public.merge(internal_routes())
+    };
+    public.with_state(state)
+}
+
+/// The router of a node's internal listener: the internal routes, health and readiness.
+pub fn internal_router(state: Arc<AppState>) -> Router {
+    internal_routes().merge(probes()).with_state(state)
+}
+
+/// What operators and the application's backend use, never the public.
+fn internal_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/metrics", get(render_metrics))
+}
+
+/// Liveness and readiness, on every listener: probes may use either.
+fn probes() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .with_state(state)
 }
 
 /// Query parameters of the WebSocket handshake.
@@ -102,11 +133,22 @@ fn accept(
     handshake: &Handshake,
     upgrade: WebSocketRequest,
 ) -> Response {
-    if state.node.shutdown.is_cancelled() {
+    // Refused before the upgrade, so a load balancer can still pass the handshake to another
+    // node (nginx: `proxy_next_upstream http_503`); once upgraded, the client's only way to
+    // another node is to reconnect.
+    let shutting_down = state.node.shutdown.is_cancelled();
+    if shutting_down || !state.node.hub.is_ready() {
+        crate::metrics::handshake_unavailable(shutting_down);
+        let (retry_after, why) = if shutting_down {
+            ("1", "node is shutting down")
+        } else {
+            // fred's reconnect backoff tops out at 5s.
+            ("5", "node is not ready: the broker is unavailable")
+        };
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "node is shutting down",
+            [(header::RETRY_AFTER, retry_after)],
+            why,
         )
             .into_response();
     }
@@ -128,10 +170,12 @@ fn accept(
     let node = state.node.clone();
     let config = state.websocket;
     let sessions = state.sessions.clone();
+    let meters = state.meters.clone();
     let protocol = upgrade.offers_protocol(SUBPROTOCOL).then_some(SUBPROTOCOL);
     upgrade.accept(protocol, move |socket, pipelined| {
         sessions.track_future(
-            websocket::serve(socket, pipelined, config, identity, node, guard).in_current_span(),
+            websocket::serve(socket, pipelined, config, identity, node, guard, meters)
+                .in_current_span(),
         )
     })
 }
@@ -183,6 +227,7 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
+    crate::metrics::collect_process();
     // Read at scrape time, so the gauges never disagree with `/readyz`.
     let broker_ready = state.node.hub.is_ready();
     crate::metrics::set_ready(broker_ready && !state.node.shutdown.is_cancelled());

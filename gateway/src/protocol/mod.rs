@@ -66,6 +66,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::BinaryUnsupported,
+        ErrorCode::InvalidRoom,
+        ErrorCode::TooManyRooms,
+        ErrorCode::NotInRoom,
+        ErrorCode::EmptyMessage,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::PublishFailed,
+        ErrorCode::PublishUnknown,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unauthorized,
+    ];
+
     /// The code as it appears on the wire and in metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -872,6 +892,17 @@ pub fn to_json<T: Serialize>(frame: &T) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_error_code_is_listed_once_under_its_wire_name() {
+        let mut names: Vec<&str> = ErrorCode::ALL.iter().map(|code| code.as_str()).collect();
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+    }
 
     fn parse(text: &str) -> Result<ClientFrame, Refusal> {
         parse_client_frame(text, 16)

@@ -425,7 +425,7 @@ impl ConnectionGuard {
             Verdict::Allowed => return Throttle::Pass,
             Verdict::Abusive(scope) => {
                 metrics::rate_limited(scope.as_str());
-                metrics::policy_close("rate_limit");
+                metrics::policy_close(metrics::PolicyClose::RateLimit);
                 return Throttle::Close(Disconnect::PolicyViolation);
             }
             Verdict::Limited(scope) => scope,

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::metrics;
+use crate::metrics::{self, TransportMeters};
 use crate::protocol::close::Disconnect;
 use crate::transport::wire::WireFrame;
 
@@ -71,6 +71,8 @@ impl std::fmt::Debug for Outbox {
 
 struct Link {
     transport: Arc<dyn Transport>,
+    /// The node's byte counters and backlog gauge.
+    meters: Arc<TransportMeters>,
     /// Most frames the backlog may hold.
     capacity: usize,
     /// Most bytes the backlog may hold (frames shared with other connections count in full).
@@ -92,6 +94,8 @@ struct Backlog {
     bytes: usize,
     /// Bytes of the front frame already written.
     written: usize,
+    /// `bytes` as last added to the node's backlog gauge.
+    reported: usize,
     /// Frames wait without being written until [`Outbox::uncork`].
     corked: bool,
     /// Nothing more may be sent: the close frame is queued, or the socket failed.
@@ -102,11 +106,18 @@ struct Backlog {
 
 impl Outbox {
     /// An outbox writing to `transport`, holding at most `capacity` frames and `max_bytes`
-    /// bytes while it cannot. It starts corked: frames wait until [`Outbox::uncork`], so a
-    /// connection can queue its greeting ahead of the traffic of the rooms it is joining.
-    pub fn new(transport: Arc<dyn Transport>, capacity: usize, max_bytes: usize) -> Outbox {
+    /// bytes while it cannot, counting what it writes and holds in `meters`. It starts corked:
+    /// frames wait until [`Outbox::uncork`], so a connection can queue its greeting ahead of
+    /// the traffic of the rooms it is joining.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        meters: Arc<TransportMeters>,
+        capacity: usize,
+        max_bytes: usize,
+    ) -> Outbox {
         Outbox(Arc::new(Link {
             transport,
+            meters,
             capacity: capacity.max(1),
             max_bytes,
             backlog: Mutex::new(Backlog {
@@ -156,6 +167,7 @@ impl Outbox {
         backlog.scheduled = false;
         // A failed write has already asked the connection to close.
         let _ = self.write_or_hand_over(&mut backlog);
+        self.report(&mut backlog);
     }
 
     /// Lets queued and future frames go out.
@@ -164,6 +176,7 @@ impl Outbox {
         backlog.corked = false;
         // A failed write has already asked the connection to close.
         let _ = self.write_or_hand_over(&mut backlog);
+        self.report(&mut backlog);
     }
 
     /// Whether frames are waiting for the socket to take them (and no batch will write them).
@@ -175,12 +188,33 @@ impl Outbox {
     /// Writes as much of the backlog as the socket takes now; `Ok(true)` once it is empty.
     pub fn write_backlog(&self) -> io::Result<bool> {
         let mut backlog = self.backlog();
-        self.write_out(&mut backlog)
+        let written = self.write_out(&mut backlog);
+        self.report(&mut backlog);
+        written
     }
 
     /// Refuses everything from now on and drops what is waiting.
     pub fn seal(&self) {
-        self.backlog().clear_sealed();
+        let mut backlog = self.backlog();
+        backlog.clear_sealed();
+        self.report(&mut backlog);
+    }
+
+    /// The node's transport meters.
+    pub fn meters(&self) -> &TransportMeters {
+        &self.0.meters
+    }
+
+    /// Brings the node's backlog gauge up to date with this backlog. A frame written at once
+    /// leaves nothing behind, so only connections whose sockets fall behind touch the shared
+    /// gauge.
+    fn report(&self, backlog: &mut Backlog) {
+        if backlog.bytes != backlog.reported {
+            self.0
+                .meters
+                .backlog_changed(backlog.reported, backlog.bytes);
+            backlog.reported = backlog.bytes;
+        }
     }
 
     /// Most bytes the backlog may hold.
@@ -262,15 +296,15 @@ impl Outbox {
     fn send(&self, backlog: &mut Backlog, frame: &WireFrame) -> Result<(), QueueError> {
         let idle = backlog.frames.is_empty();
         backlog.enqueue(frame);
-        if backlog.corked {
-            return Ok(());
-        }
-        if !idle {
-            // Whoever queued the first waiting frame writes this one after it: the
-            // connection's task (woken when the backlog formed) or a batch.
-            return Ok(());
-        }
-        self.write_or_hand_over(backlog)
+        // Corked, or not idle: whoever queued the first waiting frame writes this one after it
+        // (the connection's task, woken when the backlog formed, or a batch).
+        let sent = if backlog.corked || !idle {
+            Ok(())
+        } else {
+            self.write_or_hand_over(backlog)
+        };
+        self.report(backlog);
+        sent
     }
 
     /// Writes what the socket takes now and leaves the rest to the connection's task, woken to
@@ -305,7 +339,10 @@ impl Outbox {
                 self.0.transport.try_write_vectored(&slices[..count])
             };
             match result {
-                Ok(written) => backlog.consume(written),
+                Ok(written) => {
+                    self.0.meters.sent(written);
+                    backlog.consume(written);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 Err(error) => {
@@ -388,7 +425,7 @@ pub fn in_memory(capacity: usize) -> (Outbox, MemorySocket) {
 #[cfg(any(test, feature = "test-util"))]
 pub fn in_memory_bounded(capacity: usize, max_bytes: usize) -> (Outbox, MemorySocket) {
     let socket = Arc::new(MemoryTransport::default());
-    let outbox = Outbox::new(socket.clone(), capacity, max_bytes);
+    let outbox = Outbox::new(socket.clone(), Default::default(), capacity, max_bytes);
     outbox.uncork();
     (
         outbox.clone(),
@@ -495,7 +532,7 @@ mod tests {
     #[test]
     fn a_corked_outbox_holds_frames_until_uncorked() {
         let transport = Arc::new(MemoryTransport::default());
-        let outbox = Outbox::new(transport.clone(), 4, usize::MAX);
+        let outbox = Outbox::new(transport.clone(), Default::default(), 4, usize::MAX);
         let socket = MemorySocket {
             transport,
             outbox: outbox.clone(),
@@ -544,7 +581,7 @@ mod tests {
             }
         }
         let socket = Arc::new(Counting::default());
-        let outbox = Outbox::new(socket.clone(), 8, usize::MAX);
+        let outbox = Outbox::new(socket.clone(), Default::default(), 8, usize::MAX);
         outbox.uncork();
         let mut batch = Batch::default();
         for word in ["a", "b", "c"] {
@@ -622,7 +659,7 @@ mod tests {
             }
         }
         let trickle = Arc::new(Trickle(Mutex::new(Vec::new())));
-        let outbox = Outbox::new(trickle.clone(), 4, usize::MAX);
+        let outbox = Outbox::new(trickle.clone(), Default::default(), 4, usize::MAX);
         outbox.uncork();
         outbox.push(&text("hello")).unwrap();
         outbox.push(&text("world")).unwrap();
@@ -642,7 +679,7 @@ mod tests {
                 Err(io::ErrorKind::BrokenPipe.into())
             }
         }
-        let outbox = Outbox::new(Arc::new(Broken), 4, usize::MAX);
+        let outbox = Outbox::new(Arc::new(Broken), Default::default(), 4, usize::MAX);
         outbox.uncork();
         assert_eq!(outbox.push(&text("x")), Err(QueueError::Closed));
         assert_eq!(outbox.push(&text("y")), Err(QueueError::Closed));

@@ -17,7 +17,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::connection::{Connection, Identity, NodeContext};
-use crate::metrics;
+use crate::metrics::{self, TransportMeters};
 use crate::protocol::close::Disconnect;
 use crate::protocol::{ErrorCode, Refusal, parse_client_frame};
 use crate::security::gate::{ConnectionGuard, Inbound};
@@ -31,7 +31,7 @@ const READ_BATCH: usize = 64;
 const SLOW_CLOSE_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Runs one connection to the end: `socket` is the upgraded TCP stream and `pipelined` what
-/// the client sent right behind its handshake.
+/// the client sent right behind its handshake; bytes in and out are counted in `meters`.
 ///
 /// The connection's state is built before the returned future, not inside it: an async fn
 /// would keep its arguments and the state made from them side by side for the connection's
@@ -43,10 +43,17 @@ pub fn serve(
     identity: Identity,
     context: Arc<NodeContext>,
     guard: ConnectionGuard,
+    meters: Arc<TransportMeters>,
 ) -> impl Future<Output = ()> + Send {
     let socket = Arc::new(socket);
     let limits = &context.limits;
-    let outbox = Outbox::new(socket.clone(), limits.outbox_capacity, limits.outbox_bytes);
+    meters.received(pipelined.len());
+    let outbox = Outbox::new(
+        socket.clone(),
+        meters,
+        limits.outbox_capacity,
+        limits.outbox_bytes,
+    );
     let io = SocketIo {
         socket: socket.clone(),
         outbox: outbox.clone(),
@@ -69,7 +76,9 @@ struct SocketIo {
 
 impl std::io::Read for SocketIo {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.socket.try_read(buf)
+        let read = self.socket.try_read(buf)?;
+        self.outbox.meters().received(read);
+        Ok(read)
     }
 }
 
@@ -143,7 +152,7 @@ impl Session {
             // Broker calls build large futures; boxing keeps them out of an idle connection's
             // task (they exist only while they run).
             Box::pin(self.core.finish()).await;
-            metrics::connection_closed();
+            metrics::connection_closed(reason);
         }
     }
 
@@ -200,7 +209,7 @@ impl Session {
                         .unwrap_or(Disconnect::GoingAway);
                 }
                 Wake::Expired => {
-                    metrics::policy_close("token_expired");
+                    metrics::policy_close(metrics::PolicyClose::TokenExpired);
                     return Disconnect::TokenExpired;
                 }
                 Wake::Lost => return Disconnect::ConnectionLost,

@@ -81,7 +81,11 @@ impl LocalNode {
                             .expect("bind a port");
                     let _ = bound.send(listener.local_addr().expect("the bound address").port());
                     let stop = async move { stopped.await.unwrap_or(Disconnect::GoingAway) };
-                    gateway::server::run(config, id, listener, Some(handle), stop)
+                    let listeners = gateway::server::Listeners {
+                        public: listener,
+                        internal: None,
+                    };
+                    gateway::server::run(config, id, listeners, Some(handle), stop)
                         .await
                         .expect("the node ran");
                 });

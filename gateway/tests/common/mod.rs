@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod edge;
 pub mod local;
 pub mod redis_cluster;
 pub mod relay;
@@ -334,6 +335,8 @@ pub fn room_of_channel(channel: &str) -> Option<String> {
 /// A `chat-gateway` process. Its log goes to a file, printed when the test fails.
 pub struct Node {
     pub port: u16,
+    /// Where it serves `/metrics`: its `--internal-listen` port when given, else `port`.
+    pub metrics_port: u16,
     pub id: String,
     pub process: Process,
     log: TempDir,
@@ -384,8 +387,14 @@ impl Node {
         command.stderr(file.try_clone().expect("clone the log file"));
         command.stdout(file);
         let process = Process::spawn("chat-gateway", &mut command);
+        let metrics_port = extra
+            .iter()
+            .position(|arg| *arg == "--internal-listen")
+            .and_then(|flag| extra.get(flag + 1)?.rsplit(':').next()?.parse().ok())
+            .unwrap_or(port);
         let node = Node {
             port,
+            metrics_port,
             id: id.to_owned(),
             process,
             log,
@@ -413,14 +422,29 @@ pub trait Gateway {
         http_get(self.port(), path, &[])
     }
 
-    /// The value of a metric (summed over label sets).
+    /// The value of a metric (summed over label sets; 0 when it is not exported).
     fn metric(&self, name: &str) -> f64 {
-        self.metrics_text()
+        self.series_where(name, "").unwrap_or(0.0)
+    }
+
+    /// The value of a metric summed over the label sets that contain `label` (e.g.
+    /// `code="1000"`); fails the test if no such series is exported.
+    fn metric_where(&self, name: &str, label: &str) -> f64 {
+        self.series_where(name, label)
+            .unwrap_or_else(|| panic!("no series {name} with {label:?}"))
+    }
+
+    /// Like [`Gateway::metric_where`], `None` when no such series is exported.
+    fn series_where(&self, name: &str, label: &str) -> Option<f64> {
+        let values: Vec<f64> = self
+            .metrics_text()
             .lines()
             .filter(|line| !line.starts_with('#'))
             .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter(|line| line.contains(label))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
     }
 }
 
@@ -430,7 +454,9 @@ impl Gateway for Node {
     }
 
     fn metrics_text(&self) -> String {
-        self.get("/metrics").expect("metrics answer").1
+        http_get(self.metrics_port, "/metrics", &[])
+            .expect("metrics answer")
+            .1
     }
 }
 
@@ -468,7 +494,7 @@ impl Drop for Node {
             return;
         }
         // A node the test stopped or killed has nothing to say.
-        if let Some((200, body)) = self.get("/metrics") {
+        if let Some((200, body)) = http_get(self.metrics_port, "/metrics", &[]) {
             let panics = body
                 .lines()
                 .find_map(|line| line.strip_prefix("chat_panics_total"))
@@ -714,7 +740,34 @@ impl Client {
     /// before the welcome frame) is returned as an error instead of failing the test, so a
     /// caller can retry, e.g. while a load balancer has not yet noticed a dead node.
     pub async fn try_connect(url: &str, within: Duration) -> Result<Client, String> {
-        let (socket, _) = tokio::time::timeout(within, tokio_tungstenite::connect_async(url))
+        Self::try_connect_with(url, within, None).await
+    }
+
+    /// Connects to a `wss://` URL, trusting what `tls` trusts, and reads the welcome frame.
+    pub async fn connect_tls(url: &str, tls: &std::sync::Arc<rustls::ClientConfig>) -> Client {
+        match Self::try_connect_tls(url, PATIENCE, tls).await {
+            Ok(client) => client,
+            Err(error) => panic!("connect to {url}: {error}"),
+        }
+    }
+
+    /// [`Client::try_connect`] for a `wss://` URL, trusting what `tls` trusts.
+    pub async fn try_connect_tls(
+        url: &str,
+        within: Duration,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Client, String> {
+        let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
+        Self::try_connect_with(url, within, Some(connector)).await
+    }
+
+    async fn try_connect_with(
+        url: &str,
+        within: Duration,
+        connector: Option<tokio_tungstenite::Connector>,
+    ) -> Result<Client, String> {
+        let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector);
+        let (socket, _) = tokio::time::timeout(within, connect)
             .await
             .map_err(|_| format!("no handshake with {url} within {within:?}"))?
             .map_err(|error| format!("connect to {url}: {error}"))?;
