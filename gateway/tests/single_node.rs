@@ -361,15 +361,20 @@ async fn metrics_show_the_process_bytes_and_closes_and_move_with_traffic() {
     );
 
     let mut client = Client::connect(&node.ws_url("/ws?room=bytes")).await;
+    // Counted once the node's write returns, which may be just after the client read it.
+    common::wait_until("the welcome frame to be counted", || {
+        node.metric("chat_bytes_sent_total") > 0.0
+    });
     let sent_before = node.metric("chat_bytes_sent_total");
-    assert!(sent_before > 0.0, "the welcome frame was counted");
     let text = "x".repeat(100);
     client.say("bytes", &text).await;
     client.recv_type("message").await;
     // What the client sent is at least the message in a masked frame (a 8-byte header at this
     // length, the mask included); what it got back holds the ack and the message itself.
-    assert!(node.metric("chat_bytes_received_total") >= (text.len() + 8) as f64);
-    assert!(node.metric("chat_bytes_sent_total") >= sent_before + 2.0 * text.len() as f64);
+    common::wait_until("the bytes both ways to be counted", || {
+        node.metric("chat_bytes_received_total") >= (text.len() + 8) as f64
+            && node.metric("chat_bytes_sent_total") >= sent_before + 2.0 * text.len() as f64
+    });
 
     client.close().await;
     common::wait_until("the close to be counted by its code", || {
