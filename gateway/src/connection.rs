@@ -630,7 +630,7 @@ impl Connection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::task::Poll;
 
     use serde_json::{Value, json};
@@ -641,7 +641,8 @@ mod tests {
     use crate::rooms::hub::HubSettings;
     use crate::transport::outbox::{MemorySocket, in_memory};
 
-    fn node() -> Arc<NodeContext> {
+    /// A node with the in-process broker and small limits, for tests of what runs on one.
+    pub(crate) fn node() -> Arc<NodeContext> {
         let settings = HubSettings {
             history: HistorySettings {
                 max_len: 100,
@@ -809,7 +810,11 @@ mod tests {
             room: news.to_string(),
             user_id: "alice".into(),
         };
-        assert_eq!(node.hub.command(&kick).await.unwrap(), 1, "this node is all");
+        assert_eq!(
+            node.hub.command(&kick).await.unwrap(),
+            1,
+            "this node is all"
+        );
         settle(&mut alice).await;
         assert_eq!(
             frames(&alice_socket),
@@ -817,7 +822,10 @@ mod tests {
         );
         let present = node.hub.presence(&news).await.unwrap();
         assert_eq!(
-            present.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>(),
+            present
+                .iter()
+                .map(|u| u.user_id.as_str())
+                .collect::<Vec<_>>(),
             ["bob"]
         );
         send(
