@@ -411,7 +411,28 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<HttpReply> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_exchange(stream, method, path, headers, body)
+}
+
+/// A loopback connection to `port` from the source address `from` (any 127.x.y.z: Linux
+/// routes the whole block to loopback), for what a server decides by the client's address.
+pub fn connect_from(from: std::net::Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::from((from, 0)).into())?;
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(socket.into())
+}
+
+/// [`http_request`] over a connection already open.
+pub fn http_exchange(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpReply> {
     stream.set_read_timeout(Some(PATIENCE)).ok()?;
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
