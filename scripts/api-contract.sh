@@ -15,21 +15,11 @@ gateway=${1:-${GATEWAY_BIN:-$root/target/debug/chat-gateway}}
 examples=${API_CONTRACT_EXAMPLES:-100}
 export PATH="$PATH:/usr/sbin"
 
-free_ports() {
-  python3 - "$1" <<'PY'
-import socket, sys
-sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in sockets))
-PY
-}
-
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
-read -r redis_port node_port < <(free_ports 2)
+read -r redis_port node_port < <(python3 "$root/scripts/free-ports.py" 2)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
   --dir "$work" >"$work/redis.log" 2>&1 &
 pids+=($!)

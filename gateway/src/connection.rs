@@ -262,18 +262,22 @@ impl Connection {
     /// marked `kicked`, after which nothing more of the room reaches it.
     fn begin_kick(&mut self, room: RoomName) {
         // Not in it (any more): nothing to do. A join of it still waiting comes after this.
-        let Some(index) = self.rooms.iter().position(|joined| *joined == room) else {
-            return;
-        };
-        self.rooms.swap_remove(index);
+        if let Some(index) = self.rooms.iter().position(|joined| *joined == room) {
+            self.begin_leave(index, None, true);
+        }
+    }
+
+    /// Starts leaving the `index`th of the connection's rooms.
+    fn begin_leave(&mut self, index: usize, reference: Option<Value>, kicked: bool) {
+        let room = self.rooms.swap_remove(index);
         let hub = self.context.hub.clone();
         let (conn, user_id) = (self.conn, self.identity.user_id.clone());
         self.running = Some(Box::pin(async move {
             hub.leave(&room, conn, &user_id).await;
             Done::Left {
                 room,
-                reference: None,
-                kicked: true,
+                reference,
+                kicked,
             }
         }));
     }
@@ -369,17 +373,7 @@ impl Connection {
                     );
                     return;
                 };
-                self.rooms.swap_remove(index);
-                let hub = self.context.hub.clone();
-                let (conn, user_id) = (self.conn, self.identity.user_id.clone());
-                self.running = Some(Box::pin(async move {
-                    hub.leave(&room, conn, &user_id).await;
-                    Done::Left {
-                        room,
-                        reference,
-                        kicked: false,
-                    }
-                }));
+                self.begin_leave(index, reference, false);
             }
             ClientFrame::Presence { room, reference } => {
                 let hub = self.context.hub.clone();

@@ -5,7 +5,10 @@
 mod common;
 
 use common::local::LocalNode;
-use common::{Client, Ended, Gateway, HttpReply, Node, Redis, http_request, wait_until};
+use common::{
+    Client, Ended, Gateway, HttpReply, Node, Redis, http_request, messages, offset_of, texts,
+    wait_until,
+};
 use serde_json::{Value, json};
 
 /// The key every node in these tests is started with.
@@ -13,6 +16,9 @@ const KEY: &str = "test-api-key-0123456789";
 
 /// The flags that turn the API on with [`KEY`].
 const WITH_KEY: [&str; 2] = ["--api-key", KEY];
+
+/// Request headers, as name and value.
+type Headers<'a> = &'a [(&'a str, &'a str)];
 
 /// The backend's view of one node's API.
 struct Api {
@@ -69,29 +75,6 @@ impl Api {
     }
 }
 
-/// The next `message` frames a client receives, `count` of them.
-async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
-    let mut messages = Vec::with_capacity(count);
-    while messages.len() < count {
-        messages.push(client.recv_type("message").await);
-    }
-    messages
-}
-
-fn texts(frames: &[Value]) -> Vec<&str> {
-    frames
-        .iter()
-        .map(|frame| frame["message"].as_str().unwrap_or_default())
-        .collect()
-}
-
-/// An offset as a pair of numbers, for comparing.
-fn offset(frame: &Value) -> (u64, u64) {
-    let text = frame["offset"].as_str().expect("an offset");
-    let (ms, seq) = text.split_once('-').expect("<ms>-<seq>");
-    (ms.parse().expect("ms"), seq.parse().expect("seq"))
-}
-
 fn two_nodes(redis: &Redis) -> (Node, Node) {
     (
         Node::clustered("node-a", redis, &WITH_KEY),
@@ -116,7 +99,8 @@ async fn a_backend_publish_through_one_node_reaches_members_on_another_once_in_t
     let received = messages(&mut member, 3).await;
     assert_eq!(texts(&received), ["one", "two", "three"]);
     assert!(
-        offset(&received[0]) < offset(&received[1]) && offset(&received[1]) < offset(&received[2])
+        offset_of(&received[0]) < offset_of(&received[1])
+            && offset_of(&received[1]) < offset_of(&received[2])
     );
     let backend = &received[1];
     assert_eq!(
@@ -560,38 +544,27 @@ async fn bad_input_is_refused_with_the_protocols_error_codes_never_a_500() {
 
     let auth = format!("Bearer {KEY}");
     let auth = ("Authorization", auth.as_str());
-    let not_json = api.call(
-        "POST",
-        "/api/publish",
-        &[auth, ("Content-Type", "application/json")],
-        b"{oops",
-    );
-    assert_eq!(
-        (not_json.status, not_json.json["error"]["code"].as_str()),
-        (400, Some("invalid_json"))
-    );
-    let text = api.call(
-        "POST",
-        "/api/publish",
-        &[auth, ("Content-Type", "text/plain")],
-        b"{}",
-    );
-    assert_eq!(
-        (text.status, text.json["error"]["code"].as_str()),
-        (415, Some("unsupported_media_type"))
-    );
-    assert_eq!(api.call("POST", "/api/publish", &[auth], b"{}").status, 415);
+    let json = ("Content-Type", "application/json");
     let large = format!(r#"{{"room":"a","message":"{}"}}"#, "x".repeat(2000));
-    let too_large = api.call(
-        "POST",
-        "/api/publish",
-        &[auth, ("Content-Type", "application/json")],
-        large.as_bytes(),
-    );
-    assert_eq!(
-        (too_large.status, too_large.json["error"]["code"].as_str()),
-        (413, Some("body_too_large"))
-    );
+    let raw: [(Headers, &[u8], u16, &str); 4] = [
+        (&[auth, json], b"{oops", 400, "invalid_json"),
+        (
+            &[auth, ("Content-Type", "text/plain")],
+            b"{}",
+            415,
+            "unsupported_media_type",
+        ),
+        (&[auth], b"{}", 415, "unsupported_media_type"),
+        (&[auth, json], large.as_bytes(), 413, "body_too_large"),
+    ];
+    for (headers, body, status, code) in raw {
+        let answer = api.call("POST", "/api/publish", headers, body);
+        assert_eq!(
+            (answer.status, answer.json["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{headers:?}"
+        );
+    }
     assert_eq!(api.get("/api/nothing-here").status, 404);
     assert_eq!(api.get("/api/publish").status, 405);
 

@@ -6,36 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::traffic::{Live, Traffic};
-use common::{Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, wait_until};
-use serde_json::{Value, json};
-
-/// A message frame's offset as `(ms, seq)`, for ordering checks.
-fn offset_of(frame: &Value) -> (u64, u64) {
-    let text = frame["offset"]
-        .as_str()
-        .expect("message frames carry an offset");
-    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-/// Reads message frames until `count` arrived.
-async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let frame = client.recv().await;
-        if frame["type"] == "message" {
-            got.push(frame);
-        }
-    }
-    got
-}
-
-fn texts(frames: &[Value]) -> Vec<&str> {
-    frames
-        .iter()
-        .map(|frame| frame["message"].as_str().unwrap())
-        .collect()
-}
+use common::{
+    Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, messages, offset_of, texts,
+    wait_until,
+};
+use serde_json::json;
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {

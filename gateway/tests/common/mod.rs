@@ -477,6 +477,34 @@ fn parse_head(head: &[u8]) -> Option<(u16, Vec<(String, String)>)> {
     Some((status, headers))
 }
 
+/// A message frame's offset as `(ms, seq)`, for ordering checks.
+pub fn offset_of(frame: &Value) -> (u64, u64) {
+    let text = frame["offset"]
+        .as_str()
+        .expect("message frames carry an offset");
+    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// Reads message frames until `count` arrived.
+pub async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            got.push(frame);
+        }
+    }
+    got
+}
+
+pub fn texts(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|frame| frame["message"].as_str().unwrap())
+        .collect()
+}
+
 /// A WebSocket test client.
 pub struct Client {
     socket: WebSocketStream<MaybeTlsStream<AsyncTcpStream>>,

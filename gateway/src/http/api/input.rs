@@ -132,15 +132,7 @@ impl JsonObject {
     /// `userId` when present: 1 to 128 characters without control characters, as a token's
     /// `sub` must be.
     pub fn user_id(&self) -> Result<Option<String>, Refusal> {
-        let Some(user_id) = self.optional_str("userId")? else {
-            return Ok(None);
-        };
-        if !is_label(user_id, MAX_SUBJECT_CHARS) {
-            return Err(invalid_field(format!(
-                "field `userId` must be 1-{MAX_SUBJECT_CHARS} characters without control characters"
-            )));
-        }
-        Ok(Some(user_id.to_owned()))
+        self.label("userId", MAX_SUBJECT_CHARS)
     }
 
     /// `userId`, which must be there.
@@ -165,15 +157,20 @@ impl JsonObject {
 
     /// `reason` of a disconnect, when present: 1 to 128 characters without control characters.
     pub fn reason(&self) -> Result<Option<String>, Refusal> {
-        let Some(reason) = self.optional_str("reason")? else {
+        self.label("reason", MAX_REASON_CHARS)
+    }
+
+    /// A field that, when present, is 1 to `max_chars` characters without control characters.
+    fn label(&self, field: &str, max_chars: usize) -> Result<Option<String>, Refusal> {
+        let Some(text) = self.optional_str(field)? else {
             return Ok(None);
         };
-        if !is_label(reason, MAX_REASON_CHARS) {
+        if !is_label(text, max_chars) {
             return Err(invalid_field(format!(
-                "field `reason` must be 1-{MAX_REASON_CHARS} characters without control characters"
+                "field `{field}` must be 1-{max_chars} characters without control characters"
             )));
         }
-        Ok(Some(reason.to_owned()))
+        Ok(Some(text.to_owned()))
     }
 }
 
