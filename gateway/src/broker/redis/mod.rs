@@ -25,7 +25,7 @@ use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{
     ClientLike, EventInterface, FunctionInterface, HashesInterface, PubsubInterface,
 };
-use fred::types::config::{Config, PerformanceConfig, ReconnectPolicy, ServerConfig};
+use fred::types::config::{Config, Options, PerformanceConfig, ReconnectPolicy, ServerConfig};
 use fred::types::{Builder, InfoKind};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
@@ -43,6 +43,9 @@ use crate::protocol::{
 /// The oldest Redis this gateway runs on: sharded pub/sub, script flags and the `XINFO STREAM`
 /// fields it reads arrived in 7.0.
 const MINIMUM_VERSION: (u32, u32) = (7, 0);
+
+/// How many times a command for every node is sent before its call fails.
+const COMMAND_ATTEMPTS: u32 = 3;
 
 /// How to reach Redis and how the node uses it.
 #[derive(Debug, Clone)]
@@ -159,7 +162,13 @@ impl RedisBroker {
     pub(super) async fn send_command(&self, command: &Command) -> Result<usize, BrokerError> {
         self.ensure_connected()?;
         let channel = self.keys.control_channel();
-        let receivers: i64 = self.commands.spublish(channel, command.encode()).await?;
+        // A command is idempotent: unlike a publish, which the node never sends twice, it may be
+        // sent again after a redirect (its slot moved) or a connection that dropped under it.
+        let client = self.commands.with_options(&Options {
+            max_attempts: Some(COMMAND_ATTEMPTS),
+            ..Options::default()
+        });
+        let receivers: i64 = client.spublish(channel, command.encode()).await?;
         Ok(usize::try_from(receivers).unwrap_or(0))
     }
 

@@ -54,12 +54,20 @@ pub enum ApiError {
 
 impl ApiError {
     /// A failed publish: unknown outcome or not sent, as the client path tells them apart.
+    /// Logged here: the answer keeps the broker's words from the caller.
     pub fn publish(error: BrokerError) -> ApiError {
+        tracing::warn!(%error, "publish through the server API failed");
         if error.outcome_unknown() {
             ApiError::PublishUnknown(error)
         } else {
             ApiError::PublishFailed(error)
         }
+    }
+
+    /// A read or a command the broker could not carry out (logged, as a publish is).
+    pub fn unavailable(error: BrokerError) -> ApiError {
+        tracing::warn!(%error, "server API call failed: the broker is unavailable");
+        ApiError::Unavailable(error)
     }
 
     /// The HTTP status.

@@ -400,7 +400,7 @@ async fn history(
         .hub
         .history(&room, &replay)
         .await
-        .map_err(ApiError::Unavailable)?;
+        .map_err(ApiError::unavailable)?;
     let since = matches!(replay, Replay::Since { .. });
     let more = since && history.entries.len() > query.limit;
     let head = to_json(&HistoryHead {
@@ -460,7 +460,7 @@ async fn presence(
         .hub
         .presence(&room)
         .await
-        .map_err(ApiError::Unavailable)?;
+        .map_err(ApiError::unavailable)?;
     Ok(json(StatusCode::OK, &PresenceReply { room: &room, users }))
 }
 
@@ -500,7 +500,7 @@ impl Api {
             .hub
             .command(command)
             .await
-            .map_err(ApiError::Unavailable)?;
+            .map_err(ApiError::unavailable)?;
         tracing::info!(
             command = match command {
                 Command::Disconnect { .. } => "disconnect",
