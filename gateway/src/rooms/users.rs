@@ -72,7 +72,8 @@ impl LocalUsers {
         self.users
             .lock()
             .entry(user_id.to_owned())
-            .or_default()
+            // Most users hold one connection per node: room for one, not the default four.
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(session);
         mailbox
     }
