@@ -47,6 +47,10 @@ settings (environment; \`up\` records them, later commands reuse them):
   CLUSTER_PROMETHEUS_PORT  Prometheus (default 9090)
   CLUSTER_PROMETHEUS       1 to run Prometheus, 0 to skip it (default 1)
   CLUSTER_TIMEOUT          seconds to wait for each component (default 30)
+  CLUSTER_API_ALLOW        networks nginx lets reach the server API /api/
+                           (addresses or CIDRs, e.g. "127.0.0.1/32"; default
+                           none: nginx answers 403). The nodes also need
+                           GATEWAY_API_KEY.
   GATEWAY_*, RUST_LOG      passed on to every node (e.g. GATEWAY_OUTBOX_CAPACITY);
                            the script itself sets --listen, --node-id, --redis-url
 Everything listens on 127.0.0.1 only.
@@ -110,6 +114,7 @@ config_from_env() {
     CLUSTER_PROMETHEUS_PORT=${CLUSTER_PROMETHEUS_PORT:-9090}
     CLUSTER_PROMETHEUS=${prom_flag:-${CLUSTER_PROMETHEUS:-1}}
     CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-30}
+    CLUSTER_API_ALLOW=${CLUSTER_API_ALLOW:-}
     local base=${CLUSTER_NODE_BASE_PORT:-8081}
     local nodes=${nodes_flag:-${CLUSTER_NODES:-}}
 
@@ -150,7 +155,7 @@ save_config() {
     {
         echo "# written by deploy/local/cluster.sh up; do not edit while the cluster runs"
         for name in GATEWAY_BIN CLUSTER_HTTP_PORT CLUSTER_REDIS_PORT CLUSTER_PROMETHEUS_PORT \
-            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES; do
+            CLUSTER_PROMETHEUS CLUSTER_TIMEOUT CLUSTER_NODES CLUSTER_API_ALLOW; do
             printf '%s=%q\n' "$name" "${!name}"
         done
         printf 'NODE_PORTS=(%s)\n' "${NODE_PORTS[*]}"

@@ -9,6 +9,9 @@
 #   ADDR...   one upstream `server` line per address (host:port); the
 #             parameters of the template line are kept, except `resolve`,
 #             which only applies to DNS names.
+# CLUSTER_API_ALLOW (environment): networks (addresses or CIDRs, separated by
+# spaces or commas) that may reach /api/ through nginx; each becomes an
+# `allow` line at the tagged `api-allow` line. Empty or unset: none may.
 render_nginx() {
     local src=$1 dst=$2 listen=$3 temp_dir=$4
     shift 4
@@ -16,8 +19,20 @@ render_nginx() {
         echo "render_nginx: no upstream addresses" >&2
         return 1
     fi
-    awk -v listen="$listen" -v temp_dir="$temp_dir" -v addrs="$*" '
+    awk -v listen="$listen" -v temp_dir="$temp_dir" -v addrs="$*" \
+        -v api_allow="${CLUSTER_API_ALLOW:-}" '
         BEGIN { n_addrs = split(addrs, addr, " ") }
+        /# cluster: api-allow/ {
+            indent = $0; sub(/#.*/, "", indent)
+            n_nets = split(api_allow, net, /[ ,]+/)
+            for (i = 1; i <= n_nets; i++) {
+                if (net[i] == "") { continue }
+                if (net[i] !~ /^[0-9A-Fa-f.:\/]+$/) { bad = 1; continue }
+                print indent "allow " net[i] ";"
+            }
+            n_api++
+            next
+        }
         /# cluster: servers begin/ { in_block = 1; seen_begin = 1; print; next }
         /# cluster: servers end/ {
             if (!in_block || template == "") { bad = 1 }
@@ -43,7 +58,7 @@ render_nginx() {
         }
         { print }
         END {
-            if (bad || !seen_begin || !seen_end || n_listen != 1 || n_temp < 1) {
+            if (bad || !seen_begin || !seen_end || n_listen != 1 || n_temp < 1 || n_api != 1) {
                 print "render_nginx: tagged lines missing or malformed in template" > "/dev/stderr"
                 exit 1
             }

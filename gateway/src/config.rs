@@ -7,6 +7,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::broker::{HistorySettings, RedisSettings};
 use crate::connection::ConnectionLimits;
+use crate::http::api::{ApiKey, ApiSettings};
 use crate::rooms::hub::HubSettings;
 
 /// How log lines are written.
@@ -153,6 +154,35 @@ pub struct Config {
     /// Authentication, allowed origins and abuse limits (see docs/security.md).
     #[command(flatten)]
     pub security: crate::security::gate::SecurityArgs,
+
+    /// The server API (see docs/api.md).
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// The server API (`/api/`), through which the application's backend publishes, reads and
+/// moderates.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// The key the application's backend sends as `Authorization: Bearer <key>` (at least 16
+    /// bytes). Without a key (or key file) the server API is off. Prefer the environment
+    /// variable or the file: command lines are visible to other local users.
+    #[arg(long, env = "GATEWAY_API_KEY", conflicts_with = "api_key_file")]
+    pub api_key: Option<ApiKey>,
+
+    /// The same, read from a file (surrounding whitespace ignored).
+    #[arg(long, env = "GATEWAY_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+
+    /// Largest request body the server API reads, in bytes; a larger one is refused (413).
+    #[arg(long, env = "GATEWAY_API_MAX_BODY_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub api_max_body_bytes: u32,
+
+    /// Most rooms one `POST /api/broadcast` may name.
+    #[arg(long, env = "GATEWAY_API_MAX_BROADCAST_ROOMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub api_max_broadcast_rooms: u32,
 }
 
 /// A configuration that parses but cannot work.
@@ -180,6 +210,9 @@ pub enum ConfigError {
     /// The Redis key prefix would break the keys' hash tags.
     #[error("--redis-prefix must not contain braces")]
     PrefixWithBraces,
+    /// The server API key is too easy to guess.
+    #[error("the server API key must be at least {} bytes", ApiKey::MIN_BYTES)]
+    ApiKeyTooShort,
 }
 
 impl Config {
@@ -255,6 +288,31 @@ impl Config {
             max_age: self.history_max_age,
             dedup_window: self.dedup_window,
         }
+    }
+
+    /// The server API's settings: its key (none: the API is off) and its limits.
+    pub fn api(&self) -> Result<ApiSettings, ConfigError> {
+        let key = match (&self.api.api_key, &self.api.api_key_file) {
+            (Some(key), _) => Some(key.clone()),
+            (None, Some(path)) => Some(ApiKey::from(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Unreadable {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim(),
+            )),
+            (None, None) => None,
+        };
+        if key.as_ref().is_some_and(ApiKey::too_short) {
+            return Err(ConfigError::ApiKeyTooShort);
+        }
+        Ok(ApiSettings {
+            key,
+            max_body_bytes: self.api.api_max_body_bytes as usize,
+            max_broadcast_rooms: self.api.api_max_broadcast_rooms as usize,
+            max_chat_bytes: self.max_chat_bytes as usize,
+        })
     }
 
     /// Redis settings for node `node_id`, when a Redis URL is configured.
@@ -336,6 +394,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.max_frame_bytes, 2000);
+    }
+
+    #[test]
+    fn the_api_is_off_without_a_key_and_a_short_key_is_refused() {
+        let config = Config::try_parse_from(["chat-gateway"]).unwrap();
+        assert!(config.api().unwrap().key.is_none());
+        let short = Config::try_parse_from(["chat-gateway", "--api-key", "short"]).unwrap();
+        assert!(matches!(short.api(), Err(ConfigError::ApiKeyTooShort)));
+        let key = "0123456789abcdef-key";
+        let config = Config::try_parse_from(["chat-gateway", "--api-key", key]).unwrap();
+        assert!(config.api().unwrap().key.is_some());
+        assert!(
+            !format!("{config:?}").contains(key),
+            "the key never shows in debug output"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), format!("{key}\n")).unwrap();
+        let path = file.path().to_str().unwrap();
+        let config = Config::try_parse_from(["chat-gateway", "--api-key-file", path]).unwrap();
+        assert!(config.api().unwrap().key.unwrap().matches(key.as_bytes()));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::protocol::{
 };
 use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
+use crate::rooms::users::Mailbox;
 use crate::security::gate::{ConnectionGuard, Inbound, Throttle};
 use crate::transport::outbox::Outbox;
 use crate::transport::wire::WireFrame;
@@ -99,6 +100,8 @@ enum Done {
     Left {
         room: RoomName,
         reference: Option<Value>,
+        /// The application removed the connection from the room.
+        kicked: bool,
     },
     Published {
         room: RoomName,
@@ -127,6 +130,8 @@ pub struct Connection {
     guard: ConnectionGuard,
     running: Option<Running>,
     waiting: VecDeque<ClientFrame>,
+    /// Rooms the application removed this connection from; set once the connection started.
+    mailbox: Option<Arc<Mailbox>>,
 }
 
 impl Connection {
@@ -146,6 +151,7 @@ impl Connection {
             guard,
             running: None,
             waiting: VecDeque::new(),
+            mailbox: None,
         }
     }
 
@@ -160,6 +166,11 @@ impl Connection {
             protocol: PROTOCOL_VERSION,
         };
         self.send(to_json(&welcome));
+        self.mailbox = Some(self.context.hub.users().register(
+            &self.identity.user_id,
+            self.conn,
+            self.outbox.clone(),
+        ));
         let room = self.identity.default_room.clone();
         let options = self.identity.default_options.clone();
         self.running = Some(self.join_call(room, options, None, true));
@@ -207,27 +218,68 @@ impl Connection {
         self.waiting.len() >= MAX_WAITING
     }
 
-    /// Drives the broker call under way; ready when one (or more) finished and was answered.
+    /// Drives the broker call under way, and starts what comes next once none is: a room the
+    /// application removed the connection from, then the frames that waited. Ready when a
+    /// call (or more) finished and was answered.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut finished = false;
-        while let Some(running) = &mut self.running {
+        loop {
+            while self.running.is_none() {
+                if let Some(room) = self.next_kick(cx) {
+                    self.begin_kick(room);
+                } else if let Some(next) = self.waiting.pop_front() {
+                    self.begin(next);
+                } else {
+                    break;
+                }
+            }
+            let Some(running) = &mut self.running else {
+                break;
+            };
             let Poll::Ready(done) = running.as_mut().poll(cx) else {
                 break;
             };
             self.running = None;
             finished = true;
             self.apply(done);
-            while self.running.is_none()
-                && let Some(next) = self.waiting.pop_front()
-            {
-                self.begin(next);
-            }
         }
         if finished {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
+    }
+
+    /// A room the application removed this connection from, if one waits.
+    fn next_kick(&self, cx: &mut Context<'_>) -> Option<RoomName> {
+        match self.mailbox.as_ref()?.poll_kick(cx) {
+            Poll::Ready(room) => Some(room),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Leaves a room because the application said so; the client is told with a `left` frame
+    /// marked `kicked`, after which nothing more of the room reaches it.
+    fn begin_kick(&mut self, room: RoomName) {
+        // Not in it (any more): nothing to do. A join of it still waiting comes after this.
+        if let Some(index) = self.rooms.iter().position(|joined| *joined == room) {
+            self.begin_leave(index, None, true);
+        }
+    }
+
+    /// Starts leaving the `index`th of the connection's rooms.
+    fn begin_leave(&mut self, index: usize, reference: Option<Value>, kicked: bool) {
+        let room = self.rooms.swap_remove(index);
+        let hub = self.context.hub.clone();
+        let (conn, user_id) = (self.conn, self.identity.user_id.clone());
+        self.running = Some(Box::pin(async move {
+            hub.leave(&room, conn, &user_id).await;
+            Done::Left {
+                room,
+                reference,
+                kicked,
+            }
+        }));
     }
 
     /// Ready once the connection's token has expired (never in anonymous mode).
@@ -239,6 +291,12 @@ impl Connection {
     /// otherwise leave a member, or a presence entry, behind), drops what waits, and leaves
     /// every room.
     pub async fn finish(&mut self) {
+        if self.mailbox.take().is_some() {
+            self.context
+                .hub
+                .users()
+                .unregister(&self.identity.user_id, self.conn);
+        }
         self.waiting.clear();
         if let Some(running) = self.running.take() {
             let done = running.await;
@@ -315,13 +373,7 @@ impl Connection {
                     );
                     return;
                 };
-                self.rooms.swap_remove(index);
-                let hub = self.context.hub.clone();
-                let (conn, user_id) = (self.conn, self.identity.user_id.clone());
-                self.running = Some(Box::pin(async move {
-                    hub.leave(&room, conn, &user_id).await;
-                    Done::Left { room, reference }
-                }));
+                self.begin_leave(index, reference, false);
             }
             ClientFrame::Presence { room, reference } => {
                 let hub = self.context.hub.clone();
@@ -479,8 +531,13 @@ impl Connection {
                     self.outbox.uncork();
                 }
             }
-            Done::Left { room, reference } => self.send(to_json(&ServerFrame::Left {
+            Done::Left {
+                room,
+                reference,
+                kicked,
+            } => self.send(to_json(&ServerFrame::Left {
                 room: &room,
+                kicked,
                 reference: reference.as_ref(),
             })),
             Done::Published {
@@ -567,7 +624,7 @@ impl Connection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::task::Poll;
 
     use serde_json::{Value, json};
@@ -578,7 +635,8 @@ mod tests {
     use crate::rooms::hub::HubSettings;
     use crate::transport::outbox::{MemorySocket, in_memory};
 
-    fn node() -> Arc<NodeContext> {
+    /// A node with the in-process broker and small limits, for tests of what runs on one.
+    pub(crate) fn node() -> Arc<NodeContext> {
         let settings = HubSettings {
             history: HistorySettings {
                 max_len: 100,
@@ -725,5 +783,70 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn the_applications_commands_remove_a_user_from_a_room_and_close_them() {
+        use crate::broker::Command;
+        let node = node();
+        let news = RoomName::parse("news").unwrap();
+        let (mut alice, alice_socket) = connect(&node, "alice");
+        let (mut bob, bob_socket) = connect(&node, "bob");
+        for core in [&mut alice, &mut bob] {
+            core.start();
+            settle(core).await;
+            send(core, json!({"type":"join","room":"news","ref":1})).await;
+        }
+        frames(&alice_socket);
+        frames(&bob_socket);
+
+        let kick = Command::Kick {
+            room: news.to_string(),
+            user_id: "alice".into(),
+        };
+        assert_eq!(
+            node.hub.command(&kick).await.unwrap(),
+            1,
+            "this node is all"
+        );
+        settle(&mut alice).await;
+        assert_eq!(
+            frames(&alice_socket),
+            [json!({"type":"left","room":"news","kicked":true})]
+        );
+        let present = node.hub.presence(&news).await.unwrap();
+        assert_eq!(
+            present
+                .iter()
+                .map(|u| u.user_id.as_str())
+                .collect::<Vec<_>>(),
+            ["bob"]
+        );
+        send(
+            &mut bob,
+            json!({"type":"message","room":"news","message":"after","ref":2}),
+        )
+        .await;
+        settle(&mut alice).await;
+        assert!(frames(&alice_socket).is_empty(), "nothing more of the room");
+        assert!(bob_socket.close_requested().is_none());
+
+        let disconnect = Command::Disconnect {
+            user_id: "alice".into(),
+            reason: Some("banned".into()),
+        };
+        node.hub.command(&disconnect).await.unwrap();
+        assert_eq!(
+            frames(&alice_socket),
+            [json!({"type":"disconnect","code":4004,"reason":"banned"})]
+        );
+        assert_eq!(
+            alice_socket.close_requested(),
+            Some(Disconnect::ByApplication)
+        );
+        assert!(bob_socket.close_requested().is_none(), "only that user");
+        alice.finish().await;
+        assert_eq!(node.hub.users().connections("alice"), 0);
+        bob.finish().await;
     }
 }

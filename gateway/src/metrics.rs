@@ -29,6 +29,8 @@ const RATE_LIMITED: &str = "chat_rate_limited_messages_total";
 const POLICY_CLOSES: &str = "chat_policy_closes_total";
 const PANICS: &str = "chat_panics_total";
 const BROKER_REPAIRS: &str = "chat_broker_repairs_total";
+const API_REQUESTS: &str = "chat_api_requests_total";
+const API_REQUEST_SECONDS: &str = "chat_api_request_seconds";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -48,6 +50,7 @@ pub fn recorder(node_id: &str) -> Result<PrometheusRecorder, BuildError> {
             Matcher::Full(FANOUT_LATENCY_SECONDS.into()),
             LATENCY_BUCKETS,
         )?
+        .set_buckets_for_metric(Matcher::Full(API_REQUEST_SECONDS.into()), LATENCY_BUCKETS)?
         .build_recorder())
 }
 
@@ -122,6 +125,15 @@ fn describe() {
         BROKER_REPAIRS,
         "Gap repairs of a room from history, by outcome: repaired, failed (retried), resync \
          (members closed with 4002 to resume)"
+    );
+    describe_counter!(
+        API_REQUESTS,
+        "Server API calls, by route template and HTTP status"
+    );
+    describe_histogram!(
+        API_REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer a server API call, by route template"
     );
     describe_counter!(
         PANICS,
@@ -233,4 +245,12 @@ pub fn policy_close(reason: &'static str) {
 /// A task panicked.
 pub fn panicked() {
     counter!(PANICS).increment(1);
+}
+
+/// A server API call to `route` (its template, e.g. `/api/rooms/{room}/history`) was answered
+/// with `status` after `elapsed`.
+pub fn api_request(route: &str, status: u16, elapsed: Duration) {
+    counter!(API_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
+        .increment(1);
+    histogram!(API_REQUEST_SECONDS, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }

@@ -16,6 +16,7 @@ use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::connection::NodeContext;
 use crate::http::AppState;
+use crate::http::api::Api;
 use crate::protocol::close::Disconnect;
 use crate::rooms::hub::Hub;
 use crate::security::gate::{Gate, SecurityError};
@@ -46,24 +47,29 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     stop: impl Future<Output = Disconnect>,
 ) -> Result<(), ServerError> {
+    let api_settings = config.api()?;
     let hub = Hub::start(config.hub_settings(), config.redis(&node_id)?.as_ref())?;
     let shutdown = CancellationToken::new();
     let shutdown_reason = Arc::new(OnceLock::new());
     let gate = Arc::new(Gate::new(&config.security)?);
     gate.log_settings(&config.security);
     gate.spawn_upkeep(shutdown.clone());
+    let node = Arc::new(NodeContext {
+        hub: hub.clone(),
+        node_id: node_id.into(),
+        limits: config.connection_limits(),
+        shutdown: shutdown.clone(),
+        shutdown_reason: shutdown_reason.clone(),
+    });
+    let api = Api::new(api_settings, node.clone());
+    api.log_settings();
     let state = Arc::new(AppState {
-        node: Arc::new(NodeContext {
-            hub: hub.clone(),
-            node_id: node_id.into(),
-            limits: config.connection_limits(),
-            shutdown: shutdown.clone(),
-            shutdown_reason: shutdown_reason.clone(),
-        }),
+        node,
         websocket: config.websocket(),
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
         gate,
+        api,
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));

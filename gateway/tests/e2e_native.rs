@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, Ended, http_get};
+use common::{Client, Ended, connect_from, http_exchange, http_get};
 use common::{TempDir, temp_dir};
 use serde_json::Value;
 
@@ -71,12 +71,19 @@ struct Cluster {
     redis_port: u16,
     prometheus_port: u16,
     prometheus: bool,
+    /// `GATEWAY_*` and `CLUSTER_*` settings of this test, for the script and the nodes.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Starts redis, [`NODES`] gateway nodes and nginx, plus Prometheus if asked. A port taken
     /// by someone else between choosing it and binding it is retried with fresh ports.
     fn up(prometheus: bool) -> Cluster {
+        Self::up_with(prometheus, &[])
+    }
+
+    /// [`Cluster::up`] with `GATEWAY_*` and `CLUSTER_*` settings of the test's own.
+    fn up_with(prometheus: bool, env: &[(&str, &str)]) -> Cluster {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             let ports = distinct_free_ports(NODES + 3);
@@ -87,6 +94,10 @@ impl Cluster {
                 prometheus_port: ports[2],
                 node_ports: ports[3..].to_vec(),
                 prometheus,
+                env: env
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                    .collect(),
             };
             // The guard exists before `up` runs: whatever `up` leaves behind is stopped.
             let output = cluster.script(&["up"]);
@@ -119,6 +130,7 @@ impl Cluster {
                 command.env_remove(name.as_ref());
             }
         }
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
         command
             .env_remove("REDIS_URL")
             .env("PATH", search_path())
@@ -561,6 +573,52 @@ async fn prometheus_scrapes_every_node_and_counts_the_chat_traffic() {
         after,
         before + deliveries,
         "{delivered} rose by exactly the {deliveries} deliveries the clients received"
+    );
+}
+
+#[tokio::test]
+async fn the_server_api_passes_nginx_only_from_the_network_the_operator_names() {
+    const KEY: &str = "e2e-api-key-0123456789";
+    // 127.0.0.2 stands for the backend's network; 127.0.0.1 for everyone else.
+    let backend = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let public = std::net::Ipv4Addr::LOCALHOST;
+    let cluster = Cluster::up_with(
+        false,
+        &[
+            ("GATEWAY_API_KEY", KEY),
+            ("CLUSTER_API_ALLOW", "127.0.0.2/32"),
+        ],
+    );
+    let mut member = connect_with_retry(&cluster.ws_url("ops"), FAILOVER_PATIENCE).await;
+    let auth = format!("Bearer {KEY}");
+    let publish = |from, text: &str| {
+        let body = serde_json::json!({"room": "ops", "message": text}).to_string();
+        let stream = connect_from(from, cluster.http_port).expect("connect to nginx");
+        let headers = [
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        http_exchange(stream, "POST", "/api/publish", &headers, body.as_bytes())
+            .expect("nginx answered")
+    };
+
+    // The public side is refused before any node sees the call, key or not.
+    assert_eq!(publish(public, "from outside").status, 403);
+    let stream = connect_from(public, cluster.http_port).expect("connect to nginx");
+    let description = http_exchange(stream, "GET", "/api/openapi.json", &[], b"").unwrap();
+    assert_eq!(description.status, 403);
+    // The chat itself is public as ever.
+    let (status, _) = http_get(cluster.http_port, "/healthz", &[]).expect("nginx answered");
+    assert_eq!(status, 200);
+
+    let reply = publish(backend, "from the backend");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ack: Value = serde_json::from_str(&reply.body).expect("JSON");
+    let message = member.recv_type("message").await;
+    assert_eq!(
+        (&message["message"], &message["id"]),
+        (&Value::from("from the backend"), &ack["id"]),
+        "only the backend's message arrived"
     );
 }
 

@@ -7,16 +7,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 export GATEWAY_BIN=${1:-${GATEWAY_BIN:-$root/target/debug/chat-gateway}}
 
-free_ports() {
-  python3 - "$1" <<'PY'
-import socket, sys
-sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in sockets))
-PY
-}
-read -r http redis node1 node2 node3 < <(free_ports 5)
+read -r http redis node1 node2 node3 < <(python3 "$root/scripts/free-ports.py" 5)
 CLUSTER_DIR=$(mktemp -d)
 export CLUSTER_DIR CLUSTER_HTTP_PORT=$http CLUSTER_REDIS_PORT=$redis CLUSTER_PROMETHEUS=0
 export CLUSTER_NODE_PORTS="$node1 $node2 $node3"

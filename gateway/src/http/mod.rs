@@ -1,6 +1,8 @@
 //! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
 //! readiness and metrics. Owns routing and handshake validation up to the upgrade; knows
-//! nothing of frame formats. The server API (`/api/`) plugs in here as its own router.
+//! nothing of frame formats. The server API (`/api/`) is a router of its own, [`api`].
+
+pub mod api;
 
 use std::sync::Arc;
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Authentication, origin and limit checks for handshakes.
     pub gate: Arc<Gate>,
+    /// The server API (`/api/`).
+    pub api: Arc<api::Api>,
 }
 
 /// The router of a node.
@@ -51,6 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .nest("/api", api::router(state.api.clone()))
         .with_state(state)
 }
 

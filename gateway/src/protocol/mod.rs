@@ -197,10 +197,16 @@ fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
 }
 
+/// Whether `text` is 1 to `max_chars` characters without control characters: the rule for
+/// display names, user ids and what else is shown to people as a line of text.
+pub fn is_label(text: &str, max_chars: usize) -> bool {
+    let chars = text.chars().count();
+    (1..=max_chars).contains(&chars) && !text.chars().any(char::is_control)
+}
+
 /// Validates a display name: 1 to 64 characters, no control characters.
 pub fn validate_display_name(name: &str) -> Result<(), Refusal> {
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_DISPLAY_NAME_CHARS || name.chars().any(char::is_control) {
+    if !is_label(name, MAX_DISPLAY_NAME_CHARS) {
         return Err(Refusal::new(
             ErrorCode::InvalidFrame,
             format!(
@@ -449,7 +455,13 @@ fn room_field(object: &Map<String, Value>) -> Result<RoomName, Refusal> {
     }
 }
 
-fn chat_text(object: &mut Map<String, Value>, max_chat_bytes: usize) -> Result<String, Refusal> {
+/// Takes the chat text out of a frame's `message` field: a string, not only whitespace, at
+/// most `max_chat_bytes` long. Shared by every way a message comes in (client frames, the
+/// server API), so each refuses the same text with the same code.
+pub fn chat_text(
+    object: &mut Map<String, Value>,
+    max_chat_bytes: usize,
+) -> Result<String, Refusal> {
     match object.remove("message") {
         Some(Value::String(text)) if text.trim().is_empty() => Err(Refusal::new(
             ErrorCode::EmptyMessage,
@@ -780,14 +792,27 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },
-    /// Reply to `leave`.
+    /// Reply to `leave`, or the news that the application removed the connection from a room.
     #[serde(rename = "left")]
     Left {
         /// The room left.
         room: &'a RoomName,
+        /// The application removed the user from the room (`POST /api/rooms/{room}/kick`); the
+        /// client did not ask.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        kicked: bool,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
+    },
+    /// The application is closing the connection (`POST /api/disconnect` with a reason); the
+    /// close (4004) follows.
+    #[serde(rename = "disconnect")]
+    Disconnect {
+        /// The close code that follows.
+        code: u16,
+        /// The application's words.
+        reason: &'a str,
     },
     /// Reply to `message` once the broker stored it.
     #[serde(rename = "ack")]
