@@ -7,9 +7,11 @@
 //! through its [`Inbox`], so fan-out never knows which broker is in use.
 //!
 //! The broker also carries [`Command`]s, what the application's backend decides about a user, to
-//! every node; each hands them to the [`CommandHandler`] it was started with.
+//! every node; each hands them to the [`CommandHandler`] it was started with. And it carries
+//! messages for one node to that node's inbox ([`direct`]), handed to its [`DirectHandler`].
 
 mod control;
+mod direct;
 mod in_process;
 mod redis;
 
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use control::{Command, CommandHandler};
+pub use direct::DirectHandler;
 pub use in_process::InProcessBroker;
 pub use redis::{KeySpace, RedisBroker, RedisSettings};
 
@@ -303,6 +306,15 @@ impl Broker {
         match self {
             Broker::InProcess(broker) => Ok(broker.send_command(command)),
             Broker::Redis(broker) => broker.send_command(command).await,
+        }
+    }
+
+    /// Sends `payload` to node `node`'s inbox; returns how many nodes received it (0: no such
+    /// node is listening). The in-process broker is the only node: nothing to send to.
+    pub async fn send_to_node(&self, node: &str, payload: String) -> Result<usize, BrokerError> {
+        match self {
+            Broker::InProcess(_) => Ok(0),
+            Broker::Redis(broker) => broker.send_to_node(node, payload).await,
         }
     }
 

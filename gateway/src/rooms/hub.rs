@@ -11,15 +11,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::broker::{
-    Broker, BrokerError, Command, CommandHandler, Delivery, History, HistorySettings,
-    InProcessBroker, Inbox, Outgoing, Published, RedisBroker, RedisSettings, SharedInbox,
+    Broker, BrokerError, Command, CommandHandler, Delivery, DirectHandler, History,
+    HistorySettings, InProcessBroker, Inbox, Outgoing, Published, RedisBroker, RedisSettings,
+    SharedInbox,
 };
 use crate::clock::now_micros;
 use crate::metrics;
@@ -99,6 +100,8 @@ pub struct Hub {
     presence: Mutex<HashMap<(RoomName, String), LocalPresence>>,
     /// Local connections per user, for the commands of the application's backend.
     users: Arc<LocalUsers>,
+    /// Who takes what other nodes send to this one; set once, after the hub started.
+    direct: Arc<OnceLock<DirectHandler>>,
 }
 
 /// How many local connections a user has in a room, and their display name.
@@ -137,10 +140,22 @@ impl Hub {
         };
         let users = Arc::new(LocalUsers::default());
         let on_command = command_handler(users.clone());
+        let direct: Arc<OnceLock<DirectHandler>> = Arc::default();
+        let on_direct: DirectHandler = {
+            let direct = direct.clone();
+            // Before a handler is set the node has no sessions another node could name.
+            Arc::new(move |payload| {
+                if let Some(handler) = direct.get() {
+                    handler(payload);
+                }
+            })
+        };
         let broker = match redis {
             Some(redis) => {
                 let inboxes = (0..redis.partitions.max(1)).map(|_| inbox()).collect();
-                Broker::Redis(Box::new(RedisBroker::start(redis, inboxes, on_command)?))
+                Broker::Redis(Box::new(RedisBroker::start(
+                    redis, inboxes, on_command, on_direct,
+                )?))
             }
             None => Broker::InProcess(Box::new(InProcessBroker::new(
                 inbox(),
@@ -154,6 +169,7 @@ impl Hub {
             repair_timeout: settings.repair_timeout,
             presence: Mutex::default(),
             users,
+            direct,
         });
         tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs, held));
         tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
@@ -269,6 +285,19 @@ impl Hub {
     /// its own connections; returns how many nodes received it.
     pub async fn command(&self, command: &Command) -> Result<usize, BrokerError> {
         self.broker.send_command(command).await
+    }
+
+    /// Sends `payload` to node `node` alone; returns how many nodes received it (0: it is gone).
+    pub async fn send_to_node(&self, node: &str, payload: String) -> Result<usize, BrokerError> {
+        self.broker.send_to_node(node, payload).await
+    }
+
+    /// Hands what other nodes send to this one to `handler` from now on (set once; a second
+    /// handler is ignored).
+    pub fn on_direct(&self, handler: DirectHandler) {
+        if self.direct.set(handler).is_err() {
+            tracing::warn!("a handler for this node's inbox was already set");
+        }
     }
 
     /// This node's users and their connections.

@@ -1,15 +1,19 @@
-//! The command channel: one shard channel ([`KeySpace::control_channel`]) that every node
-//! subscribes to on a connection of its own, and on which any node publishes the commands of
-//! the application's backend (see [`Command`]) with `SPUBLISH`, in every topology as for rooms.
+//! The node-wide channels: shard channels that are no room's, each kept subscribed on a
+//! connection of its own. Two of them: the command channel ([`KeySpace::control_channel`]),
+//! which every node subscribes to and on which any node publishes the commands of the
+//! application's backend (see [`Command`]); and each node's own inbox
+//! ([`KeySpace::node_channel`]), on which other nodes send what is for this node alone (see
+//! `broker::direct`). Both with `SPUBLISH`, in every topology as for rooms.
 //!
-//! One channel, not one per room or user: every node must hear every command anyway, so
-//! spreading them over slots would not spare a node any traffic, and commands are rare
-//! (moderation, not chat). In a Redis Cluster the channel lives on the shard that owns its slot.
+//! One command channel, not one per room or user: every node must hear every command anyway,
+//! so spreading them over slots would not spare a node any traffic, and commands are rare
+//! (moderation, not chat). A node's inbox is its own, so a message for one node costs no other
+//! node anything. In a Redis Cluster each channel lives on the shard that owns its slot.
 //!
-//! The subscription is kept in place here, as a partition keeps its rooms' (see
+//! A subscription is kept in place here, as a partition keeps its rooms' (see
 //! [`super::subscriber`]): made again after every reconnect and, in a cluster, after the slot
 //! moved to another primary (checked every second). The node is not ready while it is not
-//! subscribed. Pub/sub keeps nothing: a command published while a node is cut off never
+//! subscribed. Pub/sub keeps nothing: a message published while a node is cut off never
 //! reaches it, which the publisher learns from the count of receivers.
 
 use std::sync::Arc;
@@ -23,13 +27,13 @@ use fred::types::config::Server;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use super::keys::KeySpace;
-use crate::broker::{Command, CommandHandler};
+/// What a listener hands every message on its channel to.
+pub(super) type PayloadHandler = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// How often the subscription is checked (connected, subscribed, on the slot's primary).
 const CHECK: Duration = Duration::from_secs(1);
 
-/// A node's subscription to the command channel.
+/// A node's subscription to one node-wide channel.
 pub(super) struct Listener {
     client: SubscriberClient,
     /// Whether Redis confirmed the subscription on the current connection.
@@ -38,27 +42,28 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    /// Subscribes `client` to the command channel of `keys` (now and after every reconnect or
-    /// slot move) and hands every command received to `handler`.
+    /// Subscribes `client` to `channel` (now and after every reconnect or slot move) and hands
+    /// every message received on it to `handler`. `role` names the channel in logs.
     pub(super) fn start(
+        role: &'static str,
         client: SubscriberClient,
-        keys: &KeySpace,
+        channel: String,
         cluster: bool,
-        handler: CommandHandler,
+        handler: PayloadHandler,
     ) -> Listener {
-        let channel = keys.control_channel();
         let subscription = Subscription {
             client: client.clone(),
+            slot: fred::util::redis_keyslot(channel.as_bytes()),
             channel: channel.clone(),
-            slot: keys.control_slot(),
             cluster,
+            role,
             subscribed: Arc::new(AtomicBool::new(false)),
         };
         let subscribed = subscription.subscribed.clone();
         let tasks = vec![
-            receive(client.message_rx(), channel, handler),
+            receive(role, client.message_rx(), channel, handler),
             keep_subscribed(subscription),
-            super::keep_connected("command channel", &client),
+            super::keep_connected(role, &client),
         ];
         Listener {
             client,
@@ -72,7 +77,7 @@ impl Listener {
         &self.client
     }
 
-    /// Whether commands reach this node now: connected and subscribed.
+    /// Whether the channel's messages reach this node now: connected and subscribed.
     pub(super) fn is_listening(&self) -> bool {
         self.client.is_connected() && self.subscribed.load(Ordering::Acquire)
     }
@@ -86,26 +91,23 @@ impl Listener {
     }
 }
 
-/// Hands every command on `channel` to `handler`.
+/// Hands every message on `channel` to `handler`.
 fn receive(
+    role: &'static str,
     mut messages: tokio::sync::broadcast::Receiver<Message>,
     channel: String,
-    handler: CommandHandler,
+    handler: PayloadHandler,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match messages.recv().await {
-                Ok(message) if *message.channel == *channel => {
-                    match message.value.as_bytes().and_then(Command::decode) {
-                        Some(command) => handler(command),
-                        None => {
-                            tracing::warn!("ignored a malformed message on the command channel");
-                        }
-                    }
-                }
+                Ok(message) if *message.channel == *channel => match message.value.as_bytes() {
+                    Some(payload) => handler(payload),
+                    None => tracing::warn!(role, "ignored a message that is not a string"),
+                },
                 Ok(_) => {}
                 Err(RecvError::Lagged(skipped)) => {
-                    tracing::warn!(skipped, "the command subscriber fell behind; commands lost");
+                    tracing::warn!(role, skipped, "the subscriber fell behind; messages lost");
                 }
                 Err(RecvError::Closed) => return,
             }
@@ -113,12 +115,13 @@ fn receive(
     })
 }
 
-/// The command channel's subscription on one subscriber connection.
+/// A channel's subscription on one subscriber connection.
 struct Subscription {
     client: SubscriberClient,
     channel: String,
     slot: u16,
     cluster: bool,
+    role: &'static str,
     subscribed: Arc<AtomicBool>,
 }
 
@@ -169,7 +172,10 @@ fn keep_subscribed(subscription: Subscription) -> JoinHandle<()> {
                 continue;
             }
             if subscribed_on.is_some() {
-                tracing::info!("the command channel's slot moved; subscribing where it went");
+                tracing::info!(
+                    role = subscription.role,
+                    "the channel's slot moved; subscribing where it went"
+                );
                 subscription.subscribed.store(false, Ordering::Release);
             }
             match subscription
@@ -182,7 +188,7 @@ fn keep_subscribed(subscription: Subscription) -> JoinHandle<()> {
                     subscription.subscribed.store(true, Ordering::Release);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "could not subscribe to the command channel");
+                    tracing::warn!(role = subscription.role, %error, "could not subscribe");
                 }
             }
         }

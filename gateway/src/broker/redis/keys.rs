@@ -75,6 +75,12 @@ impl KeySpace {
     pub fn control_slot(&self) -> u16 {
         fred::util::redis_keyslot(CONTROL_TAG.as_bytes())
     }
+
+    /// The shard channel of node `node`'s inbox: what other nodes send to it alone. Tagged
+    /// with `#` like the command channel, so it is never a room's.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}{{#node:{node}}}:inbox", self.prefix)
+    }
 }
 
 /// The hash tag of the command channel: `#` is in no room name.
@@ -116,5 +122,8 @@ mod tests {
         );
         assert_eq!(keys.room_of_channel(&channel), None);
         assert!(RoomName::parse("#control").is_err());
+        let inbox = keys.node_channel("node-a");
+        assert_eq!(inbox, "chat:{#node:node-a}:inbox");
+        assert_eq!(keys.room_of_channel(&inbox), None);
     }
 }

@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 
 pub use self::keys::KeySpace;
 use super::{
-    BrokerError, Command, CommandHandler, History, HistorySettings, Outgoing, Published, Retained,
-    SharedInbox,
+    BrokerError, Command, CommandHandler, DirectHandler, History, HistorySettings, Outgoing,
+    Published, Retained, SharedInbox,
 };
 use crate::clock::now_micros;
 use crate::protocol::{
@@ -90,16 +90,20 @@ pub struct RedisBroker {
     tasks: Vec<JoinHandle<()>>,
     /// The node's subscription to the command channel.
     control: control::Listener,
+    /// The node's subscription to its own inbox.
+    inbox: control::Listener,
 }
 
 impl RedisBroker {
     /// Starts every connection and task. Returns without waiting for Redis: a node whose Redis
     /// is down starts anyway, reports not ready, and keeps retrying with backoff. `inboxes`
-    /// has one inbox per partition; `on_command` gets every command sent to the nodes.
+    /// has one inbox per partition; `on_command` gets every command sent to the nodes, and
+    /// `on_direct` what is sent to this node alone.
     pub fn start(
         settings: &RedisSettings,
         inboxes: Vec<SharedInbox>,
         on_command: CommandHandler,
+        on_direct: DirectHandler,
     ) -> Result<Self, BrokerError> {
         let builder = builder(settings)?;
         let cluster = matches!(
@@ -144,12 +148,24 @@ impl RedisBroker {
             ));
         }
         let control = control::Listener::start(
+            "command channel",
             builder.build_subscriber_client()?,
-            &keys,
+            keys.control_channel(),
             cluster,
-            on_command,
+            Arc::new(move |payload| match Command::decode(payload) {
+                Some(command) => on_command(command),
+                None => tracing::warn!("ignored a malformed message on the command channel"),
+            }),
         );
         tasks.push(watch_connection("command channel", control.client()));
+        let inbox = control::Listener::start(
+            "node inbox",
+            builder.build_subscriber_client()?,
+            keys.node_channel(&settings.node_id),
+            cluster,
+            on_direct,
+        );
+        tasks.push(watch_connection("node inbox", inbox.client()));
         tasks.push(keep_connected("commands", &commands));
         tasks.push(keep_connected("publisher", publisher.client()));
         Ok(RedisBroker {
@@ -161,7 +177,23 @@ impl RedisBroker {
             incompatible,
             tasks,
             control,
+            inbox,
         })
+    }
+
+    /// Publishes `payload` on node `node`'s inbox channel; returns how many received it.
+    pub(super) async fn send_to_node(
+        &self,
+        node: &str,
+        payload: String,
+    ) -> Result<usize, BrokerError> {
+        self.ensure_connected()?;
+        // Sent once: unlike a command, what a node is sent need not be idempotent.
+        let receivers: i64 = self
+            .commands
+            .spublish(self.keys.node_channel(node), payload)
+            .await?;
+        Ok(usize::try_from(receivers).unwrap_or(0))
     }
 
     /// Publishes a command on the command channel; returns how many nodes received it (in a
@@ -440,6 +472,7 @@ impl RedisBroker {
                 .iter()
                 .all(|partition| partition.client().is_connected())
             && self.control.is_listening()
+            && self.inbox.is_listening()
     }
 
     /// Why the node can never be ready on this Redis, if it cannot.
@@ -455,6 +488,7 @@ impl RedisBroker {
             partition.close().await;
         }
         self.control.close().await;
+        self.inbox.close().await;
         // Best effort: the process is exiting either way.
         let _ = self.publisher.client().quit().await;
         let _ = self.commands.quit().await;
