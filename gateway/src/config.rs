@@ -9,6 +9,7 @@ use crate::broker::{HistorySettings, RedisSettings};
 use crate::connection::ConnectionLimits;
 use crate::http::api::{ApiKey, ApiSettings};
 use crate::rooms::hub::HubSettings;
+use crate::security::tokens::{Secret, Signer, TokenError};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -151,6 +152,22 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PRESENCE_TTL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
 
+    /// The secret that signs SSE session tokens and anonymous reconnect tokens (at least 32
+    /// bytes), the same on every node of a deployment so that any node honours a reconnect
+    /// token. Without it each node signs with a random secret of its own: SSE works as ever,
+    /// but a reconnect token keeps its `userId` only on the node that issued it.
+    #[arg(
+        long,
+        env = "GATEWAY_SESSION_SECRET",
+        conflicts_with = "session_secret_file",
+        hide_env_values = true
+    )]
+    pub session_secret: Option<Secret>,
+
+    /// The same, read from a file (surrounding whitespace ignored).
+    #[arg(long, env = "GATEWAY_SESSION_SECRET_FILE")]
+    pub session_secret_file: Option<std::path::PathBuf>,
+
     /// Authentication, allowed origins and abuse limits (see docs/security.md).
     #[command(flatten)]
     pub security: crate::security::gate::SecurityArgs,
@@ -210,6 +227,9 @@ pub enum ConfigError {
     /// The Redis key prefix would break the keys' hash tags.
     #[error("--redis-prefix must not contain braces")]
     PrefixWithBraces,
+    /// The session secret is unusable (too short), or no random one could be made.
+    #[error(transparent)]
+    Secret(#[from] TokenError),
     /// The server API key is too easy to guess.
     #[error("the server API key must be at least {} bytes", ApiKey::MIN_BYTES)]
     ApiKeyTooShort,
@@ -313,6 +333,33 @@ impl Config {
             max_broadcast_rooms: self.api.api_max_broadcast_rooms as usize,
             max_chat_bytes: self.max_chat_bytes as usize,
         })
+    }
+
+    /// The signer of session and reconnect tokens: under the configured secret, else a random
+    /// one of this node's.
+    pub fn signer(&self) -> Result<Signer, ConfigError> {
+        let secret = match (&self.session_secret, &self.session_secret_file) {
+            (Some(secret), _) => {
+                return Signer::new(secret.as_bytes()).map_err(ConfigError::Secret);
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Unreadable {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                if self.redis_url.is_some() {
+                    tracing::warn!(
+                        "no --session-secret: reconnect tokens keep a userId only on the node \
+                         that issued them; give every node the same secret"
+                    );
+                }
+                return Signer::random().map_err(ConfigError::Secret);
+            }
+        };
+        Signer::new(secret.as_bytes()).map_err(ConfigError::Secret)
     }
 
     /// Redis settings for node `node_id`, when a Redis URL is configured.

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, History, Outgoing, Published};
@@ -24,7 +25,7 @@ use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::protocol::{
     ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
-    Refusal, Replay, RoomName, ServerFrame, to_json,
+    Refusal, Replay, RoomName, ServerFrame, parse_client_frame, to_json,
 };
 use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
@@ -78,6 +79,32 @@ pub struct Identity {
     pub default_room: RoomName,
     /// Replay and presence asked for the default room in the handshake.
     pub default_options: JoinOptions,
+    /// How the client is connected, as the welcome frame tells it.
+    pub transport: TransportKind,
+    /// Anonymous mode: the signed token that gives this `userId` back on a reconnect.
+    pub reconnect_token: Option<String>,
+}
+
+/// How a client is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportKind {
+    /// One WebSocket.
+    WebSocket,
+    /// An SSE stream, with client frames in POSTs that carry this session token.
+    Sse {
+        /// The session token handed out in the welcome frame.
+        session: String,
+    },
+}
+
+impl TransportKind {
+    /// The name the welcome frame uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Sse { .. } => "sse",
+        }
+    }
 }
 
 /// Most frames that may wait behind a broker call; while this many wait, the transport stops
@@ -115,6 +142,13 @@ enum Done {
         room: RoomName,
         reference: Option<Value>,
         result: Result<Vec<PresentUser>, BrokerError>,
+    },
+    History {
+        room: RoomName,
+        since: bool,
+        limit: usize,
+        reference: Option<Value>,
+        result: Result<History, BrokerError>,
     },
 }
 
@@ -164,6 +198,12 @@ impl Connection {
             node: &self.context.node_id,
             room: &self.identity.default_room,
             protocol: PROTOCOL_VERSION,
+            transport: self.identity.transport.as_str(),
+            session: match &self.identity.transport {
+                TransportKind::Sse { session } => Some(session),
+                TransportKind::WebSocket => None,
+            },
+            reconnect_token: self.identity.reconnect_token.as_deref(),
         };
         self.send(to_json(&welcome));
         self.mailbox = Some(self.context.hub.users().register(
@@ -189,6 +229,19 @@ impl Connection {
             }
             Throttle::Close(reason) => Err(reason),
         }
+    }
+
+    /// Handles one text frame as the client sent it: spends the rate limits, parses it, then
+    /// handles it or answers its refusal. `Err` when the limits close the connection.
+    pub fn receive_text(&mut self, text: &str) -> Result<(), Disconnect> {
+        if !self.throttle(Inbound::Text(text))? {
+            return Ok(());
+        }
+        match parse_client_frame(text, self.context.limits.max_chat_bytes) {
+            Ok(frame) => self.receive(frame),
+            Err(refusal) => self.refuse(refusal),
+        }
+        Ok(())
     }
 
     /// Handles one client frame now, or queues it behind the broker call under way.
@@ -386,6 +439,31 @@ impl Connection {
                     }
                 }));
             }
+            ClientFrame::History {
+                room,
+                replay,
+                limit,
+                reference,
+            } => {
+                // Reading a room's history is as much as being in it: the token's room
+                // claims apply.
+                if let Err(refusal) = self.guard.may_join(&room) {
+                    self.refuse(refusal.with_ref(reference));
+                    return;
+                }
+                let hub = self.context.hub.clone();
+                let since = matches!(replay, Replay::Since { .. });
+                self.running = Some(Box::pin(async move {
+                    let result = hub.history(&room, &replay).await;
+                    Done::History {
+                        room,
+                        since,
+                        limit,
+                        reference,
+                        result,
+                    }
+                }));
+            }
             ClientFrame::Auth { token, reference } => {
                 match self.guard.refresh(&token, reference.as_ref()) {
                     Ok(reply) => self.send(reply),
@@ -535,11 +613,16 @@ impl Connection {
                 room,
                 reference,
                 kicked,
-            } => self.send(to_json(&ServerFrame::Left {
-                room: &room,
-                kicked,
-                reference: reference.as_ref(),
-            })),
+            } => {
+                let notice =
+                    kicked.then(|| format!("removed from room `{room}` by the application"));
+                self.send(to_json(&ServerFrame::Left {
+                    room: &room,
+                    kicked,
+                    message: notice.as_deref(),
+                    reference: reference.as_ref(),
+                }))
+            }
             Done::Published {
                 room,
                 cid,
@@ -592,7 +675,53 @@ impl Connection {
                     );
                 }
             },
+            Done::History {
+                room,
+                since,
+                limit,
+                reference,
+                result,
+            } => match result {
+                Ok(history) => self.send_history(&room, since, limit, reference.as_ref(), history),
+                Err(error) => {
+                    tracing::warn!(%room, %error, "history query failed");
+                    self.refuse(
+                        Refusal::new(ErrorCode::Unavailable, "history is unavailable; try again")
+                            .with_ref(reference),
+                    );
+                }
+            },
         }
+    }
+
+    /// Answers a `history` frame: at most `limit` messages, the oldest first (for `since`, the
+    /// first ones after it: the client asks again from the last for more).
+    fn send_history(
+        &self,
+        room: &RoomName,
+        since: bool,
+        limit: usize,
+        reference: Option<&Value>,
+        history: History,
+    ) {
+        let entries = &history.entries[..history.entries.len().min(limit)];
+        // Every stored frame is the JSON object members received; one that is not (a foreign
+        // writer) is left out rather than breaking the answer.
+        let messages: Vec<&RawValue> = entries
+            .iter()
+            .filter_map(|(_, frame)| {
+                std::str::from_utf8(frame.as_bytes())
+                    .ok()
+                    .and_then(|text| serde_json::from_str(text).ok())
+            })
+            .collect();
+        self.send(to_json(&ServerFrame::History {
+            room,
+            epoch: history.epoch,
+            recovered: since.then_some(history.complete),
+            messages: &messages,
+            reference,
+        }));
     }
 
     fn send_joined(&self, room: &RoomName, reference: Option<&Value>) {
@@ -631,7 +760,6 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::broker::HistorySettings;
-    use crate::protocol::parse_client_frame;
     use crate::rooms::hub::HubSettings;
     use crate::transport::outbox::{MemorySocket, in_memory};
 
@@ -671,6 +799,8 @@ pub(crate) mod tests {
             name: None,
             default_room: RoomName::parse("lobby").unwrap(),
             default_options: JoinOptions::PLAIN,
+            transport: TransportKind::WebSocket,
+            reconnect_token: None,
         };
         let guard = ConnectionGuard::unrestricted(user);
         let core = Connection::new(identity, outbox, node.clone(), guard);
@@ -812,7 +942,8 @@ pub(crate) mod tests {
         settle(&mut alice).await;
         assert_eq!(
             frames(&alice_socket),
-            [json!({"type":"left","room":"news","kicked":true})]
+            [json!({"type":"left","room":"news","kicked":true,
+                    "message":"removed from room `news` by the application"})]
         );
         let present = node.hub.presence(&news).await.unwrap();
         assert_eq!(
@@ -838,7 +969,7 @@ pub(crate) mod tests {
         node.hub.command(&disconnect).await.unwrap();
         assert_eq!(
             frames(&alice_socket),
-            [json!({"type":"disconnect","code":4004,"reason":"banned"})]
+            [json!({"type":"disconnect","code":4004,"reason":"banned","message":"banned"})]
         );
         assert_eq!(
             alice_socket.close_requested(),

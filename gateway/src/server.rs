@@ -20,6 +20,7 @@ use crate::http::api::Api;
 use crate::protocol::close::Disconnect;
 use crate::rooms::hub::Hub;
 use crate::security::gate::{Gate, SecurityError};
+use crate::transport::sse::Relay;
 
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +49,18 @@ pub async fn run(
     stop: impl Future<Output = Disconnect>,
 ) -> Result<(), ServerError> {
     let api_settings = config.api()?;
+    let signer = config.signer()?;
     let hub = Hub::start(config.hub_settings(), config.redis(&node_id)?.as_ref())?;
     let shutdown = CancellationToken::new();
     let shutdown_reason = Arc::new(OnceLock::new());
     let gate = Arc::new(Gate::new(&config.security)?);
     gate.log_settings(&config.security);
     gate.spawn_upkeep(shutdown.clone());
+    let node_id: Arc<str> = node_id.into();
+    let relay = Relay::start(node_id.clone(), signer.clone(), hub.clone());
     let node = Arc::new(NodeContext {
         hub: hub.clone(),
-        node_id: node_id.into(),
+        node_id,
         limits: config.connection_limits(),
         shutdown: shutdown.clone(),
         shutdown_reason: shutdown_reason.clone(),
@@ -70,6 +74,10 @@ pub async fn run(
         metrics: metrics.clone(),
         gate,
         api,
+        signer,
+        relay,
+        // A POST carries frames a WebSocket would send one by one, each up to this size.
+        max_post_bytes: config.max_frame_bytes as usize * 2,
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));

@@ -1,24 +1,28 @@
-//! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
-//! readiness and metrics. Owns routing and handshake validation up to the upgrade; knows
-//! nothing of frame formats. The server API (`/api/`) is a router of its own, [`api`].
+//! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the SSE fallback (`/sse`,
+//! `/sse/send`, see [`sse`]), the demo page, health, readiness and metrics. Owns routing and
+//! handshake validation up to the upgrade (or the event stream); knows nothing of frame
+//! formats. The server API (`/api/`) is a router of its own, [`api`].
 
 pub mod api;
+pub mod sse;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::connection::{Identity, NodeContext};
+use crate::connection::{Identity, NodeContext, TransportKind};
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
-use crate::security::gate::{Gate, Handshake};
+use crate::security::gate::{Admission, ConnectionGuard, Gate, Handshake, Refused};
+use crate::security::tokens::Signer;
+use crate::transport::sse::Relay;
 use crate::transport::upgrade::{UpgradeRejection, WebSocketRequest};
 use crate::transport::websocket;
 
@@ -45,6 +49,12 @@ pub struct AppState {
     pub gate: Arc<Gate>,
     /// The server API (`/api/`).
     pub api: Arc<api::Api>,
+    /// Signs reconnect tokens and SSE session tokens.
+    pub signer: Signer,
+    /// This node's SSE sessions, and the way to every other node's.
+    pub relay: Arc<Relay>,
+    /// Largest body a `POST /sse/send` may have.
+    pub max_post_bytes: usize,
 }
 
 /// The router of a node.
@@ -52,6 +62,11 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", any(index))
         .route("/ws", any(websocket_endpoint))
+        .route("/sse", get(sse::open))
+        .route(
+            "/sse/send",
+            post(sse::send).layer(DefaultBodyLimit::max(state.max_post_bytes)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -70,6 +85,8 @@ pub struct ConnectParams {
     epoch: Option<String>,
     /// Receive presence events for the default room.
     presence: Option<bool>,
+    /// Anonymous mode: a reconnect token from an earlier welcome, to keep its `userId`.
+    reconnect: Option<String>,
 }
 
 async fn index(
@@ -107,28 +124,11 @@ fn accept(
     handshake: &Handshake,
     upgrade: WebSocketRequest,
 ) -> Response {
-    if state.node.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "node is shutting down",
-        )
-            .into_response();
-    }
-    let admission = match state.gate.admit(handshake) {
-        Ok(admission) => admission,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let identity = match identity(params, admission.user_id()) {
-        Ok(identity) => identity,
-        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
-    };
-    let guard = match state
-        .gate
-        .guard(admission, &identity.user_id, &identity.default_room)
+    let (identity, guard) = match admit(state, handshake)
+        .and_then(|admission| connect(state, params, admission, TransportKind::WebSocket))
     {
-        Ok(guard) => guard,
-        Err(refusal) => return refusal.into_response(),
+        Ok(admitted) => admitted,
+        Err(refused) => return refused.into_response(),
     };
     let node = state.node.clone();
     let config = state.websocket;
@@ -141,18 +141,85 @@ fn accept(
     })
 }
 
-/// The connection's identity: the token's subject when authenticated, else a fresh id.
-fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, String> {
+/// Why a new connection was turned away, whatever its transport.
+enum NotAdmitted {
+    /// The node is shutting down (503).
+    ShuttingDown,
+    /// The gate said no (429, 503, 403, 401).
+    Gate(Refused),
+    /// A parameter is invalid (400).
+    Invalid(String),
+}
+
+impl IntoResponse for NotAdmitted {
+    fn into_response(self) -> Response {
+        match self {
+            NotAdmitted::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "node is shutting down",
+            )
+                .into_response(),
+            NotAdmitted::Gate(refused) => refused.into_response(),
+            NotAdmitted::Invalid(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+        }
+    }
+}
+
+/// The gate's checks every new connection passes first, whatever its transport: the node is
+/// not shutting down, and the client's address, the node's capacity, the origin and the token
+/// allow it.
+fn admit(state: &AppState, handshake: &Handshake) -> Result<Admission, NotAdmitted> {
+    if state.node.shutdown.is_cancelled() {
+        return Err(NotAdmitted::ShuttingDown);
+    }
+    state.gate.admit(handshake).map_err(NotAdmitted::Gate)
+}
+
+/// An admitted connection's identity (from its parameters) and its guard (from its token).
+fn connect(
+    state: &AppState,
+    params: ConnectParams,
+    admission: Admission,
+    transport: TransportKind,
+) -> Result<(Identity, ConnectionGuard), NotAdmitted> {
+    let identity = identity(params, admission.user_id(), &state.signer, transport)
+        .map_err(NotAdmitted::Invalid)?;
+    let guard = state
+        .gate
+        .guard(admission, &identity.user_id, &identity.default_room)
+        .map_err(NotAdmitted::Gate)?;
+    Ok((identity, guard))
+}
+
+/// The connection's identity: the token's subject when authenticated; in anonymous mode the
+/// `userId` a valid reconnect token names, else a fresh id.
+fn identity(
+    params: ConnectParams,
+    user_id: Option<&str>,
+    signer: &Signer,
+    transport: TransportKind,
+) -> Result<Identity, String> {
     let default_room = RoomName::parse(params.room.as_deref().unwrap_or(DEFAULT_ROOM))
         .map_err(|refusal| format!("invalid room: {}", refusal.reason))?;
     if let Some(name) = &params.name {
         validate_display_name(name)
             .map_err(|refusal| format!("invalid name: {}", refusal.reason))?;
     }
-    let user_id = user_id.map(str::to_owned).unwrap_or_else(|| {
-        let random = uuid::Uuid::new_v4().simple().to_string();
-        format!("u-{}", &random[..12])
-    });
+    let anonymous = user_id.is_none();
+    let user_id = match user_id {
+        Some(user_id) => user_id.to_owned(),
+        // A token this deployment did not sign (another deployment's, an old secret's) is no
+        // reason to refuse a client that may connect anyway: it gets a fresh id.
+        None => params
+            .reconnect
+            .as_deref()
+            .and_then(|token| signer.verify_reconnect(token))
+            .unwrap_or_else(|| {
+                let random = uuid::Uuid::new_v4().simple().to_string();
+                format!("u-{}", &random[..12])
+            }),
+    };
     let replay = match params.since.as_deref().map(Offset::parse) {
         None => Replay::None,
         Some(Some(offset)) => Replay::Since {
@@ -164,6 +231,7 @@ fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, St
         }
     };
     Ok(Identity {
+        reconnect_token: anonymous.then(|| signer.reconnect_token(&user_id)),
         user_id,
         name: params.name,
         default_room,
@@ -171,6 +239,7 @@ fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, St
             replay,
             presence: params.presence.unwrap_or(false),
         },
+        transport,
     })
 }
 

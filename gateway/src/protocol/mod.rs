@@ -259,6 +259,18 @@ pub enum ClientFrame {
         /// Echoed in the reply.
         reference: Option<Value>,
     },
+    /// `{"type":"history","room":R,"limit":N}`: a page of a room's stored messages, the newest
+    /// `limit` or (with `since`) those after an offset, answered with a `history` frame.
+    History {
+        /// The room asked about.
+        room: RoomName,
+        /// What to read: `Replay::Last(limit)` or `Replay::Since`.
+        replay: Replay,
+        /// Most messages in the answer.
+        limit: usize,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
     /// `{"type":"auth","token":T}`: replaces the connection's token before it expires.
     Auth {
         /// The new token.
@@ -382,6 +394,7 @@ fn parse_object(
             })
         }
         "ping" => Ok(ClientFrame::Ping { reference }),
+        "history" => history_request(object, reference),
         "auth" => match object.remove("token") {
             Some(Value::String(token)) if !token.is_empty() => {
                 Ok(ClientFrame::Auth { token, reference })
@@ -429,6 +442,53 @@ fn join_options(object: &Map<String, Value>) -> Result<JoinOptions, Refusal> {
         Some(_) => return Err(invalid("field `presence` must be a boolean")),
     };
     Ok(JoinOptions { replay, presence })
+}
+
+/// Messages a `history` frame gets when it names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+/// A `history` frame: `room`, `limit` (1-1000, default 100), and optionally `since` with
+/// `epoch`.
+fn history_request(
+    object: &Map<String, Value>,
+    reference: Option<Value>,
+) -> Result<ClientFrame, Refusal> {
+    let room = room_field(object)?;
+    let limit = match object.get("limit") {
+        None | Some(Value::Null) => DEFAULT_HISTORY_LIMIT,
+        Some(limit) => match limit.as_u64() {
+            Some(limit) if (1..=MAX_REPLAY_LAST as u64).contains(&limit) => limit as usize,
+            _ => {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidFrame,
+                    format!("field `limit` must be an integer from 1 to {MAX_REPLAY_LAST}"),
+                ));
+            }
+        },
+    };
+    let epoch = match object.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(epoch)) => Some(epoch.clone()),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidFrame,
+                "field `epoch` must be a string",
+            ));
+        }
+    };
+    let replay = match object.get("since") {
+        None | Some(Value::Null) => Replay::Last(limit),
+        Some(since) => Replay::Since {
+            offset: parse_since(since)?,
+            epoch,
+        },
+    };
+    Ok(ClientFrame::History {
+        room,
+        replay,
+        limit,
+        reference,
+    })
 }
 
 /// Parses a `since` value: an offset string such as `"1732532000123-0"`.
@@ -776,6 +836,14 @@ pub enum ServerFrame<'a> {
         room: &'a RoomName,
         /// [`PROTOCOL_VERSION`].
         protocol: u32,
+        /// `websocket` or `sse`.
+        transport: &'a str,
+        /// SSE only: the token the client's POSTs carry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
+        /// Anonymous mode only: handed back as `reconnect=` to keep this `userId`.
+        #[serde(rename = "reconnectToken", skip_serializing_if = "Option::is_none")]
+        reconnect_token: Option<&'a str>,
     },
     /// Reply to `join`.
     #[serde(rename = "joined")]
@@ -801,6 +869,9 @@ pub enum ServerFrame<'a> {
         /// client did not ask.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         kicked: bool,
+        /// Said when kicked, for a client that shows `message` of every frame.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -813,6 +884,8 @@ pub enum ServerFrame<'a> {
         code: u16,
         /// The application's words.
         reason: &'a str,
+        /// The same words, for a client that shows `message` of every frame.
+        message: &'a str,
     },
     /// Reply to `message` once the broker stored it.
     #[serde(rename = "ack")]
@@ -847,6 +920,31 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },
+    /// Reply to `history`.
+    #[serde(rename = "history")]
+    History {
+        /// The room asked about.
+        room: &'a RoomName,
+        /// The history's epoch; `null` when the room has no history.
+        epoch: Option<Epoch>,
+        /// For a request with `since`: whether nothing after it is missing.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// The messages, oldest first, as members received them.
+        messages: &'a [&'a serde_json::value::RawValue],
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// The last event of an SSE stream the server ends: the close code (and its class) a
+    /// WebSocket would have had in its close frame.
+    #[serde(rename = "close")]
+    Close {
+        /// The close code (`protocol::close`).
+        code: u16,
+        /// Its short reason.
+        reason: &'a str,
+    },
     /// Reply to `ping`.
     #[serde(rename = "pong")]
     Pong {
@@ -861,6 +959,9 @@ pub enum ServerFrame<'a> {
         code: ErrorCode,
         /// Human-readable explanation.
         reason: &'a str,
+        /// The same text again: a client that shows `message` of every frame (the seed's)
+        /// shows it rather than a blank line.
+        message: &'a str,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -872,6 +973,7 @@ impl<'a> From<&'a Refusal> for ServerFrame<'a> {
         ServerFrame::Error {
             code: refusal.code,
             reason: &refusal.reason,
+            message: &refusal.reason,
             reference: refusal.reference.as_ref(),
         }
     }
@@ -1124,17 +1226,58 @@ mod tests {
     }
 
     #[test]
-    fn error_frames_echo_ref_and_omit_it_when_absent() {
+    fn error_frames_echo_ref_omit_it_when_absent_and_say_their_reason_as_message() {
         let refusal =
             Refusal::new(ErrorCode::NotInRoom, "not a member").with_ref(Some(json!({"k":1})));
         assert_eq!(
             to_json(&ServerFrame::from(&refusal)),
-            r#"{"type":"error","code":"not_in_room","reason":"not a member","ref":{"k":1}}"#
+            r#"{"type":"error","code":"not_in_room","reason":"not a member","message":"not a member","ref":{"k":1}}"#
         );
         let refusal = Refusal::new(ErrorCode::InvalidJson, "bad");
         assert_eq!(
             to_json(&ServerFrame::from(&refusal)),
-            r#"{"type":"error","code":"invalid_json","reason":"bad"}"#
+            r#"{"type":"error","code":"invalid_json","reason":"bad","message":"bad"}"#
         );
+    }
+
+    #[test]
+    fn a_history_frame_asks_for_the_newest_or_what_follows_an_offset() {
+        let frame = parse(r#"{"type":"history","room":"news","ref":1}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::History {
+                room: RoomName::parse("news").unwrap(),
+                replay: Replay::Last(DEFAULT_HISTORY_LIMIT),
+                limit: DEFAULT_HISTORY_LIMIT,
+                reference: Some(json!(1)),
+            }
+        );
+        let frame =
+            parse(r#"{"type":"history","room":"news","limit":5,"since":"7-1","epoch":"e"}"#)
+                .unwrap();
+        let ClientFrame::History { replay, limit, .. } = frame else {
+            panic!("a history frame");
+        };
+        assert_eq!(limit, 5);
+        assert_eq!(
+            replay,
+            Replay::Since {
+                offset: Offset { ms: 7, seq: 1 },
+                epoch: Some("e".into())
+            }
+        );
+        for bad in [
+            r#"{"type":"history"}"#,
+            r#"{"type":"history","room":"a","limit":0}"#,
+            r#"{"type":"history","room":"a","limit":1001}"#,
+            r#"{"type":"history","room":"a","since":"x"}"#,
+            r#"{"type":"history","room":"a","epoch":5}"#,
+        ] {
+            assert_eq!(
+                parse(bad).unwrap_err().code,
+                ErrorCode::InvalidFrame,
+                "{bad}"
+            );
+        }
     }
 }

@@ -96,6 +96,7 @@ impl LocalUsers {
             WireFrame::text(to_json(&ServerFrame::Disconnect {
                 code: Disconnect::ByApplication.code(),
                 reason,
+                message: reason,
             }))
         });
         let users = self.users.lock();

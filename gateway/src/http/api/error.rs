@@ -138,10 +138,25 @@ struct Envelope {
     error: ErrorBody,
 }
 
+/// An answer `{"error":{"code","reason"}}` with `status`: the one shape every JSON endpoint
+/// refuses with (the server API, the SSE transport's POSTs).
+pub fn error_response(
+    status: StatusCode,
+    code: &'static str,
+    reason: impl Into<String>,
+) -> Response {
+    let error = ErrorBody {
+        code,
+        reason: reason.into(),
+    };
+    (status, Json(Envelope { error })).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut response = (status, Json(Envelope { error: self.body() })).into_response();
+        let body = self.body();
+        let mut response = error_response(status, body.code, body.reason);
         let headers = response.headers_mut();
         match status {
             StatusCode::UNAUTHORIZED => {

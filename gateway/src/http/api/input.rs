@@ -22,30 +22,42 @@ impl FromRequest<ApiState> for JsonObject {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &ApiState) -> Result<Self, Self::Rejection> {
-        if !declared_json(&request) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let limit = state.settings.max_body_bytes;
-        let bytes = Bytes::from_request(request, state)
+        read_object(request, state, state.settings.max_body_bytes)
             .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::BodyTooLarge(limit)
-                } else {
-                    ApiError::BodyUnreadable
-                }
-            })?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(object)) => Ok(JsonObject(object)),
-            Ok(_) => Err(invalid(
-                ErrorCode::InvalidJson,
-                "the body must be a JSON object",
-            )),
-            Err(error) => Err(invalid(
-                ErrorCode::InvalidJson,
-                format!("the body is not valid JSON: {error}"),
-            )),
-        }
+            .map(JsonObject)
+    }
+}
+
+/// Reads a request's body as one JSON object: declared as JSON (415 otherwise), at most `limit`
+/// bytes (413; the route's `DefaultBodyLimit` enforces it), valid JSON (400). Shared by every
+/// JSON endpoint, so each refuses the same body the same way.
+pub async fn read_object<S: Send + Sync>(
+    request: Request,
+    state: &S,
+    limit: usize,
+) -> Result<Map<String, Value>, ApiError> {
+    if !declared_json(&request) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge(limit)
+            } else {
+                ApiError::BodyUnreadable
+            }
+        })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(invalid(
+            ErrorCode::InvalidJson,
+            "the body must be a JSON object",
+        )),
+        Err(error) => Err(invalid(
+            ErrorCode::InvalidJson,
+            format!("the body is not valid JSON: {error}"),
+        )),
     }
 }
 

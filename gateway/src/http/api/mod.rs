@@ -29,8 +29,9 @@ use axum::routing::{get, post};
 use futures_util::future::join_all;
 use serde::Serialize;
 
-pub use self::error::{ApiError, ErrorBody};
+pub use self::error::{ApiError, ErrorBody, error_response};
 use self::input::JsonObject;
+pub use self::input::read_object;
 pub use self::key::ApiKey;
 use crate::broker::{Command, Outgoing};
 use crate::clock::now_micros;
