@@ -19,6 +19,7 @@ pub mod local;
 pub mod redis_cluster;
 pub mod relay;
 pub mod scenarios;
+pub mod sse;
 
 pub use tempfile::TempDir;
 
