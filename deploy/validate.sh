@@ -101,6 +101,17 @@ check_nginx() {
     else
         pass "nginx: upstream without stickiness, replicas re-resolved via 127.0.0.11"
     fi
+    # The server API never reaches the public chat origin by default.
+    local api
+    api=$(sed -n '/^[[:space:]]*location[[:space:]]\/api\/[[:space:]]*{/,/^[[:space:]]*}/p' "$NGINX_CONF")
+    if [ -z "$api" ]; then
+        fail nginx "$NGINX_CONF: no 'location /api/': the server API would be public"
+    elif grep -Eq '^[[:space:]]*allow[[:space:]]' <<<"$api" ||
+        ! grep -Eq '^[[:space:]]*deny[[:space:]]+all;' <<<"$api"; then
+        fail nginx "$NGINX_CONF: /api/ must be denied to all and allowed to no network by default"
+    else
+        pass "nginx: /api/ refused to every network until the operator names one"
+    fi
     local image image_version
     image=$(sed -n 's|^[[:space:]]*image:[[:space:]]*\(nginx:[^[:space:]]*\).*|\1|p' "$COMPOSE_FILE" | head -n1)
     image_version=$(sed -n 's|^nginx:\([0-9][0-9.]*\).*|\1|p' <<<"$image")
@@ -157,7 +168,8 @@ check_nginx() {
         fail nginx "nginx -t rejected the compose variant:"$'\n'"$out"
     fi
 
-    # Native variant, rendered as cluster.sh does for three nodes.
+    # Native variant, rendered as cluster.sh does for three nodes, with a
+    # network allowed to reach the server API.
     local native_conf="$WORK/nginx-native.conf"
     if render_nginx "$NGINX_CONF" "$native_conf" https=127.0.0.1:8443 http=127.0.0.1:8080 \
         internal=127.0.0.1:9080 redirect_port=8443 cert="$WORK/tls/tls.crt" key="$WORK/tls/tls.key" \

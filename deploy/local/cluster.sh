@@ -68,9 +68,14 @@ settings (environment; \`up\` records them, later commands reuse them):
                            the exporter's port (default: the first free
                            port from 9121 up)
   CLUSTER_TIMEOUT          seconds to wait for each component (default 30)
+  CLUSTER_API_ALLOW        networks nginx lets reach the server API /api/
+                           (addresses or CIDRs, e.g. "127.0.0.1/32"; default
+                           none: nginx answers 403). The nodes also need
+                           GATEWAY_API_KEY.
   GATEWAY_*, RUST_LOG      passed on to every node (e.g. GATEWAY_OUTBOX_CAPACITY);
                            the script itself sets --listen, --internal-listen,
-                           --node-id, --redis-url
+                           --node-id, --redis-url, and a random GATEWAY_SESSION_SECRET
+                           shared by the nodes unless one is given
 Everything listens on 127.0.0.1 only.
 EOF
 }
@@ -651,6 +656,12 @@ or point GATEWAY_BIN at an existing build, e.g. GATEWAY_BIN=target/debug/chat-ga
     for l in "$LOG_DIR"/*.log; do
         [ -e "$l" ] && : >"$l"
     done
+    # One secret for every node, so a reconnect token from one node keeps its
+    # userId on any other; recorded with the rest, so restarted nodes share it.
+    if [ -z "${GATEWAY_SESSION_SECRET:-}" ] && [ -z "${GATEWAY_SESSION_SECRET_FILE:-}" ]; then
+        GATEWAY_SESSION_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+        export GATEWAY_SESSION_SECRET
+    fi
     save_config
 
     trap abort_up EXIT INT TERM

@@ -7,7 +7,9 @@ use clap::{Parser, ValueEnum};
 
 use crate::broker::{HistorySettings, RedisSettings};
 use crate::connection::ConnectionLimits;
+use crate::http::api::{ApiKey, ApiSettings};
 use crate::rooms::hub::HubSettings;
+use crate::security::tokens::{Secret, Signer, TokenError};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -157,9 +159,54 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PRESENCE_TTL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
 
+    /// The secret that signs SSE session tokens and anonymous reconnect tokens (at least 32
+    /// bytes), the same on every node of a deployment so that any node honours a reconnect
+    /// token. Without it each node signs with a random secret of its own: SSE works as ever,
+    /// but a reconnect token keeps its `userId` only on the node that issued it.
+    #[arg(
+        long,
+        env = "GATEWAY_SESSION_SECRET",
+        conflicts_with = "session_secret_file",
+        hide_env_values = true
+    )]
+    pub session_secret: Option<Secret>,
+
+    /// The same, read from a file (surrounding whitespace ignored).
+    #[arg(long, env = "GATEWAY_SESSION_SECRET_FILE")]
+    pub session_secret_file: Option<std::path::PathBuf>,
+
     /// Authentication, allowed origins and abuse limits (see docs/security.md).
     #[command(flatten)]
     pub security: crate::security::gate::SecurityArgs,
+
+    /// The server API (see docs/api.md).
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// The server API (`/api/`), through which the application's backend publishes, reads and
+/// moderates.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// The key the application's backend sends as `Authorization: Bearer <key>` (at least 16
+    /// bytes). Without a key (or key file) the server API is off. Prefer the environment
+    /// variable or the file: command lines are visible to other local users.
+    #[arg(long, env = "GATEWAY_API_KEY", conflicts_with = "api_key_file")]
+    pub api_key: Option<ApiKey>,
+
+    /// The same, read from a file (surrounding whitespace ignored).
+    #[arg(long, env = "GATEWAY_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+
+    /// Largest request body the server API reads, in bytes; a larger one is refused (413).
+    #[arg(long, env = "GATEWAY_API_MAX_BODY_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub api_max_body_bytes: u32,
+
+    /// Most rooms one `POST /api/broadcast` may name.
+    #[arg(long, env = "GATEWAY_API_MAX_BROADCAST_ROOMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub api_max_broadcast_rooms: u32,
 }
 
 /// A configuration that parses but cannot work.
@@ -187,6 +234,12 @@ pub enum ConfigError {
     /// The Redis key prefix would break the keys' hash tags.
     #[error("--redis-prefix must not contain braces")]
     PrefixWithBraces,
+    /// The session secret is unusable (too short), or no random one could be made.
+    #[error(transparent)]
+    Secret(#[from] TokenError),
+    /// The server API key is too easy to guess.
+    #[error("the server API key must be at least {} bytes", ApiKey::MIN_BYTES)]
+    ApiKeyTooShort,
 }
 
 impl Config {
@@ -262,6 +315,58 @@ impl Config {
             max_age: self.history_max_age,
             dedup_window: self.dedup_window,
         }
+    }
+
+    /// The server API's settings: its key (none: the API is off) and its limits.
+    pub fn api(&self) -> Result<ApiSettings, ConfigError> {
+        let key = match (&self.api.api_key, &self.api.api_key_file) {
+            (Some(key), _) => Some(key.clone()),
+            (None, Some(path)) => Some(ApiKey::from(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Unreadable {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim(),
+            )),
+            (None, None) => None,
+        };
+        if key.as_ref().is_some_and(ApiKey::too_short) {
+            return Err(ConfigError::ApiKeyTooShort);
+        }
+        Ok(ApiSettings {
+            key,
+            max_body_bytes: self.api.api_max_body_bytes as usize,
+            max_broadcast_rooms: self.api.api_max_broadcast_rooms as usize,
+            max_chat_bytes: self.max_chat_bytes as usize,
+        })
+    }
+
+    /// The signer of session and reconnect tokens: under the configured secret, else a random
+    /// one of this node's.
+    pub fn signer(&self) -> Result<Signer, ConfigError> {
+        let secret = match (&self.session_secret, &self.session_secret_file) {
+            (Some(secret), _) => {
+                return Signer::new(secret.as_bytes()).map_err(ConfigError::Secret);
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Unreadable {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => {
+                if self.redis_url.is_some() {
+                    tracing::warn!(
+                        "no --session-secret: reconnect tokens keep a userId only on the node \
+                         that issued them; give every node the same secret"
+                    );
+                }
+                return Signer::random().map_err(ConfigError::Secret);
+            }
+        };
+        Signer::new(secret.as_bytes()).map_err(ConfigError::Secret)
     }
 
     /// Redis settings for node `node_id`, when a Redis URL is configured.
@@ -343,6 +448,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.max_frame_bytes, 2000);
+    }
+
+    #[test]
+    fn the_api_is_off_without_a_key_and_a_short_key_is_refused() {
+        let config = Config::try_parse_from(["chat-gateway"]).unwrap();
+        assert!(config.api().unwrap().key.is_none());
+        let short = Config::try_parse_from(["chat-gateway", "--api-key", "short"]).unwrap();
+        assert!(matches!(short.api(), Err(ConfigError::ApiKeyTooShort)));
+        let key = "0123456789abcdef-key";
+        let config = Config::try_parse_from(["chat-gateway", "--api-key", key]).unwrap();
+        assert!(config.api().unwrap().key.is_some());
+        assert!(
+            !format!("{config:?}").contains(key),
+            "the key never shows in debug output"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), format!("{key}\n")).unwrap();
+        let path = file.path().to_str().unwrap();
+        let config = Config::try_parse_from(["chat-gateway", "--api-key-file", path]).unwrap();
+        assert!(config.api().unwrap().key.unwrap().matches(key.as_bytes()));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, History, Outgoing, Published};
@@ -24,10 +25,11 @@ use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::protocol::{
     ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
-    Refusal, Replay, RoomName, ServerFrame, to_json,
+    Refusal, Replay, RoomName, ServerFrame, parse_client_frame, to_json,
 };
 use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
+use crate::rooms::users::Mailbox;
 use crate::security::gate::{ConnectionGuard, Inbound, Throttle};
 use crate::transport::outbox::Outbox;
 use crate::transport::wire::WireFrame;
@@ -77,6 +79,32 @@ pub struct Identity {
     pub default_room: RoomName,
     /// Replay and presence asked for the default room in the handshake.
     pub default_options: JoinOptions,
+    /// How the client is connected, as the welcome frame tells it.
+    pub transport: TransportKind,
+    /// Anonymous mode: the signed token that gives this `userId` back on a reconnect.
+    pub reconnect_token: Option<String>,
+}
+
+/// How a client is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportKind {
+    /// One WebSocket.
+    WebSocket,
+    /// An SSE stream, with client frames in POSTs that carry this session token.
+    Sse {
+        /// The session token handed out in the welcome frame.
+        session: String,
+    },
+}
+
+impl TransportKind {
+    /// The name the welcome frame uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Sse { .. } => "sse",
+        }
+    }
 }
 
 /// Most frames that may wait behind a broker call; while this many wait, the transport stops
@@ -99,6 +127,8 @@ enum Done {
     Left {
         room: RoomName,
         reference: Option<Value>,
+        /// The application removed the connection from the room.
+        kicked: bool,
     },
     Published {
         room: RoomName,
@@ -112,6 +142,13 @@ enum Done {
         room: RoomName,
         reference: Option<Value>,
         result: Result<Vec<PresentUser>, BrokerError>,
+    },
+    History {
+        room: RoomName,
+        since: bool,
+        limit: usize,
+        reference: Option<Value>,
+        result: Result<History, BrokerError>,
     },
 }
 
@@ -127,6 +164,8 @@ pub struct Connection {
     guard: ConnectionGuard,
     running: Option<Running>,
     waiting: VecDeque<ClientFrame>,
+    /// Rooms the application removed this connection from; set once the connection started.
+    mailbox: Option<Arc<Mailbox>>,
 }
 
 impl Connection {
@@ -146,6 +185,7 @@ impl Connection {
             guard,
             running: None,
             waiting: VecDeque::new(),
+            mailbox: None,
         }
     }
 
@@ -158,8 +198,19 @@ impl Connection {
             node: &self.context.node_id,
             room: &self.identity.default_room,
             protocol: PROTOCOL_VERSION,
+            transport: self.identity.transport.as_str(),
+            session: match &self.identity.transport {
+                TransportKind::Sse { session } => Some(session),
+                TransportKind::WebSocket => None,
+            },
+            reconnect_token: self.identity.reconnect_token.as_deref(),
         };
         self.send(to_json(&welcome));
+        self.mailbox = Some(self.context.hub.users().register(
+            &self.identity.user_id,
+            self.conn,
+            self.outbox.clone(),
+        ));
         let room = self.identity.default_room.clone();
         let options = self.identity.default_options.clone();
         self.running = Some(self.join_call(room, options, None, true));
@@ -178,6 +229,19 @@ impl Connection {
             }
             Throttle::Close(reason) => Err(reason),
         }
+    }
+
+    /// Handles one text frame as the client sent it: spends the rate limits, parses it, then
+    /// handles it or answers its refusal. `Err` when the limits close the connection.
+    pub fn receive_text(&mut self, text: &str) -> Result<(), Disconnect> {
+        if !self.throttle(Inbound::Text(text))? {
+            return Ok(());
+        }
+        match parse_client_frame(text, self.context.limits.max_chat_bytes) {
+            Ok(frame) => self.receive(frame),
+            Err(refusal) => self.refuse(refusal),
+        }
+        Ok(())
     }
 
     /// Handles one client frame now, or queues it behind the broker call under way.
@@ -207,27 +271,68 @@ impl Connection {
         self.waiting.len() >= MAX_WAITING
     }
 
-    /// Drives the broker call under way; ready when one (or more) finished and was answered.
+    /// Drives the broker call under way, and starts what comes next once none is: a room the
+    /// application removed the connection from, then the frames that waited. Ready when a
+    /// call (or more) finished and was answered.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut finished = false;
-        while let Some(running) = &mut self.running {
+        loop {
+            while self.running.is_none() {
+                if let Some(room) = self.next_kick(cx) {
+                    self.begin_kick(room);
+                } else if let Some(next) = self.waiting.pop_front() {
+                    self.begin(next);
+                } else {
+                    break;
+                }
+            }
+            let Some(running) = &mut self.running else {
+                break;
+            };
             let Poll::Ready(done) = running.as_mut().poll(cx) else {
                 break;
             };
             self.running = None;
             finished = true;
             self.apply(done);
-            while self.running.is_none()
-                && let Some(next) = self.waiting.pop_front()
-            {
-                self.begin(next);
-            }
         }
         if finished {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
+    }
+
+    /// A room the application removed this connection from, if one waits.
+    fn next_kick(&self, cx: &mut Context<'_>) -> Option<RoomName> {
+        match self.mailbox.as_ref()?.poll_kick(cx) {
+            Poll::Ready(room) => Some(room),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Leaves a room because the application said so; the client is told with a `left` frame
+    /// marked `kicked`, after which nothing more of the room reaches it.
+    fn begin_kick(&mut self, room: RoomName) {
+        // Not in it (any more): nothing to do. A join of it still waiting comes after this.
+        if let Some(index) = self.rooms.iter().position(|joined| *joined == room) {
+            self.begin_leave(index, None, true);
+        }
+    }
+
+    /// Starts leaving the `index`th of the connection's rooms.
+    fn begin_leave(&mut self, index: usize, reference: Option<Value>, kicked: bool) {
+        let room = self.rooms.swap_remove(index);
+        let hub = self.context.hub.clone();
+        let (conn, user_id) = (self.conn, self.identity.user_id.clone());
+        self.running = Some(Box::pin(async move {
+            hub.leave(&room, conn, &user_id).await;
+            Done::Left {
+                room,
+                reference,
+                kicked,
+            }
+        }));
     }
 
     /// Ready once the connection's token has expired (never in anonymous mode).
@@ -239,6 +344,12 @@ impl Connection {
     /// otherwise leave a member, or a presence entry, behind), drops what waits, and leaves
     /// every room.
     pub async fn finish(&mut self) {
+        if self.mailbox.take().is_some() {
+            self.context
+                .hub
+                .users()
+                .unregister(&self.identity.user_id, self.conn);
+        }
         self.waiting.clear();
         if let Some(running) = self.running.take() {
             let done = running.await;
@@ -315,13 +426,7 @@ impl Connection {
                     );
                     return;
                 };
-                self.rooms.swap_remove(index);
-                let hub = self.context.hub.clone();
-                let (conn, user_id) = (self.conn, self.identity.user_id.clone());
-                self.running = Some(Box::pin(async move {
-                    hub.leave(&room, conn, &user_id).await;
-                    Done::Left { room, reference }
-                }));
+                self.begin_leave(index, reference, false);
             }
             ClientFrame::Presence { room, reference } => {
                 let hub = self.context.hub.clone();
@@ -329,6 +434,31 @@ impl Connection {
                     let result = hub.presence(&room).await;
                     Done::Presence {
                         room,
+                        reference,
+                        result,
+                    }
+                }));
+            }
+            ClientFrame::History {
+                room,
+                replay,
+                limit,
+                reference,
+            } => {
+                // Reading a room's history is as much as being in it: the token's room
+                // claims apply.
+                if let Err(refusal) = self.guard.may_join(&room) {
+                    self.refuse(refusal.with_ref(reference));
+                    return;
+                }
+                let hub = self.context.hub.clone();
+                let since = matches!(replay, Replay::Since { .. });
+                self.running = Some(Box::pin(async move {
+                    let result = hub.history(&room, &replay).await;
+                    Done::History {
+                        room,
+                        since,
+                        limit,
                         reference,
                         result,
                     }
@@ -479,10 +609,20 @@ impl Connection {
                     self.outbox.uncork();
                 }
             }
-            Done::Left { room, reference } => self.send(to_json(&ServerFrame::Left {
-                room: &room,
-                reference: reference.as_ref(),
-            })),
+            Done::Left {
+                room,
+                reference,
+                kicked,
+            } => {
+                let notice =
+                    kicked.then(|| format!("removed from room `{room}` by the application"));
+                self.send(to_json(&ServerFrame::Left {
+                    room: &room,
+                    kicked,
+                    message: notice.as_deref(),
+                    reference: reference.as_ref(),
+                }))
+            }
             Done::Published {
                 room,
                 cid,
@@ -535,7 +675,53 @@ impl Connection {
                     );
                 }
             },
+            Done::History {
+                room,
+                since,
+                limit,
+                reference,
+                result,
+            } => match result {
+                Ok(history) => self.send_history(&room, since, limit, reference.as_ref(), history),
+                Err(error) => {
+                    tracing::warn!(%room, %error, "history query failed");
+                    self.refuse(
+                        Refusal::new(ErrorCode::Unavailable, "history is unavailable; try again")
+                            .with_ref(reference),
+                    );
+                }
+            },
         }
+    }
+
+    /// Answers a `history` frame: at most `limit` messages, the oldest first (for `since`, the
+    /// first ones after it: the client asks again from the last for more).
+    fn send_history(
+        &self,
+        room: &RoomName,
+        since: bool,
+        limit: usize,
+        reference: Option<&Value>,
+        history: History,
+    ) {
+        let entries = &history.entries[..history.entries.len().min(limit)];
+        // Every stored frame is the JSON object members received; one that is not (a foreign
+        // writer) is left out rather than breaking the answer.
+        let messages: Vec<&RawValue> = entries
+            .iter()
+            .filter_map(|(_, frame)| {
+                std::str::from_utf8(frame.as_bytes())
+                    .ok()
+                    .and_then(|text| serde_json::from_str(text).ok())
+            })
+            .collect();
+        self.send(to_json(&ServerFrame::History {
+            room,
+            epoch: history.epoch,
+            recovered: since.then_some(history.complete),
+            messages: &messages,
+            reference,
+        }));
     }
 
     fn send_joined(&self, room: &RoomName, reference: Option<&Value>) {
@@ -567,18 +753,18 @@ impl Connection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::task::Poll;
 
     use serde_json::{Value, json};
 
     use super::*;
     use crate::broker::HistorySettings;
-    use crate::protocol::parse_client_frame;
     use crate::rooms::hub::HubSettings;
     use crate::transport::outbox::{MemorySocket, in_memory};
 
-    fn node() -> Arc<NodeContext> {
+    /// A node with the in-process broker and small limits, for tests of what runs on one.
+    pub(crate) fn node() -> Arc<NodeContext> {
         let settings = HubSettings {
             history: HistorySettings {
                 max_len: 100,
@@ -613,6 +799,8 @@ mod tests {
             name: None,
             default_room: RoomName::parse("lobby").unwrap(),
             default_options: JoinOptions::PLAIN,
+            transport: TransportKind::WebSocket,
+            reconnect_token: None,
         };
         let guard = ConnectionGuard::unrestricted(user);
         let core = Connection::new(identity, outbox, node.clone(), guard);
@@ -725,5 +913,71 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn the_applications_commands_remove_a_user_from_a_room_and_close_them() {
+        use crate::broker::Command;
+        let node = node();
+        let news = RoomName::parse("news").unwrap();
+        let (mut alice, alice_socket) = connect(&node, "alice");
+        let (mut bob, bob_socket) = connect(&node, "bob");
+        for core in [&mut alice, &mut bob] {
+            core.start();
+            settle(core).await;
+            send(core, json!({"type":"join","room":"news","ref":1})).await;
+        }
+        frames(&alice_socket);
+        frames(&bob_socket);
+
+        let kick = Command::Kick {
+            room: news.to_string(),
+            user_id: "alice".into(),
+        };
+        assert_eq!(
+            node.hub.command(&kick).await.unwrap(),
+            1,
+            "this node is all"
+        );
+        settle(&mut alice).await;
+        assert_eq!(
+            frames(&alice_socket),
+            [json!({"type":"left","room":"news","kicked":true,
+                    "message":"removed from room `news` by the application"})]
+        );
+        let present = node.hub.presence(&news).await.unwrap();
+        assert_eq!(
+            present
+                .iter()
+                .map(|u| u.user_id.as_str())
+                .collect::<Vec<_>>(),
+            ["bob"]
+        );
+        send(
+            &mut bob,
+            json!({"type":"message","room":"news","message":"after","ref":2}),
+        )
+        .await;
+        settle(&mut alice).await;
+        assert!(frames(&alice_socket).is_empty(), "nothing more of the room");
+        assert!(bob_socket.close_requested().is_none());
+
+        let disconnect = Command::Disconnect {
+            user_id: "alice".into(),
+            reason: Some("banned".into()),
+        };
+        node.hub.command(&disconnect).await.unwrap();
+        assert_eq!(
+            frames(&alice_socket),
+            [json!({"type":"disconnect","code":4004,"reason":"banned","message":"banned"})]
+        );
+        assert_eq!(
+            alice_socket.close_requested(),
+            Some(Disconnect::ByApplication)
+        );
+        assert!(bob_socket.close_requested().is_none(), "only that user");
+        alice.finish().await;
+        assert_eq!(node.hub.users().connections("alice"), 0);
+        bob.finish().await;
     }
 }

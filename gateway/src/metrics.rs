@@ -47,6 +47,8 @@ const SHUTTING_DOWN: &str = "shutting_down";
 
 static PROCESS: LazyLock<metrics_process::Collector> =
     LazyLock::new(metrics_process::Collector::default);
+const API_REQUESTS: &str = "chat_api_requests_total";
+const API_REQUEST_SECONDS: &str = "chat_api_request_seconds";
 
 /// Latency buckets in seconds: fine below 10 ms, where a healthy cluster lives, then coarse.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -66,6 +68,7 @@ pub fn recorder(node_id: &str) -> Result<PrometheusRecorder, BuildError> {
             Matcher::Full(FANOUT_LATENCY_SECONDS.into()),
             LATENCY_BUCKETS,
         )?
+        .set_buckets_for_metric(Matcher::Full(API_REQUEST_SECONDS.into()), LATENCY_BUCKETS)?
         .build_recorder())
 }
 
@@ -161,6 +164,15 @@ fn describe() {
         BROKER_REPAIRS,
         "Gap repairs of a room from history, by outcome: repaired, failed (retried), resync \
          (members closed with 4002 to resume)"
+    );
+    describe_counter!(
+        API_REQUESTS,
+        "Server API calls, by route template and HTTP status"
+    );
+    describe_histogram!(
+        API_REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer a server API call, by route template"
     );
     describe_counter!(
         PANICS,
@@ -372,4 +384,12 @@ pub fn policy_close(reason: PolicyClose) {
 /// A task panicked.
 pub fn panicked() {
     counter!(PANICS).increment(1);
+}
+
+/// A server API call to `route` (its template, e.g. `/api/rooms/{room}/history`) was answered
+/// with `status` after `elapsed`.
+pub fn api_request(route: &str, status: u16, elapsed: Duration) {
+    counter!(API_REQUESTS, "route" => route.to_owned(), "status" => status.to_string())
+        .increment(1);
+    histogram!(API_REQUEST_SECONDS, "route" => route.to_owned()).record(elapsed.as_secs_f64());
 }

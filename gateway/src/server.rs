@@ -16,9 +16,11 @@ use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::connection::NodeContext;
 use crate::http::AppState;
+use crate::http::api::Api;
 use crate::protocol::close::Disconnect;
 use crate::rooms::hub::Hub;
 use crate::security::gate::{Gate, SecurityError};
+use crate::transport::sse::Relay;
 
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -55,25 +57,37 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     stop: impl Future<Output = Disconnect>,
 ) -> Result<(), ServerError> {
+    let api_settings = config.api()?;
+    let signer = config.signer()?;
     let hub = Hub::start(config.hub_settings(), config.redis(&node_id)?.as_ref())?;
     let shutdown = CancellationToken::new();
     let shutdown_reason = Arc::new(OnceLock::new());
     let gate = Arc::new(Gate::new(&config.security)?);
     gate.log_settings(&config.security);
     gate.spawn_upkeep(shutdown.clone());
+    let node_id: Arc<str> = node_id.into();
+    let relay = Relay::start(node_id.clone(), signer.clone(), hub.clone());
+    let node = Arc::new(NodeContext {
+        hub: hub.clone(),
+        node_id,
+        limits: config.connection_limits(),
+        shutdown: shutdown.clone(),
+        shutdown_reason: shutdown_reason.clone(),
+    });
+    let api = Api::new(api_settings, node.clone());
+    api.log_settings();
     let state = Arc::new(AppState {
-        node: Arc::new(NodeContext {
-            hub: hub.clone(),
-            node_id: node_id.into(),
-            limits: config.connection_limits(),
-            shutdown: shutdown.clone(),
-            shutdown_reason: shutdown_reason.clone(),
-        }),
+        node,
         websocket: config.websocket(),
         sessions: TaskTracker::new(),
         metrics: metrics.clone(),
         gate,
         meters: Arc::new(crate::metrics::TransportMeters::new()),
+        api,
+        signer,
+        relay,
+        // A POST carries frames a WebSocket would send one by one, each up to this size.
+        max_post_bytes: config.max_frame_bytes as usize * 2,
     });
     if let Some(handle) = metrics {
         tokio::spawn(upkeep(handle, shutdown.clone()));

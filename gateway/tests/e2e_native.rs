@@ -55,12 +55,19 @@ struct Cluster {
     redis_port: u16,
     prometheus_port: u16,
     prometheus: bool,
+    /// `GATEWAY_*` and `CLUSTER_*` settings of this test, for the script and the nodes.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Starts redis, [`NODES`] gateway nodes and nginx, plus Prometheus if asked. A port taken
     /// by someone else between choosing it and binding it is retried with fresh ports.
     fn up(prometheus: bool) -> Cluster {
+        Self::up_with(prometheus, &[])
+    }
+
+    /// [`Cluster::up`] with `GATEWAY_*` and `CLUSTER_*` settings of the test's own.
+    fn up_with(prometheus: bool, env: &[(&str, &str)]) -> Cluster {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             let ports = distinct_free_ports(2 * NODES + 5);
@@ -74,6 +81,10 @@ impl Cluster {
                 node_ports: ports[5..5 + NODES].to_vec(),
                 node_internal_ports: ports[5 + NODES..].to_vec(),
                 prometheus,
+                env: env
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                    .collect(),
             };
             // The guard exists before `up` runs: whatever `up` leaves behind is stopped.
             let output = cluster.script(&["up"]);
@@ -109,6 +120,7 @@ impl Cluster {
                 command.env_remove(name.as_ref());
             }
         }
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
         command
             .env_remove("REDIS_URL")
             .env("PATH", search_path())

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::scenarios::{messages, texts};
 use common::traffic::{Live, Traffic};
-use common::{Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, wait_until};
+use common::{
+    Client, Ended, Gateway, Node, PATIENCE, Persistence, Redis, messages, texts, wait_until,
+};
 use serde_json::json;
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Command line: one subcommand per scenario (`fanout`, `idle`, `storm`), shared target and
+//! Command line: one subcommand per scenario (`fanout`, `idle`, `storm`, `api`), shared target and
 //! output options. Every option can also come from a `LOADGEN_*` environment variable.
 
 use std::time::Duration;
@@ -36,6 +36,9 @@ pub enum Scenario {
     Idle(IdleArgs),
     /// Open N connections as fast as a concurrency limit allows; report accepted/s.
     Storm(StormArgs),
+    /// Publish through the gateway's server API (`POST /api/publish`) into one room whose
+    /// WebSocket members receive; report publishes/s and the latency to the members.
+    Api(ApiArgs),
 }
 
 /// Where to connect and how.
@@ -207,6 +210,60 @@ pub struct StormArgs {
     /// How long to keep the connections after the storm, before closing them.
     #[arg(long, env = "LOADGEN_HOLD", default_value = "0s", value_parser = parse_duration)]
     pub hold: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Where the members connect (and, unless --api-url says otherwise, the API).
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// The server API key (sent as `Authorization: Bearer`).
+    #[arg(long, env = "LOADGEN_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+
+    /// The node whose API is called, e.g. http://127.0.0.1:8080 (default: the first --url's
+    /// host and port).
+    #[arg(long, env = "LOADGEN_API_URL")]
+    pub api_url: Option<String>,
+
+    /// WebSocket members of the room (spread over the URLs); each receives every publish.
+    #[arg(long, short = 'm', env = "LOADGEN_MEMBERS", default_value_t = 10)]
+    pub members: usize,
+
+    /// Callers publishing at once, each on its own keep-alive connection.
+    #[arg(long, short = 'c', env = "LOADGEN_CALLERS", default_value_t = 8)]
+    pub callers: usize,
+
+    /// Publishes per second across all callers (0: each caller as fast as it is answered).
+    #[arg(long, env = "LOADGEN_RATE", default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// Sending time.
+    #[arg(long, short = 'd', env = "LOADGEN_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Most publishes in all, whatever the time.
+    #[arg(long, env = "LOADGEN_MAX_PUBLISHES", default_value_t = 200_000)]
+    pub max_publishes: u64,
+
+    /// Chat message size in bytes (the probe is padded to it).
+    #[arg(long, env = "LOADGEN_SIZE", default_value_t = 64)]
+    pub size: usize,
+
+    /// Give every publish a `cid` (the server then checks it against recent ones).
+    #[arg(long, env = "LOADGEN_CID")]
+    pub cid: bool,
+
+    /// Wait after the last publish for what is owed to the members, at most this long.
+    #[arg(long, env = "LOADGEN_DRAIN", default_value = "3s", value_parser = parse_duration)]
+    pub drain: Duration,
+
+    /// Pause after the members are connected, before publishing.
+    #[arg(long, env = "LOADGEN_SETTLE", default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
 }
 
 /// Parse `10`, `10s`, `500ms`, `2m`, `1.5s` (a bare number is seconds).

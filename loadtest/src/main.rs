@@ -26,6 +26,7 @@ fn main() -> Result<()> {
         Scenario::Fanout(a) => a.clients,
         Scenario::Idle(_) => 0,
         Scenario::Storm(a) => a.layout.connections,
+        Scenario::Api(a) => a.members + a.callers,
     } as u64;
     match sys::raise_nofile_limit() {
         Ok(limit) if limit < wanted + 64 => eprintln!(
@@ -51,6 +52,7 @@ fn main() -> Result<()> {
                 Scenario::Fanout(a) => scenarios::fanout::run(a).await,
                 Scenario::Idle(a) => scenarios::idle::run(a).await,
                 Scenario::Storm(a) => scenarios::storm::run(a).await,
+                Scenario::Api(a) => scenarios::api::run(a).await,
             }
         };
         tokio::select! {

@@ -126,6 +126,73 @@ pub struct StormReport {
     pub loadgen_cpu_s: f64,
 }
 
+/// The API scenario (`chat-loadgen api`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiReport {
+    pub scenario: &'static str,
+    pub api_url: String,
+    pub urls: Vec<String>,
+    pub room: String,
+    pub members: u64,
+    pub callers: u64,
+    /// Publishes per second asked for; `None`: as fast as answers come.
+    pub rate: Option<f64>,
+    pub payload_bytes: usize,
+    pub duration_s: f64,
+    pub published: u64,
+    /// Calls that did not publish, by cause (`http_503`, `reset`, ...).
+    pub failed: BTreeMap<String, u64>,
+    pub published_per_s: f64,
+    /// From writing a call to reading its whole answer.
+    pub call_latency_us: LatencySummary,
+    #[serde(flatten)]
+    pub loss: LossSummary,
+    /// From writing a call to a member reading the message, per member.
+    pub delivery_latency_us: LatencySummary,
+    pub disconnects: BTreeMap<String, u64>,
+    pub processes: Vec<ProcUsage>,
+    pub loadgen_cpu_s: f64,
+    pub connect: ConnectReport,
+}
+
+impl ApiReport {
+    pub fn human(&self) -> String {
+        let rate = self
+            .rate
+            .map_or_else(|| "as fast as answered".to_owned(), |r| format!("{r}/s"));
+        let mut s = String::new();
+        let lines = [
+            format!(
+                "== api: {} callers publishing into {} ({} members), {rate}, {} B, {:.1}s",
+                self.callers, self.room, self.members, self.payload_bytes, self.duration_s
+            ),
+            format!(
+                "published {} ({:.0}/s), failed {}",
+                self.published,
+                self.published_per_s,
+                fmt_map(&self.failed)
+            ),
+            format!("call      {}", fmt_latency(&self.call_latency_us)),
+            format!(
+                "delivered {} of {} ({:.4}), lost {}, duplicates {}",
+                self.loss.delivered,
+                self.loss.expected,
+                self.loss.delivery_ratio,
+                self.loss.lost,
+                self.loss.duplicates
+            ),
+            format!("delivery  {}", fmt_latency(&self.delivery_latency_us)),
+            format!("closed    {}", fmt_map(&self.disconnects)),
+            format!("loadgen   cpu {:.3}s", self.loadgen_cpu_s),
+        ];
+        for line in lines {
+            let _ = writeln!(s, "{line}");
+        }
+        fmt_procs(&mut s, &self.processes);
+        s
+    }
+}
+
 /// Print a report: JSON on one line, or the human rendering.
 pub fn emit<T: Serialize>(report: &T, json: bool, human: impl FnOnce(&T) -> String) {
     if json {

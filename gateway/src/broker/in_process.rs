@@ -7,7 +7,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::{
-    Delivery, DeliveryKind, History, HistorySettings, Outgoing, Published, Retained, SharedInbox,
+    Command, CommandHandler, Delivery, DeliveryKind, History, HistorySettings, Outgoing, Published,
+    Retained, SharedInbox,
 };
 use crate::clock::now_micros;
 use crate::protocol::{
@@ -23,6 +24,8 @@ pub struct InProcessBroker {
     epoch: Epoch,
     rooms: Mutex<HashMap<RoomName, RoomLog>>,
     presence: Mutex<HashMap<RoomName, BTreeMap<String, Option<String>>>>,
+    /// Carries out the commands sent to every node: here, only this one.
+    commands: CommandHandler,
 }
 
 /// One room's history.
@@ -87,15 +90,22 @@ impl RoomLog {
 }
 
 impl InProcessBroker {
-    /// A broker delivering into `inbox`.
-    pub fn new(inbox: SharedInbox, settings: HistorySettings) -> Self {
+    /// A broker delivering into `inbox` and handing commands to `commands`.
+    pub fn new(inbox: SharedInbox, settings: HistorySettings, commands: CommandHandler) -> Self {
         InProcessBroker {
             inbox,
             settings,
             epoch: Epoch::random(),
             rooms: Mutex::default(),
             presence: Mutex::default(),
+            commands,
         }
+    }
+
+    /// Carries out a command at once: this node is every node. Returns how many nodes got it.
+    pub(super) fn send_command(&self, command: &Command) -> usize {
+        (self.commands)(command.clone());
+        1
     }
 
     pub(super) fn publish(&self, room: &RoomName, message: Outgoing) -> Published {

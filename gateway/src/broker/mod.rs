@@ -5,13 +5,21 @@
 //! [`RedisBroker`] for a cluster sharing rooms through Redis (pub/sub for delivery, a stream per
 //! room for history, sorted sets for presence). Either way, messages come back to the node
 //! through its [`Inbox`], so fan-out never knows which broker is in use.
+//!
+//! The broker also carries [`Command`]s, what the application's backend decides about a user, to
+//! every node; each hands them to the [`CommandHandler`] it was started with. And it carries
+//! messages for one node to that node's inbox ([`direct`]), handed to its [`DirectHandler`].
 
+mod control;
+mod direct;
 mod in_process;
 mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use control::{Command, CommandHandler};
+pub use direct::DirectHandler;
 pub use in_process::InProcessBroker;
 pub use redis::{KeySpace, RedisBroker, RedisSettings};
 
@@ -183,9 +191,9 @@ pub fn partition_of(room: &str, count: usize) -> usize {
 
 /// The node's broker: in-process or Redis.
 pub enum Broker {
-    /// Single node, no Redis.
-    InProcess(InProcessBroker),
-    /// Cluster through Redis (boxed: it is much larger, and there is one per node).
+    /// Single node, no Redis (boxed, as is the other: there is one per node).
+    InProcess(Box<InProcessBroker>),
+    /// Cluster through Redis.
     Redis(Box<RedisBroker>),
 }
 
@@ -289,6 +297,24 @@ impl Broker {
                 Ok(())
             }
             Broker::Redis(broker) => broker.presence_heartbeat(rooms).await,
+        }
+    }
+
+    /// Sends a command to every node, this one included, each of which hands it to the
+    /// [`CommandHandler`] it was started with; returns how many nodes received it.
+    pub async fn send_command(&self, command: &Command) -> Result<usize, BrokerError> {
+        match self {
+            Broker::InProcess(broker) => Ok(broker.send_command(command)),
+            Broker::Redis(broker) => broker.send_command(command).await,
+        }
+    }
+
+    /// Sends `payload` to node `node`'s inbox; returns how many nodes received it (0: no such
+    /// node is listening). The in-process broker is the only node: nothing to send to.
+    pub async fn send_to_node(&self, node: &str, payload: String) -> Result<usize, BrokerError> {
+        match self {
+            Broker::InProcess(_) => Ok(0),
+            Broker::Redis(broker) => broker.send_to_node(node, payload).await,
         }
     }
 

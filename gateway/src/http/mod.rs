@@ -1,29 +1,35 @@
-//! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the demo page, health,
-//! readiness and metrics. Owns routing, which routes are public and which internal, and
-//! handshake validation up to the upgrade (a node that is not ready refuses before upgrading);
-//! knows nothing of frame formats.
+//! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the SSE fallback (`/sse`,
+//! `/sse/send`, see [`sse`]), the demo page, health, readiness and metrics. Owns routing, which
+//! routes are public and which internal, and handshake validation up to the upgrade (or the
+//! event stream; a node that is not ready refuses before either); knows nothing of frame
+//! formats.
 //!
-//! Internal routes (`/metrics`; the server API under `/api/` plugs in beside it as its own
-//! router) are for operators and the application's backend, never for the public: with
+//! Internal routes (`/metrics`, and the server API under `/api/`, a router of its own:
+//! [`api`]) are for operators and the application's backend, never for the public: with
 //! `--internal-listen` they are served only on that listener, otherwise on the one listener
 //! with everything else, and the load balancer keeps them private.
+
+pub mod api;
+pub mod sse;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::connection::{Identity, NodeContext};
+use crate::connection::{Identity, NodeContext, TransportKind};
 use crate::metrics::TransportMeters;
 use crate::protocol::{JoinOptions, Offset, Replay, RoomName, validate_display_name};
-use crate::security::gate::{Gate, Handshake};
+use crate::security::gate::{Admission, ConnectionGuard, Gate, Handshake, Refused};
+use crate::security::tokens::Signer;
+use crate::transport::sse::Relay;
 use crate::transport::upgrade::{UpgradeRejection, WebSocketRequest};
 use crate::transport::websocket;
 
@@ -48,34 +54,49 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Authentication, origin and limit checks for handshakes.
     pub gate: Arc<Gate>,
+    /// The server API (`/api/`).
+    pub api: Arc<api::Api>,
+    /// Signs reconnect tokens and SSE session tokens.
+    pub signer: Signer,
+    /// This node's SSE sessions, and the way to every other node's.
+    pub relay: Arc<Relay>,
+    /// Largest body a `POST /sse/send` may have.
+    pub max_post_bytes: usize,
     /// The node's byte counters and backlog gauge, shared by every connection.
     pub meters: Arc<TransportMeters>,
 }
 
-/// The router of a node's public listener: the WebSocket endpoint, the demo page, health and
+/// The router of a node's public listener: the chat endpoints, the demo page, health and
 /// readiness, and the internal routes too unless `internal_apart` (they have a listener of
 /// their own).
 pub fn router(state: Arc<AppState>, internal_apart: bool) -> Router {
     let public = Router::new()
         .route("/", any(index))
         .route("/ws", any(websocket_endpoint))
+        .route("/sse", get(sse::open))
+        .route(
+            "/sse/send",
+            post(sse::send).layer(DefaultBodyLimit::max(state.max_post_bytes)),
+        )
         .merge(probes());
     let public = if internal_apart {
         public
     } else {
-        public.merge(internal_routes())
+        public.merge(internal_routes(&state))
     };
     public.with_state(state)
 }
 
 /// The router of a node's internal listener: the internal routes, health and readiness.
 pub fn internal_router(state: Arc<AppState>) -> Router {
-    internal_routes().merge(probes()).with_state(state)
+    internal_routes(&state).merge(probes()).with_state(state)
 }
 
 /// What operators and the application's backend use, never the public.
-fn internal_routes() -> Router<Arc<AppState>> {
-    Router::new().route("/metrics", get(render_metrics))
+fn internal_routes(state: &AppState) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .nest("/api", api::router(state.api.clone()))
 }
 
 /// Liveness and readiness, on every listener: probes may use either.
@@ -96,6 +117,8 @@ pub struct ConnectParams {
     epoch: Option<String>,
     /// Receive presence events for the default room.
     presence: Option<bool>,
+    /// Anonymous mode: a reconnect token from an earlier welcome, to keep its `userId`.
+    reconnect: Option<String>,
 }
 
 async fn index(
@@ -133,39 +156,11 @@ fn accept(
     handshake: &Handshake,
     upgrade: WebSocketRequest,
 ) -> Response {
-    // Refused before the upgrade, so a load balancer can still pass the handshake to another
-    // node (nginx: `proxy_next_upstream http_503`); once upgraded, the client's only way to
-    // another node is to reconnect.
-    let shutting_down = state.node.shutdown.is_cancelled();
-    if shutting_down || !state.node.hub.is_ready() {
-        crate::metrics::handshake_unavailable(shutting_down);
-        let (retry_after, why) = if shutting_down {
-            ("1", "node is shutting down")
-        } else {
-            // fred's reconnect backoff tops out at 5s.
-            ("5", "node is not ready: the broker is unavailable")
-        };
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, retry_after)],
-            why,
-        )
-            .into_response();
-    }
-    let admission = match state.gate.admit(handshake) {
-        Ok(admission) => admission,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let identity = match identity(params, admission.user_id()) {
-        Ok(identity) => identity,
-        Err(reason) => return (StatusCode::BAD_REQUEST, reason).into_response(),
-    };
-    let guard = match state
-        .gate
-        .guard(admission, &identity.user_id, &identity.default_room)
+    let (identity, guard) = match admit(state, handshake)
+        .and_then(|admission| connect(state, params, admission, TransportKind::WebSocket))
     {
-        Ok(guard) => guard,
-        Err(refusal) => return refusal.into_response(),
+        Ok(admitted) => admitted,
+        Err(refused) => return refused.into_response(),
     };
     let node = state.node.clone();
     let config = state.websocket;
@@ -180,18 +175,104 @@ fn accept(
     })
 }
 
-/// The connection's identity: the token's subject when authenticated, else a fresh id.
-fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, String> {
+/// Why a new connection was turned away, whatever its transport.
+enum NotAdmitted {
+    /// The node is shutting down (503).
+    ShuttingDown,
+    /// The node's broker is unavailable (503).
+    NotReady,
+    /// The gate said no (429, 503, 403, 401).
+    Gate(Refused),
+    /// A parameter is invalid (400).
+    Invalid(String),
+}
+
+impl IntoResponse for NotAdmitted {
+    fn into_response(self) -> Response {
+        match self {
+            NotAdmitted::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                "node is shutting down",
+            )
+                .into_response(),
+            // fred's reconnect backoff tops out at 5s.
+            NotAdmitted::NotReady => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "node is not ready: the broker is unavailable",
+            )
+                .into_response(),
+            NotAdmitted::Gate(refused) => refused.into_response(),
+            NotAdmitted::Invalid(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+        }
+    }
+}
+
+/// The gate's checks every new connection passes first, whatever its transport: the node is
+/// not shutting down, and the client's address, the node's capacity, the origin and the token
+/// allow it.
+///
+/// A node that is not ready refuses before upgrading (or opening the stream), so a load
+/// balancer can still pass the request to another node (nginx: `proxy_next_upstream
+/// http_503`); once upgraded, the client's only way to another node is to reconnect.
+fn admit(state: &AppState, handshake: &Handshake) -> Result<Admission, NotAdmitted> {
+    let shutting_down = state.node.shutdown.is_cancelled();
+    if shutting_down || !state.node.hub.is_ready() {
+        crate::metrics::handshake_unavailable(shutting_down);
+        return Err(if shutting_down {
+            NotAdmitted::ShuttingDown
+        } else {
+            NotAdmitted::NotReady
+        });
+    }
+    state.gate.admit(handshake).map_err(NotAdmitted::Gate)
+}
+
+/// An admitted connection's identity (from its parameters) and its guard (from its token).
+fn connect(
+    state: &AppState,
+    params: ConnectParams,
+    admission: Admission,
+    transport: TransportKind,
+) -> Result<(Identity, ConnectionGuard), NotAdmitted> {
+    let identity = identity(params, admission.user_id(), &state.signer, transport)
+        .map_err(NotAdmitted::Invalid)?;
+    let guard = state
+        .gate
+        .guard(admission, &identity.user_id, &identity.default_room)
+        .map_err(NotAdmitted::Gate)?;
+    Ok((identity, guard))
+}
+
+/// The connection's identity: the token's subject when authenticated; in anonymous mode the
+/// `userId` a valid reconnect token names, else a fresh id.
+fn identity(
+    params: ConnectParams,
+    user_id: Option<&str>,
+    signer: &Signer,
+    transport: TransportKind,
+) -> Result<Identity, String> {
     let default_room = RoomName::parse(params.room.as_deref().unwrap_or(DEFAULT_ROOM))
         .map_err(|refusal| format!("invalid room: {}", refusal.reason))?;
     if let Some(name) = &params.name {
         validate_display_name(name)
             .map_err(|refusal| format!("invalid name: {}", refusal.reason))?;
     }
-    let user_id = user_id.map(str::to_owned).unwrap_or_else(|| {
-        let random = uuid::Uuid::new_v4().simple().to_string();
-        format!("u-{}", &random[..12])
-    });
+    let anonymous = user_id.is_none();
+    let user_id = match user_id {
+        Some(user_id) => user_id.to_owned(),
+        // A token this deployment did not sign (another deployment's, an old secret's) is no
+        // reason to refuse a client that may connect anyway: it gets a fresh id.
+        None => params
+            .reconnect
+            .as_deref()
+            .and_then(|token| signer.verify_reconnect(token))
+            .unwrap_or_else(|| {
+                let random = uuid::Uuid::new_v4().simple().to_string();
+                format!("u-{}", &random[..12])
+            }),
+    };
     let replay = match params.since.as_deref().map(Offset::parse) {
         None => Replay::None,
         Some(Some(offset)) => Replay::Since {
@@ -203,6 +284,7 @@ fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, St
         }
     };
     Ok(Identity {
+        reconnect_token: anonymous.then(|| signer.reconnect_token(&user_id)),
         user_id,
         name: params.name,
         default_room,
@@ -210,6 +292,7 @@ fn identity(params: ConnectParams, user_id: Option<&str>) -> Result<Identity, St
             replay,
             presence: params.presence.unwrap_or(false),
         },
+        transport,
     })
 }
 

@@ -51,6 +51,8 @@ pub enum Disconnect {
     Resync,
     /// The connection's token expired without being refreshed.
     TokenExpired,
+    /// The application closed every connection of the user (`POST /api/disconnect`).
+    ByApplication,
     /// The connection broke: nothing more can be sent, not even a close frame. 1006 is
     /// reserved for exactly this and never appears on the wire.
     ConnectionLost,
@@ -58,7 +60,7 @@ pub enum Disconnect {
 
 impl Disconnect {
     /// Every entry of the catalog.
-    pub const ALL: [Disconnect; 13] = [
+    pub const ALL: [Disconnect; 14] = [
         Disconnect::Normal,
         Disconnect::GoingAway,
         Disconnect::ProtocolError,
@@ -71,6 +73,7 @@ impl Disconnect {
         Disconnect::IdleTimeout,
         Disconnect::Resync,
         Disconnect::TokenExpired,
+        Disconnect::ByApplication,
         Disconnect::ConnectionLost,
     ];
 
@@ -90,6 +93,7 @@ impl Disconnect {
             Disconnect::IdleTimeout => 4001,
             Disconnect::Resync => 4002,
             Disconnect::TokenExpired => 4003,
+            Disconnect::ByApplication => 4004,
         }
     }
 
@@ -109,6 +113,7 @@ impl Disconnect {
             Disconnect::IdleTimeout => "idle timeout",
             Disconnect::Resync => "missed messages could not be repaired; resume",
             Disconnect::TokenExpired => "token expired",
+            Disconnect::ByApplication => "disconnected by the application",
         }
     }
 
@@ -118,7 +123,8 @@ impl Disconnect {
             Disconnect::Normal
             | Disconnect::ProtocolError
             | Disconnect::InvalidPayload
-            | Disconnect::TooBig => Class::Terminal,
+            | Disconnect::TooBig
+            | Disconnect::ByApplication => Class::Terminal,
             Disconnect::GoingAway
             | Disconnect::PolicyViolation
             | Disconnect::ServiceRestart

@@ -217,10 +217,16 @@ fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':')
 }
 
+/// Whether `text` is 1 to `max_chars` characters without control characters: the rule for
+/// display names, user ids and what else is shown to people as a line of text.
+pub fn is_label(text: &str, max_chars: usize) -> bool {
+    let chars = text.chars().count();
+    (1..=max_chars).contains(&chars) && !text.chars().any(char::is_control)
+}
+
 /// Validates a display name: 1 to 64 characters, no control characters.
 pub fn validate_display_name(name: &str) -> Result<(), Refusal> {
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_DISPLAY_NAME_CHARS || name.chars().any(char::is_control) {
+    if !is_label(name, MAX_DISPLAY_NAME_CHARS) {
         return Err(Refusal::new(
             ErrorCode::InvalidFrame,
             format!(
@@ -270,6 +276,18 @@ pub enum ClientFrame {
         message: String,
         /// The client's own id for the message, which makes retries safe.
         cid: Option<ClientId>,
+        /// Echoed in the reply.
+        reference: Option<Value>,
+    },
+    /// `{"type":"history","room":R,"limit":N}`: a page of a room's stored messages, the newest
+    /// `limit` or (with `since`) those after an offset, answered with a `history` frame.
+    History {
+        /// The room asked about.
+        room: RoomName,
+        /// What to read: `Replay::Last(limit)` or `Replay::Since`.
+        replay: Replay,
+        /// Most messages in the answer.
+        limit: usize,
         /// Echoed in the reply.
         reference: Option<Value>,
     },
@@ -396,6 +414,7 @@ fn parse_object(
             })
         }
         "ping" => Ok(ClientFrame::Ping { reference }),
+        "history" => history_request(object, reference),
         "auth" => match object.remove("token") {
             Some(Value::String(token)) if !token.is_empty() => {
                 Ok(ClientFrame::Auth { token, reference })
@@ -445,6 +464,53 @@ fn join_options(object: &Map<String, Value>) -> Result<JoinOptions, Refusal> {
     Ok(JoinOptions { replay, presence })
 }
 
+/// Messages a `history` frame gets when it names no `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+/// A `history` frame: `room`, `limit` (1-1000, default 100), and optionally `since` with
+/// `epoch`.
+fn history_request(
+    object: &Map<String, Value>,
+    reference: Option<Value>,
+) -> Result<ClientFrame, Refusal> {
+    let room = room_field(object)?;
+    let limit = match object.get("limit") {
+        None | Some(Value::Null) => DEFAULT_HISTORY_LIMIT,
+        Some(limit) => match limit.as_u64() {
+            Some(limit) if (1..=MAX_REPLAY_LAST as u64).contains(&limit) => limit as usize,
+            _ => {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidFrame,
+                    format!("field `limit` must be an integer from 1 to {MAX_REPLAY_LAST}"),
+                ));
+            }
+        },
+    };
+    let epoch = match object.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(epoch)) => Some(epoch.clone()),
+        Some(_) => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidFrame,
+                "field `epoch` must be a string",
+            ));
+        }
+    };
+    let replay = match object.get("since") {
+        None | Some(Value::Null) => Replay::Last(limit),
+        Some(since) => Replay::Since {
+            offset: parse_since(since)?,
+            epoch,
+        },
+    };
+    Ok(ClientFrame::History {
+        room,
+        replay,
+        limit,
+        reference,
+    })
+}
+
 /// Parses a `since` value: an offset string such as `"1732532000123-0"`.
 pub fn parse_since(since: &Value) -> Result<Offset, Refusal> {
     since.as_str().and_then(Offset::parse).ok_or_else(|| {
@@ -469,7 +535,13 @@ fn room_field(object: &Map<String, Value>) -> Result<RoomName, Refusal> {
     }
 }
 
-fn chat_text(object: &mut Map<String, Value>, max_chat_bytes: usize) -> Result<String, Refusal> {
+/// Takes the chat text out of a frame's `message` field: a string, not only whitespace, at
+/// most `max_chat_bytes` long. Shared by every way a message comes in (client frames, the
+/// server API), so each refuses the same text with the same code.
+pub fn chat_text(
+    object: &mut Map<String, Value>,
+    max_chat_bytes: usize,
+) -> Result<String, Refusal> {
     match object.remove("message") {
         Some(Value::String(text)) if text.trim().is_empty() => Err(Refusal::new(
             ErrorCode::EmptyMessage,
@@ -784,6 +856,14 @@ pub enum ServerFrame<'a> {
         room: &'a RoomName,
         /// [`PROTOCOL_VERSION`].
         protocol: u32,
+        /// `websocket` or `sse`.
+        transport: &'a str,
+        /// SSE only: the token the client's POSTs carry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
+        /// Anonymous mode only: handed back as `reconnect=` to keep this `userId`.
+        #[serde(rename = "reconnectToken", skip_serializing_if = "Option::is_none")]
+        reconnect_token: Option<&'a str>,
     },
     /// Reply to `join`.
     #[serde(rename = "joined")]
@@ -800,14 +880,32 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },
-    /// Reply to `leave`.
+    /// Reply to `leave`, or the news that the application removed the connection from a room.
     #[serde(rename = "left")]
     Left {
         /// The room left.
         room: &'a RoomName,
+        /// The application removed the user from the room (`POST /api/rooms/{room}/kick`); the
+        /// client did not ask.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        kicked: bool,
+        /// Said when kicked, for a client that shows `message` of every frame.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
+    },
+    /// The application is closing the connection (`POST /api/disconnect` with a reason); the
+    /// close (4004) follows.
+    #[serde(rename = "disconnect")]
+    Disconnect {
+        /// The close code that follows.
+        code: u16,
+        /// The application's words.
+        reason: &'a str,
+        /// The same words, for a client that shows `message` of every frame.
+        message: &'a str,
     },
     /// Reply to `message` once the broker stored it.
     #[serde(rename = "ack")]
@@ -842,6 +940,31 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },
+    /// Reply to `history`.
+    #[serde(rename = "history")]
+    History {
+        /// The room asked about.
+        room: &'a RoomName,
+        /// The history's epoch; `null` when the room has no history.
+        epoch: Option<Epoch>,
+        /// For a request with `since`: whether nothing after it is missing.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// The messages, oldest first, as members received them.
+        messages: &'a [&'a serde_json::value::RawValue],
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a Value>,
+    },
+    /// The last event of an SSE stream the server ends: the close code (and its class) a
+    /// WebSocket would have had in its close frame.
+    #[serde(rename = "close")]
+    Close {
+        /// The close code (`protocol::close`).
+        code: u16,
+        /// Its short reason.
+        reason: &'a str,
+    },
     /// Reply to `ping`.
     #[serde(rename = "pong")]
     Pong {
@@ -856,6 +979,9 @@ pub enum ServerFrame<'a> {
         code: ErrorCode,
         /// Human-readable explanation.
         reason: &'a str,
+        /// The same text again: a client that shows `message` of every frame (the seed's)
+        /// shows it rather than a blank line.
+        message: &'a str,
         /// The client's `ref`.
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
@@ -867,6 +993,7 @@ impl<'a> From<&'a Refusal> for ServerFrame<'a> {
         ServerFrame::Error {
             code: refusal.code,
             reason: &refusal.reason,
+            message: &refusal.reason,
             reference: refusal.reference.as_ref(),
         }
     }
@@ -1130,17 +1257,58 @@ mod tests {
     }
 
     #[test]
-    fn error_frames_echo_ref_and_omit_it_when_absent() {
+    fn error_frames_echo_ref_omit_it_when_absent_and_say_their_reason_as_message() {
         let refusal =
             Refusal::new(ErrorCode::NotInRoom, "not a member").with_ref(Some(json!({"k":1})));
         assert_eq!(
             to_json(&ServerFrame::from(&refusal)),
-            r#"{"type":"error","code":"not_in_room","reason":"not a member","ref":{"k":1}}"#
+            r#"{"type":"error","code":"not_in_room","reason":"not a member","message":"not a member","ref":{"k":1}}"#
         );
         let refusal = Refusal::new(ErrorCode::InvalidJson, "bad");
         assert_eq!(
             to_json(&ServerFrame::from(&refusal)),
-            r#"{"type":"error","code":"invalid_json","reason":"bad"}"#
+            r#"{"type":"error","code":"invalid_json","reason":"bad","message":"bad"}"#
         );
+    }
+
+    #[test]
+    fn a_history_frame_asks_for_the_newest_or_what_follows_an_offset() {
+        let frame = parse(r#"{"type":"history","room":"news","ref":1}"#).unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::History {
+                room: RoomName::parse("news").unwrap(),
+                replay: Replay::Last(DEFAULT_HISTORY_LIMIT),
+                limit: DEFAULT_HISTORY_LIMIT,
+                reference: Some(json!(1)),
+            }
+        );
+        let frame =
+            parse(r#"{"type":"history","room":"news","limit":5,"since":"7-1","epoch":"e"}"#)
+                .unwrap();
+        let ClientFrame::History { replay, limit, .. } = frame else {
+            panic!("a history frame");
+        };
+        assert_eq!(limit, 5);
+        assert_eq!(
+            replay,
+            Replay::Since {
+                offset: Offset { ms: 7, seq: 1 },
+                epoch: Some("e".into())
+            }
+        );
+        for bad in [
+            r#"{"type":"history"}"#,
+            r#"{"type":"history","room":"a","limit":0}"#,
+            r#"{"type":"history","room":"a","limit":1001}"#,
+            r#"{"type":"history","room":"a","since":"x"}"#,
+            r#"{"type":"history","room":"a","epoch":5}"#,
+        ] {
+            assert_eq!(
+                parse(bad).unwrap_err().code,
+                ErrorCode::InvalidFrame,
+                "{bad}"
+            );
+        }
     }
 }

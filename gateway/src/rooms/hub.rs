@@ -1,7 +1,8 @@
 //! The hub ties local fan-out to the broker: it keeps this node subscribed to exactly the rooms
 //! that have a local member, routes what the broker delivers to those members, replays history
-//! to members that resume, repairs gaps after the broker missed messages, and keeps this node's
-//! presence entries alive.
+//! to members that resume, repairs gaps after the broker missed messages, keeps this node's
+//! presence entries alive, and carries out on this node's connections the commands every node
+//! receives from the application's backend (through [`LocalUsers`]).
 //!
 //! Subscriptions are reference-counted by room membership: the first local member subscribes
 //! the node to the room's channel, the last one to leave unsubscribes it. Changes for one room
@@ -10,20 +11,22 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::broker::{
-    Broker, BrokerError, Delivery, History, HistorySettings, InProcessBroker, Inbox, Outgoing,
-    Published, RedisBroker, RedisSettings, SharedInbox,
+    Broker, BrokerError, Command, CommandHandler, Delivery, DirectHandler, History,
+    HistorySettings, InProcessBroker, Inbox, Outgoing, Published, RedisBroker, RedisSettings,
+    SharedInbox,
 };
 use crate::clock::now_micros;
 use crate::metrics;
 use crate::protocol::{JoinOptions, PresentUser, Replay, RoomName};
 use crate::rooms::fanout::{ConnId, Registry, RepairFrom, Room};
+use crate::rooms::users::LocalUsers;
 use crate::transport::outbox::{Batch, Outbox};
 
 /// Hands broker deliveries to the local registry and records fan-out metrics.
@@ -95,6 +98,10 @@ pub struct Hub {
     repair_timeout: Duration,
     /// Local connections per (room, user): presence is per user, not per connection.
     presence: Mutex<HashMap<(RoomName, String), LocalPresence>>,
+    /// Local connections per user, for the commands of the application's backend.
+    users: Arc<LocalUsers>,
+    /// Who takes what other nodes send to this one; set once, after the hub started.
+    direct: Arc<OnceLock<DirectHandler>>,
 }
 
 /// How many local connections a user has in a room, and their display name.
@@ -131,18 +138,38 @@ impl Hub {
                 batch: Mutex::new(Batch::default()),
             })
         };
+        let users = Arc::new(LocalUsers::default());
+        let on_command = command_handler(users.clone());
+        let direct: Arc<OnceLock<DirectHandler>> = Arc::default();
+        let on_direct: DirectHandler = {
+            let direct = direct.clone();
+            // Before a handler is set the node has no sessions another node could name.
+            Arc::new(move |payload| {
+                if let Some(handler) = direct.get() {
+                    handler(payload);
+                }
+            })
+        };
         let broker = match redis {
             Some(redis) => {
                 let inboxes = (0..redis.partitions.max(1)).map(|_| inbox()).collect();
-                Broker::Redis(Box::new(RedisBroker::start(redis, inboxes)?))
+                Broker::Redis(Box::new(RedisBroker::start(
+                    redis, inboxes, on_command, on_direct,
+                )?))
             }
-            None => Broker::InProcess(InProcessBroker::new(inbox(), settings.history)),
+            None => Broker::InProcess(Box::new(InProcessBroker::new(
+                inbox(),
+                settings.history,
+                on_command,
+            ))),
         };
         let hub = Arc::new(Hub {
             registry,
             broker,
             repair_timeout: settings.repair_timeout,
             presence: Mutex::default(),
+            users,
+            direct,
         });
         tokio::spawn(repair_gaps(Arc::downgrade(&hub), repairs, held));
         tokio::spawn(heartbeat(Arc::downgrade(&hub), settings.presence_ttl / 3));
@@ -244,9 +271,38 @@ impl Hub {
         self.broker.publish(room, message).await
     }
 
+    /// Reads the room's history (the newest messages, or those after an offset).
+    pub async fn history(&self, room: &RoomName, replay: &Replay) -> Result<History, BrokerError> {
+        self.broker.history(room, replay).await
+    }
+
     /// Everyone online in the room across the cluster.
     pub async fn presence(&self, room: &RoomName) -> Result<Vec<PresentUser>, BrokerError> {
         self.broker.presence_list(room).await
+    }
+
+    /// Sends a command to every node (this one included), each of which carries it out on
+    /// its own connections; returns how many nodes received it.
+    pub async fn command(&self, command: &Command) -> Result<usize, BrokerError> {
+        self.broker.send_command(command).await
+    }
+
+    /// Sends `payload` to node `node` alone; returns how many nodes received it (0: it is gone).
+    pub async fn send_to_node(&self, node: &str, payload: String) -> Result<usize, BrokerError> {
+        self.broker.send_to_node(node, payload).await
+    }
+
+    /// Hands what other nodes send to this one to `handler` from now on (set once; a second
+    /// handler is ignored).
+    pub fn on_direct(&self, handler: DirectHandler) {
+        if self.direct.set(handler).is_err() {
+            tracing::warn!("a handler for this node's inbox was already set");
+        }
+    }
+
+    /// This node's users and their connections.
+    pub fn users(&self) -> &LocalUsers {
+        &self.users
     }
 
     /// Whether the broker is usable (the node is ready for traffic).
@@ -406,6 +462,22 @@ impl Hub {
         }
         failed > 0
     }
+}
+
+/// Carries out on this node's connections the commands every node receives.
+fn command_handler(users: Arc<LocalUsers>) -> CommandHandler {
+    Arc::new(move |command| match command {
+        Command::Disconnect { user_id, reason } => {
+            let closed = users.disconnect(&user_id, reason.as_deref());
+            tracing::debug!(closed, "closed a user's connections for the application");
+        }
+        Command::Kick { room, user_id } => {
+            if let Ok(room) = RoomName::parse(&room) {
+                let asked = users.kick(&room, &user_id);
+                tracing::debug!(%room, asked, "removing a user from a room for the application");
+            }
+        }
+    })
 }
 
 /// How often held rooms are checked for having waited too long for their repair.

@@ -215,10 +215,7 @@ impl Authenticator {
             .map_err(|error| TokenError::from_kind(error.kind()))?;
         let claims = data.claims;
         let subject = claims.sub;
-        let subject_ok = !subject.is_empty()
-            && subject.chars().count() <= MAX_SUBJECT_CHARS
-            && !subject.chars().any(char::is_control);
-        if !subject_ok {
+        if !crate::protocol::is_label(&subject, MAX_SUBJECT_CHARS) {
             return Err(TokenError::Invalid(
                 "`sub` must be 1-128 characters without control characters",
             ));

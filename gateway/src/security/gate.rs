@@ -221,10 +221,7 @@ impl Gate {
             )
             .retry_after(FULL_RETRY_AFTER_SECS));
         };
-        let scheme = handshake.peer.map_or("http", |peer| {
-            self.trusted.scheme(peer.ip(), &handshake.headers)
-        });
-        if !self.origins.allows(&handshake.headers, scheme) {
+        if !self.allows_origin(handshake) {
             tracing::debug!(
                 client = ?client,
                 origin = ?handshake.headers.get(header::ORIGIN),
@@ -257,6 +254,15 @@ impl Gate {
             }
         };
         Ok(Admission { principal, slot })
+    }
+
+    /// Whether the request's `Origin` may talk to this node (as a connection, or as the POSTs
+    /// of one).
+    pub fn allows_origin(&self, handshake: &Handshake) -> bool {
+        let scheme = handshake.peer.map_or("http", |peer| {
+            self.trusted.scheme(peer.ip(), &handshake.headers)
+        });
+        self.origins.allows(&handshake.headers, scheme)
     }
 
     /// The guard for an admitted connection that will send as `user_id` and join

@@ -7,6 +7,9 @@
 //! a request head not complete within the handshake timeout drops the connection, and so does
 //! an idle keep-alive connection that starts no new request within it. Upgraded WebSockets are
 //! handed off and no longer subject to it.
+//!
+//! Every request also carries a [`ConnectionAbort`]: a response that can never finish (an SSE
+//! stream whose reader stopped reading) uses it to close its connection from under hyper.
 
 use std::io;
 use std::net::SocketAddr;
@@ -79,6 +82,17 @@ pub async fn serve(
     Ok(())
 }
 
+/// Closes the HTTP connection a request came on, whatever hyper is doing with it.
+#[derive(Debug, Clone)]
+pub struct ConnectionAbort(CancellationToken);
+
+impl ConnectionAbort {
+    /// Drops the connection: a response still being written is cut off.
+    pub fn abort(&self) {
+        self.0.cancel();
+    }
+}
+
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -86,8 +100,11 @@ async fn serve_connection(
     handshake_timeout: Duration,
     shutdown: CancellationToken,
 ) {
+    let abort = CancellationToken::new();
+    let handle = ConnectionAbort(abort.clone());
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(handle.clone());
         router.clone().oneshot(request)
     });
     let mut builder = http1::Builder::new();
@@ -106,8 +123,12 @@ async fn serve_connection(
         }
         _ = shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                _ = abort.cancelled() => {}
+            }
         }
+        _ = abort.cancelled() => {}
     }
 }
 

@@ -19,7 +19,7 @@ use tungstenite::{Message, WebSocket};
 use crate::connection::{Connection, Identity, NodeContext};
 use crate::metrics::{self, TransportMeters};
 use crate::protocol::close::Disconnect;
-use crate::protocol::{ErrorCode, Refusal, parse_client_frame};
+use crate::protocol::{ErrorCode, Refusal};
 use crate::security::gate::{ConnectionGuard, Inbound};
 use crate::transport::outbox::{Outbox, QueueError};
 use crate::transport::wire::WireFrame;
@@ -263,7 +263,12 @@ impl Session {
     /// Handles one message from the client; `Break` ends the connection.
     fn on_message(&mut self, message: Message) -> ControlFlow<Disconnect> {
         let inbound = match &message {
-            Message::Text(text) => Inbound::Text(text.as_str()),
+            Message::Text(text) => {
+                return match self.core.receive_text(text.as_str()) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(reason) => ControlFlow::Break(reason),
+                };
+            }
             Message::Binary(_) => Inbound::Binary,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Inbound::Control,
             Message::Close(_) => return ControlFlow::Break(Disconnect::Normal),
@@ -273,20 +278,13 @@ impl Session {
             Ok(false) => return ControlFlow::Continue(()),
             Err(reason) => return ControlFlow::Break(reason),
         }
-        match message {
-            Message::Text(text) => {
-                match parse_client_frame(&text, self.context.limits.max_chat_bytes) {
-                    Ok(frame) => self.core.receive(frame),
-                    Err(refusal) => self.core.refuse(refusal),
-                }
-            }
-            Message::Binary(_) => self.core.refuse(Refusal::new(
+        if let Message::Binary(_) = message {
+            self.core.refuse(Refusal::new(
                 ErrorCode::BinaryUnsupported,
                 "binary frames are not supported; send JSON text frames",
-            )),
-            // The library has already queued the pong; nothing else to do.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {}
+            ));
         }
+        // Pings and pongs: the library has already queued the pong.
         ControlFlow::Continue(())
     }
 

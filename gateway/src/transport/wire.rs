@@ -8,9 +8,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Opcodes the server sends.
-const TEXT: u8 = 0x1;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
+pub const TEXT: u8 = 0x1;
+/// The close frame's opcode.
+pub const CLOSE: u8 = 0x8;
+/// The ping's opcode.
+pub const PING: u8 = 0x9;
 /// The FIN bit: every frame the server sends is a whole message.
 const FIN: u8 = 0x80;
 
@@ -70,8 +72,8 @@ impl WireFrame {
 }
 
 /// Splits one server frame off the front of `bytes`: its opcode, its payload and what follows;
-/// `None` until a whole frame is there. The one decoder of server frames the tests use.
-#[cfg(any(test, feature = "test-util"))]
+/// `None` until a whole frame is there. The one decoder of server frames: the SSE transport
+/// reads what the outbox hands it with it, and so do the tests.
 pub fn decode(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&first, rest) = bytes.split_first()?;
     let (&len_byte, rest) = rest.split_first()?;

@@ -20,6 +20,7 @@ pub mod local;
 pub mod redis_cluster;
 pub mod relay;
 pub mod scenarios;
+pub mod sse;
 
 pub use tempfile::TempDir;
 
@@ -446,6 +447,22 @@ pub trait Gateway {
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())
     }
+
+    /// The value of a metric summed over the label sets that have every one of `labels`
+    /// (0 when none has).
+    fn metric_labelled(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics_text()
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter(|line| {
+                labels
+                    .iter()
+                    .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 impl Gateway for Node {
@@ -509,22 +526,110 @@ impl Drop for Node {
 
 /// A minimal HTTP/1.1 GET over loopback, so tests need no HTTP client crate.
 pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_request(port, "GET", path, headers, b"").map(|reply| (reply.status, reply.body))
+}
+
+/// A minimal HTTP/1.1 request over loopback (`Connection: close`, a `Content-Length` whenever
+/// there is a body or the method usually has one); `None` if nothing answered.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpReply> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_exchange(stream, method, path, headers, body)
+}
+
+/// A loopback connection to `port` from the source address `from` (any 127.x.y.z: Linux
+/// routes the whole block to loopback), for what a server decides by the client's address.
+pub fn connect_from(from: std::net::Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::from((from, 0)).into())?;
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(socket.into())
+}
+
+/// [`http_request`] over a connection already open.
+pub fn http_exchange(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<HttpReply> {
     stream.set_read_timeout(Some(PATIENCE)).ok()?;
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).ok()?;
+    // Read until the server closes. A server that answers before reading the whole body (413)
+    // may reset the connection after its answer: what arrived before the reset still counts.
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => raw.extend_from_slice(&buffer[..read]),
+        }
+    }
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let (status, headers) = parse_head(&raw[..head_end])?;
+    Some(HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&raw[head_end + 4..]).into_owned(),
+    })
+}
+
+/// The status and headers (names lower-cased) of a response head.
+fn parse_head(head: &[u8]) -> Option<(u16, Vec<(String, String)>)> {
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Some((status, headers))
+}
+
+/// A message frame's offset as `(ms, seq)`, for ordering checks.
+pub fn offset_of(frame: &Value) -> (u64, u64) {
+    let text = frame["offset"]
+        .as_str()
+        .expect("message frames carry an offset");
+    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// Reads message frames until `count` arrived.
+pub async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            got.push(frame);
+        }
+    }
+    got
+}
+
+pub fn texts(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|frame| frame["message"].as_str().unwrap())
+        .collect()
 }
 
 /// A WebSocket test client.
@@ -838,13 +943,7 @@ pub fn ws_handshake(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<H
     // Read the head; a refusal also carries a short body, read until the server closes or the
     // announced length arrived. A 101 is left open: nothing more is read.
     let head_end = read_head(&mut stream, &mut raw)?;
-    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
+    let (status, headers) = parse_head(&raw[..head_end])?;
     let mut body = raw[head_end + 4..].to_vec();
     if status != 101 {
         let length = headers

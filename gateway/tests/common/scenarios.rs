@@ -4,44 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{Client, Gateway, Node, SharedRedis, wait_until};
+use super::{Client, Gateway, Node, SharedRedis, messages, offset_of, texts, wait_until};
 
 fn three_nodes(redis: &impl SharedRedis, extra: &[&str]) -> [Node; 3] {
     ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, redis, extra))
-}
-
-/// A message frame's offset as `(ms, seq)`, for ordering checks.
-pub fn offset_of(frame: &Value) -> (u64, u64) {
-    let text = frame["offset"]
-        .as_str()
-        .expect("message frames carry an offset");
-    let (ms, seq) = text.split_once('-').expect("offset is ms-seq");
-    (
-        ms.parse().expect("offset ms"),
-        seq.parse().expect("offset seq"),
-    )
-}
-
-/// Reads message frames until `count` arrived.
-pub async fn messages(client: &mut Client, count: usize) -> Vec<Value> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let frame = client.recv().await;
-        if frame["type"] == "message" {
-            got.push(frame);
-        }
-    }
-    got
-}
-
-/// The texts of message frames.
-pub fn texts(frames: &[Value]) -> Vec<&str> {
-    frames
-        .iter()
-        .map(|frame| frame["message"].as_str().unwrap_or_default())
-        .collect()
 }
 
 /// A message sent on one node reaches members on every node, exactly once.

@@ -2,6 +2,7 @@
 //! connections with a concurrency limit and an optional rate, and holding idle connections
 //! open (answering heartbeats) until told to stop.
 
+pub mod api;
 pub mod fanout;
 pub mod idle;
 pub mod storm;

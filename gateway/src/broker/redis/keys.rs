@@ -63,7 +63,28 @@ impl KeySpace {
     pub fn slot(&self, room: &RoomName) -> u16 {
         fred::util::redis_keyslot(room.as_str().as_bytes())
     }
+
+    /// The shard channel every node receives commands on. Its hash tag holds a character no
+    /// room name has, so it never shares a room's slot by name nor reads as a room's channel;
+    /// and it puts the channel in one slot, whose shard every node subscribes to.
+    pub fn control_channel(&self) -> String {
+        format!("{}{{{CONTROL_TAG}}}:commands", self.prefix)
+    }
+
+    /// The hash slot of the command channel.
+    pub fn control_slot(&self) -> u16 {
+        fred::util::redis_keyslot(CONTROL_TAG.as_bytes())
+    }
+
+    /// The shard channel of node `node`'s inbox: what other nodes send to it alone. Tagged
+    /// with `#` like the command channel, so it is never a room's.
+    pub fn node_channel(&self, node: &str) -> String {
+        format!("{}{{#node:{node}}}:inbox", self.prefix)
+    }
 }
+
+/// The hash tag of the command channel: `#` is in no room name.
+const CONTROL_TAG: &str = "#control";
 
 #[cfg(test)]
 mod tests {
@@ -88,5 +109,21 @@ mod tests {
         assert_eq!(keys.room_of_channel(&room_keys.history), None);
         let other = KeySpace::new("staging:");
         assert_eq!(other.room_of_channel(&room_keys.channel), None);
+    }
+
+    #[test]
+    fn the_command_channel_is_prefixed_hash_tagged_and_no_rooms() {
+        let keys = KeySpace::new("chat:");
+        let channel = keys.control_channel();
+        assert_eq!(channel, "chat:{#control}:commands");
+        assert_eq!(
+            fred::util::redis_keyslot(channel.as_bytes()),
+            keys.control_slot()
+        );
+        assert_eq!(keys.room_of_channel(&channel), None);
+        assert!(RoomName::parse("#control").is_err());
+        let inbox = keys.node_channel("node-a");
+        assert_eq!(inbox, "chat:{#node:node-a}:inbox");
+        assert_eq!(keys.room_of_channel(&inbox), None);
     }
 }

@@ -2,14 +2,16 @@
 //! with replicas, or a Redis Cluster, chosen by the URL (fred's forms: `redis://`,
 //! `redis-sentinel://…?sentinelServiceName=…`, `redis-cluster://…`, and `rediss…` for TLS).
 //!
-//! Three kinds of connection: commands (history, heads, presence), the publisher (messages,
-//! appended and published in batches by one Lua script per call, see [`publisher`]) and one
-//! subscriber per fan-out partition (see [`subscriber`]). Every key and the shard channel of a
-//! room share one hash slot ([`keys`]); messages are published with `SPUBLISH` and received with
+//! Four kinds of connection: commands (history, heads, presence), the publisher (messages,
+//! appended and published in batches by one Lua script per call, see [`publisher`]), one
+//! subscriber per fan-out partition (see [`subscriber`]) and one for the command channel through
+//! which the application's backend reaches every node (see [`control`]). Every key and the shard
+//! channel of a room share one hash slot ([`keys`]); messages are published with `SPUBLISH` and received with
 //! `SSUBSCRIBE` in every topology, so in a cluster a room's traffic stays within its shard.
 //! Every message, also one for members on the publishing node, comes back through Redis, so all
 //! members of a room see its messages in the order Redis published them.
 
+mod control;
 mod functions;
 mod keys;
 mod publisher;
@@ -22,15 +24,19 @@ use std::time::Duration;
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{
     ClientLike, ClusterInterface, EventInterface, FunctionInterface, HashesInterface,
+    PubsubInterface,
 };
-use fred::types::config::{Config, PerformanceConfig, ReconnectPolicy, ServerConfig};
+use fred::types::config::{Config, Options, PerformanceConfig, ReconnectPolicy, ServerConfig};
 use fred::types::{Builder, InfoKind};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use self::keys::KeySpace;
-use super::{BrokerError, History, HistorySettings, Outgoing, Published, Retained, SharedInbox};
+use super::{
+    BrokerError, Command, CommandHandler, DirectHandler, History, HistorySettings, Outgoing,
+    Published, Retained, SharedInbox,
+};
 use crate::clock::now_micros;
 use crate::protocol::{
     Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
@@ -39,6 +45,9 @@ use crate::protocol::{
 /// The oldest Redis this gateway runs on: sharded pub/sub, script flags and the `XINFO STREAM`
 /// fields it reads arrived in 7.0.
 const MINIMUM_VERSION: (u32, u32) = (7, 0);
+
+/// How many times a command for every node is sent before its call fails.
+const COMMAND_ATTEMPTS: u32 = 3;
 
 /// How to reach Redis and how the node uses it.
 #[derive(Debug, Clone)]
@@ -79,13 +88,23 @@ pub struct RedisBroker {
     /// Set when the server turned out to be too old: the node is never ready on it.
     incompatible: Arc<OnceLock<BrokerError>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The node's subscription to the command channel.
+    control: control::Listener,
+    /// The node's subscription to its own inbox.
+    inbox: control::Listener,
 }
 
 impl RedisBroker {
     /// Starts every connection and task. Returns without waiting for Redis: a node whose Redis
     /// is down starts anyway, reports not ready, and keeps retrying with backoff. `inboxes`
-    /// has one inbox per partition.
-    pub fn start(settings: &RedisSettings, inboxes: Vec<SharedInbox>) -> Result<Self, BrokerError> {
+    /// has one inbox per partition; `on_command` gets every command sent to the nodes, and
+    /// `on_direct` what is sent to this node alone.
+    pub fn start(
+        settings: &RedisSettings,
+        inboxes: Vec<SharedInbox>,
+        on_command: CommandHandler,
+        on_direct: DirectHandler,
+    ) -> Result<Self, BrokerError> {
         let builder = builder(settings)?;
         let cluster = matches!(
             builder.get_config().map(|c| &c.server),
@@ -128,6 +147,25 @@ impl RedisBroker {
                 inbox,
             ));
         }
+        let control = control::Listener::start(
+            "command channel",
+            builder.build_subscriber_client()?,
+            keys.control_channel(),
+            cluster,
+            Arc::new(move |payload| match Command::decode(payload) {
+                Some(command) => on_command(command),
+                None => tracing::warn!("ignored a malformed message on the command channel"),
+            }),
+        );
+        tasks.push(watch_connection("command channel", control.client()));
+        let inbox = control::Listener::start(
+            "node inbox",
+            builder.build_subscriber_client()?,
+            keys.node_channel(&settings.node_id),
+            cluster,
+            on_direct,
+        );
+        tasks.push(watch_connection("node inbox", inbox.client()));
         tasks.push(keep_connected("commands", &commands));
         tasks.push(keep_connected("publisher", publisher.client()));
         Ok(RedisBroker {
@@ -138,7 +176,39 @@ impl RedisBroker {
             settings: settings.clone(),
             incompatible,
             tasks,
+            control,
+            inbox,
         })
+    }
+
+    /// Publishes `payload` on node `node`'s inbox channel; returns how many received it.
+    pub(super) async fn send_to_node(
+        &self,
+        node: &str,
+        payload: String,
+    ) -> Result<usize, BrokerError> {
+        self.ensure_connected()?;
+        // Sent once: unlike a command, what a node is sent need not be idempotent.
+        let receivers: i64 = self
+            .commands
+            .spublish(self.keys.node_channel(node), payload)
+            .await?;
+        Ok(usize::try_from(receivers).unwrap_or(0))
+    }
+
+    /// Publishes a command on the command channel; returns how many nodes received it (in a
+    /// cluster: subscribed on the shard that owns the channel, which is every node).
+    pub(super) async fn send_command(&self, command: &Command) -> Result<usize, BrokerError> {
+        self.ensure_connected()?;
+        let channel = self.keys.control_channel();
+        // A command is idempotent: unlike a publish, which the node never sends twice, it may be
+        // sent again after a redirect (its slot moved) or a connection that dropped under it.
+        let client = self.commands.with_options(&Options {
+            max_attempts: Some(COMMAND_ATTEMPTS),
+            ..Options::default()
+        });
+        let receivers: i64 = client.spublish(channel, command.encode()).await?;
+        Ok(usize::try_from(receivers).unwrap_or(0))
     }
 
     fn ensure_connected(&self) -> Result<(), BrokerError> {
@@ -401,6 +471,8 @@ impl RedisBroker {
                 .partitions
                 .iter()
                 .all(|partition| partition.client().is_connected())
+            && self.control.is_listening()
+            && self.inbox.is_listening()
     }
 
     /// Why the node can never be ready on this Redis, if it cannot.
@@ -415,6 +487,8 @@ impl RedisBroker {
         for partition in &self.partitions {
             partition.close().await;
         }
+        self.control.close().await;
+        self.inbox.close().await;
         // Best effort: the process is exiting either way.
         let _ = self.publisher.client().quit().await;
         let _ = self.commands.quit().await;
