@@ -19,12 +19,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, History, Outgoing, Published};
-use crate::clock::now_micros;
 use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::protocol::{
-    ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
-    Refusal, Replay, RoomName, ServerFrame, to_json,
+    ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser, Refusal, Replay,
+    RoomName, ServerFrame, to_json,
 };
 use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
@@ -455,22 +454,13 @@ impl Connection {
             self.refuse(refusal.with_ref(reference));
             return;
         }
-        let id = uuid::Uuid::now_v7();
-        let frame = to_json(&ChatMessage {
-            room: &room,
-            id,
-            user_id: &self.identity.user_id,
-            name: self.identity.name.as_deref(),
-            message: &text,
-            ts: now_micros() / 1000,
-        });
-        let message = Outgoing {
-            frame,
-            id,
-            dedup: cid
-                .as_ref()
-                .map(|cid| (self.identity.user_id.clone(), cid.as_str().to_owned())),
-        };
+        let message = Outgoing::chat(
+            &room,
+            &self.identity.user_id,
+            self.identity.name.as_deref(),
+            &text,
+            cid.as_ref(),
+        );
         let hub = self.context.hub.clone();
         self.running = Some(Box::pin(async move {
             let result = hub.publish(&room, message).await;
