@@ -20,16 +20,14 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, History, Outgoing, Published};
-use crate::clock::now_micros;
 use crate::metrics;
 use crate::protocol::close::Disconnect;
 use crate::protocol::{
-    ChatMessage, ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser,
-    Refusal, Replay, RoomName, ServerFrame, parse_client_frame, to_json,
+    ClientFrame, ClientId, ErrorCode, JoinOptions, PROTOCOL_VERSION, PresentUser, Refusal, Replay,
+    RoomName, ServerFrame, parse_client_frame, to_json,
 };
 use crate::rooms::fanout::{ConnId, next_conn_id};
 use crate::rooms::hub::{Hub, Joiner};
-use crate::rooms::users::Mailbox;
 use crate::security::gate::{ConnectionGuard, Inbound, Throttle};
 use crate::transport::outbox::Outbox;
 use crate::transport::wire::WireFrame;
@@ -164,8 +162,8 @@ pub struct Connection {
     guard: ConnectionGuard,
     running: Option<Running>,
     waiting: VecDeque<ClientFrame>,
-    /// Rooms the application removed this connection from; set once the connection started.
-    mailbox: Option<Arc<Mailbox>>,
+    /// Whether the node's user index knows this connection (from its start to its finish).
+    registered: bool,
 }
 
 impl Connection {
@@ -185,7 +183,7 @@ impl Connection {
             guard,
             running: None,
             waiting: VecDeque::new(),
-            mailbox: None,
+            registered: false,
         }
     }
 
@@ -206,11 +204,11 @@ impl Connection {
             reconnect_token: self.identity.reconnect_token.as_deref(),
         };
         self.send(to_json(&welcome));
-        self.mailbox = Some(self.context.hub.users().register(
-            &self.identity.user_id,
-            self.conn,
-            self.outbox.clone(),
-        ));
+        self.context
+            .hub
+            .users()
+            .register(&self.identity.user_id, self.conn, self.outbox.clone());
+        self.registered = true;
         let room = self.identity.default_room.clone();
         let options = self.identity.default_options.clone();
         self.running = Some(self.join_call(room, options, None, true));
@@ -278,7 +276,7 @@ impl Connection {
         let mut finished = false;
         loop {
             while self.running.is_none() {
-                if let Some(room) = self.next_kick(cx) {
+                if let Some(room) = self.next_kick() {
                     self.begin_kick(room);
                 } else if let Some(next) = self.waiting.pop_front() {
                     self.begin(next);
@@ -303,12 +301,13 @@ impl Connection {
         }
     }
 
-    /// A room the application removed this connection from, if one waits.
-    fn next_kick(&self, cx: &mut Context<'_>) -> Option<RoomName> {
-        match self.mailbox.as_ref()?.poll_kick(cx) {
-            Poll::Ready(room) => Some(room),
-            Poll::Pending => None,
+    /// A room the application removed this connection from, if one waits. The node's user
+    /// index holds them and notifies the outbox, whose waker is this connection's task.
+    fn next_kick(&self) -> Option<RoomName> {
+        if !self.outbox.take_notice() {
+            return None;
         }
+        self.context.hub.users().take_kick(self.conn, &self.outbox)
     }
 
     /// Leaves a room because the application said so; the client is told with a `left` frame
@@ -344,7 +343,7 @@ impl Connection {
     /// otherwise leave a member, or a presence entry, behind), drops what waits, and leaves
     /// every room.
     pub async fn finish(&mut self) {
-        if self.mailbox.take().is_some() {
+        if std::mem::take(&mut self.registered) {
             self.context
                 .hub
                 .users()
@@ -533,22 +532,13 @@ impl Connection {
             self.refuse(refusal.with_ref(reference));
             return;
         }
-        let id = uuid::Uuid::now_v7();
-        let frame = to_json(&ChatMessage {
-            room: &room,
-            id,
-            user_id: &self.identity.user_id,
-            name: self.identity.name.as_deref(),
-            message: &text,
-            ts: now_micros() / 1000,
-        });
-        let message = Outgoing {
-            frame,
-            id,
-            dedup: cid
-                .as_ref()
-                .map(|cid| (self.identity.user_id.clone(), cid.as_str().to_owned())),
-        };
+        let message = Outgoing::chat(
+            &room,
+            &self.identity.user_id,
+            self.identity.name.as_deref(),
+            &text,
+            cid.as_ref(),
+        );
         let hub = self.context.hub.clone();
         self.running = Some(Box::pin(async move {
             let result = hub.publish(&room, message).await;

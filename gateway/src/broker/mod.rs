@@ -23,10 +23,12 @@ pub use direct::DirectHandler;
 pub use in_process::InProcessBroker;
 pub use redis::{KeySpace, RedisBroker, RedisSettings};
 
-pub use crate::protocol::{Delivery, DeliveryKind};
+use crate::clock::now_micros;
 use crate::protocol::{
-    Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName, with_offset,
+    ChatMessage, ClientId, Epoch, FrameText, Offset, Position, PresentUser, Replay, RoomName,
+    to_json, with_offset,
 };
+pub use crate::protocol::{Delivery, DeliveryKind};
 
 /// Where a broker hands what it receives.
 pub trait Inbox: Send + Sync + 'static {
@@ -108,6 +110,33 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// A chat message from `user_id` (shown as `name`) to `room`, with a fresh UUIDv7 and this
+    /// node's clock; a `cid` makes a repeat from the same user in the room a duplicate. Every
+    /// way a message comes in (a member's frame, the server API) builds it here, so each
+    /// carries the same frame.
+    pub fn chat(
+        room: &RoomName,
+        user_id: &str,
+        name: Option<&str>,
+        text: &str,
+        cid: Option<&ClientId>,
+    ) -> Outgoing {
+        let id = uuid::Uuid::now_v7();
+        let frame = to_json(&ChatMessage {
+            room,
+            id,
+            user_id,
+            name,
+            message: text,
+            ts: now_micros() / 1000,
+        });
+        Outgoing {
+            frame,
+            id,
+            dedup: cid.map(|cid| (user_id.to_owned(), cid.as_str().to_owned())),
+        }
+    }
+
     /// The dedup key as stored: user and cid, joined by a unit separator (neither contains it).
     fn dedup_field(&self) -> String {
         match &self.dedup {

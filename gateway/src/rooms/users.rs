@@ -3,15 +3,13 @@
 //! every connection of that user on this node, whichever rooms they are in.
 //!
 //! A connection registers when it starts and leaves when it ends. Closing goes straight to its
-//! outbox. Removal from a room goes to the connection's [`Mailbox`]: membership belongs to the
-//! connection core, which leaves the room itself between two broker calls, so the room it
-//! believes it is in and the rooms fan-out delivers to never disagree.
+//! outbox. Removal from a room waits here, and the connection is told through its outbox
+//! ([`Outbox::notify`]) to come and take it: membership belongs to the connection core, which
+//! leaves the room itself between two broker calls, so the rooms it believes it is in and the
+//! rooms fan-out delivers to never disagree. An idle connection costs one entry in one map.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::collections::{HashMap, VecDeque};
 
-use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use crate::protocol::close::Disconnect;
@@ -20,65 +18,32 @@ use crate::rooms::fanout::ConnId;
 use crate::transport::outbox::Outbox;
 use crate::transport::wire::WireFrame;
 
-/// Rooms the application removed a connection from, waiting for the connection core.
-#[derive(Default)]
-pub struct Mailbox {
-    kicks: Mutex<Vec<RoomName>>,
-    waker: AtomicWaker,
-}
-
-impl Mailbox {
-    /// Asks the connection to leave `room`, and wakes it.
-    fn kick(&self, room: RoomName) {
-        self.kicks.lock().push(room);
-        self.waker.wake();
-    }
-
-    /// The next room to leave, oldest first; otherwise `Pending`, waking the caller's task
-    /// when one arrives.
-    pub fn poll_kick(&self, cx: &mut Context<'_>) -> Poll<RoomName> {
-        self.waker.register(cx.waker());
-        let mut kicks = self.kicks.lock();
-        if kicks.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(kicks.remove(0))
-        }
-    }
-}
-
 /// One connection of a user.
 struct Session {
     conn: ConnId,
     outbox: Outbox,
-    mailbox: Arc<Mailbox>,
 }
 
 /// Every user with a connection on this node.
 #[derive(Default)]
 pub struct LocalUsers {
     users: Mutex<HashMap<String, Vec<Session>>>,
+    /// Rooms the application removed a connection from, oldest first, until it takes them.
+    kicks: Mutex<HashMap<ConnId, VecDeque<RoomName>>>,
 }
 
 impl LocalUsers {
-    /// Registers a connection of `user_id`; returns the mailbox it must poll.
-    pub fn register(&self, user_id: &str, conn: ConnId, outbox: Outbox) -> Arc<Mailbox> {
-        let mailbox = Arc::new(Mailbox::default());
-        let session = Session {
-            conn,
-            outbox,
-            mailbox: mailbox.clone(),
-        };
+    /// Registers a connection of `user_id`.
+    pub fn register(&self, user_id: &str, conn: ConnId, outbox: Outbox) {
         self.users
             .lock()
             .entry(user_id.to_owned())
             // Most users hold one connection per node: room for one, not the default four.
             .or_insert_with(|| Vec::with_capacity(1))
-            .push(session);
-        mailbox
+            .push(Session { conn, outbox });
     }
 
-    /// Forgets a connection that ended.
+    /// Forgets a connection that ended, and whatever still waited for it.
     pub fn unregister(&self, user_id: &str, conn: ConnId) {
         let mut users = self.users.lock();
         if let Some(sessions) = users.get_mut(user_id) {
@@ -87,6 +52,8 @@ impl LocalUsers {
                 users.remove(user_id);
             }
         }
+        drop(users);
+        self.kicks.lock().remove(&conn);
     }
 
     /// Closes every connection of `user_id` here with [`Disconnect::ByApplication`], after a
@@ -120,10 +87,29 @@ impl LocalUsers {
         let Some(sessions) = users.get(user_id) else {
             return 0;
         };
+        let mut kicks = self.kicks.lock();
         for session in sessions {
-            session.mailbox.kick(room.clone());
+            kicks
+                .entry(session.conn)
+                .or_default()
+                .push_back(room.clone());
+            session.outbox.notify();
         }
         sessions.len()
+    }
+
+    /// The next room connection `conn` must leave, oldest first, once its outbox was notified
+    /// (see [`Outbox::take_notice`]); the outbox is notified again while more wait.
+    pub fn take_kick(&self, conn: ConnId, outbox: &Outbox) -> Option<RoomName> {
+        let mut kicks = self.kicks.lock();
+        let waiting = kicks.get_mut(&conn)?;
+        let room = waiting.pop_front();
+        if waiting.is_empty() {
+            kicks.remove(&conn);
+        } else {
+            outbox.notify();
+        }
+        room
     }
 
     /// How many connections `user_id` has on this node.
@@ -158,16 +144,27 @@ mod tests {
     }
 
     #[test]
-    fn a_kick_lands_in_the_mailbox_of_each_connection_of_the_user() {
+    fn kicks_wait_for_each_connection_of_the_user_in_order() {
         let users = LocalUsers::default();
         let (outbox, _socket) = in_memory(4);
-        let mailbox = users.register("alice", 1, outbox);
-        let room = RoomName::parse("lobby").unwrap();
-        assert_eq!(users.kick(&room, "alice"), 1);
-        assert_eq!(users.kick(&room, "nobody"), 0);
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        assert_eq!(mailbox.poll_kick(&mut cx), Poll::Ready(room));
-        assert!(mailbox.poll_kick(&mut cx).is_pending());
+        users.register("alice", 1, outbox.clone());
+        let [lobby, news] = ["lobby", "news"].map(|room| RoomName::parse(room).unwrap());
+        assert_eq!(users.kick(&lobby, "alice"), 1);
+        assert_eq!(users.kick(&news, "alice"), 1);
+        assert_eq!(users.kick(&news, "nobody"), 0);
+        assert!(outbox.take_notice());
+        assert_eq!(users.take_kick(1, &outbox), Some(lobby));
+        assert!(outbox.take_notice(), "told again while one still waits");
+        assert_eq!(users.take_kick(1, &outbox), Some(news));
+        assert!(!outbox.take_notice());
+        assert_eq!(users.take_kick(1, &outbox), None);
+
+        users.kick(&RoomName::parse("a").unwrap(), "alice");
+        users.unregister("alice", 1);
+        assert_eq!(
+            users.take_kick(1, &outbox),
+            None,
+            "gone with the connection"
+        );
     }
 }

@@ -83,6 +83,8 @@ struct Link {
     /// holding a waiter of its own.
     wake: AtomicBool,
     waker: AtomicWaker,
+    /// Set by [`Outbox::notify`]: something outside the outbox waits for the connection.
+    notice: AtomicBool,
     /// The first close request, if any.
     close: OnceLock<Disconnect>,
 }
@@ -126,6 +128,7 @@ impl Outbox {
             }),
             wake: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            notice: AtomicBool::new(false),
             close: OnceLock::new(),
         }))
     }
@@ -240,6 +243,19 @@ impl Outbox {
     fn wake(&self) {
         self.0.wake.store(true, Ordering::Release);
         self.0.waker.wake();
+    }
+
+    /// Tells the connection that something outside the outbox waits for it (a command of the
+    /// application's), waking its task. Borrowing the outbox's waker costs an idle connection
+    /// nothing: a waker of its own would cost an allocation per connection.
+    pub fn notify(&self) {
+        self.0.notice.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether [`Outbox::notify`] was called since the last look; looking clears it.
+    pub fn take_notice(&self) -> bool {
+        self.0.notice.swap(false, Ordering::AcqRel)
     }
 
     /// The close requested for this connection, if any.

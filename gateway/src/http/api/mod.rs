@@ -34,12 +34,10 @@ use self::input::JsonObject;
 pub use self::input::read_object;
 pub use self::key::ApiKey;
 use crate::broker::{Command, Outgoing};
-use crate::clock::now_micros;
 use crate::connection::NodeContext;
 use crate::metrics;
 use crate::protocol::{
-    ChatMessage, ClientId, Epoch, ErrorCode, MAX_REPLAY_LAST, Offset, Refusal, Replay, RoomName,
-    to_json,
+    ClientId, Epoch, ErrorCode, MAX_REPLAY_LAST, Offset, Refusal, Replay, RoomName, to_json,
 };
 
 /// The user id a message published through the API carries when the call names none.
@@ -210,23 +208,13 @@ impl Api {
         text: &str,
         sender: &Sender,
     ) -> Result<Ack, ApiError> {
-        let id = uuid::Uuid::now_v7();
-        let frame = to_json(&ChatMessage {
+        let message = Outgoing::chat(
             room,
-            id,
-            user_id: &sender.user_id,
-            name: sender.name.as_deref(),
-            message: text,
-            ts: now_micros() / 1000,
-        });
-        let message = Outgoing {
-            frame,
-            id,
-            dedup: sender
-                .cid
-                .as_ref()
-                .map(|cid| (sender.user_id.clone(), cid.as_str().to_owned())),
-        };
+            &sender.user_id,
+            sender.name.as_deref(),
+            text,
+            sender.cid.as_ref(),
+        );
         let published = self
             .node
             .hub
