@@ -39,6 +39,49 @@ pub enum Scenario {
     /// Publish through the gateway's server API (`POST /api/publish`) into one room whose
     /// WebSocket members receive; report publishes/s and the latency to the members.
     Api(ApiArgs),
+    /// The SSE fallback next to WebSockets on one node: memory per idle connection of one
+    /// transport, and the latency of one room's messages to a WebSocket and an SSE member.
+    Sse(SseArgs),
+}
+
+/// Which transport an `sse --idle` run opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SseTransport {
+    /// `GET /ws` WebSockets.
+    Websocket,
+    /// `GET /sse` event streams.
+    Sse,
+}
+
+#[derive(Debug, Args)]
+pub struct SseArgs {
+    /// The node, as `http://host:port`.
+    #[arg(long, env = "LOADGEN_URL")]
+    pub url: String,
+
+    /// Idle connections to open and hold (0: none), for memory per connection.
+    #[arg(long, default_value_t = 0)]
+    pub idle: usize,
+
+    /// The transport of the idle connections.
+    #[arg(long, value_enum, default_value_t = SseTransport::Sse)]
+    pub transport: SseTransport,
+
+    /// The node's pid, whose RSS the idle connections are measured by.
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Wait before each memory reading.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Messages per second for the latency run (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+
+    /// How long the latency run sends.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
 }
 
 /// Where to connect and how.

@@ -27,6 +27,7 @@ fn main() -> Result<()> {
         Scenario::Idle(_) => 0,
         Scenario::Storm(a) => a.layout.connections,
         Scenario::Api(a) => a.members + a.callers,
+        Scenario::Sse(a) => a.idle + 3,
     } as u64;
     match sys::raise_nofile_limit() {
         Ok(limit) if limit < wanted + 64 => eprintln!(
@@ -53,6 +54,7 @@ fn main() -> Result<()> {
                 Scenario::Idle(a) => scenarios::idle::run(a).await,
                 Scenario::Storm(a) => scenarios::storm::run(a).await,
                 Scenario::Api(a) => scenarios::api::run(a).await,
+                Scenario::Sse(a) => scenarios::sse::run(a).await,
             }
         };
         tokio::select! {

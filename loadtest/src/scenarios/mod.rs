@@ -5,6 +5,7 @@
 pub mod api;
 pub mod fanout;
 pub mod idle;
+pub mod sse;
 pub mod storm;
 
 use std::collections::BTreeMap;
