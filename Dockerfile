@@ -30,8 +30,11 @@ RUN stub-workspace gateway loadtest \
     && find gateway -mindepth 1 -maxdepth 1 ! -name Cargo.toml -exec rm -rf {} +
 
 # 2. Real sources. COPY keeps the files' original mtimes, which can be older
-#    than the stub build: touch them so cargo rebuilds the gateway crate.
+#    than the stub build: touch them so cargo rebuilds the gateway crate. The
+#    demo page's client library is embedded from the committed build of
+#    clients/js.
 COPY gateway gateway
+COPY clients/js/dist/chat-client.js clients/js/dist/chat-client.js
 RUN find gateway -type f -exec touch {} + \
     && cargo build --release --locked -p gateway \
     && install -D -m 0755 target/release/chat-gateway /out/chat-gateway

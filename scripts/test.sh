@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs the system packages the tests start as real
-# processes (redis-server, nginx, prometheus, ...) when they are missing, then runs the suite.
+# processes (redis-server, nginx, prometheus, chromium, ...) when they are missing, then runs
+# the suite.
 #
 #   ./scripts/test.sh
 set -euo pipefail
@@ -25,6 +26,7 @@ declare -A needed=(
   [shellcheck]=shellcheck
   [node]=nodejs
   [npm]=npm
+  [chromium]=chromium
 )
 missing=()
 for program in "${!needed[@]}"; do
@@ -89,3 +91,8 @@ echo "==> schemathesis: the server API against the OpenAPI document it serves"
 
 echo "==> k6 fan-out smoke run through nginx on the native cluster"
 ./loadtest/k6/smoke.sh "${CARGO_TARGET_DIR:-target}/debug/chat-gateway"
+
+echo "==> the demo page and the seed's React client in headless Chromium, through nginx on the native cluster"
+gateway_bin="${CARGO_TARGET_DIR:-target}/debug/chat-gateway"
+case $gateway_bin in /*) ;; *) gateway_bin="$PWD/$gateway_bin" ;; esac
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && GATEWAY_BIN="$gateway_bin" npm test)

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Client, Ended, Gateway, Node, RawWebSocket, http_get, local::LocalNode, ws_handshake,
+    Client, Ended, Gateway, Node, RawWebSocket, http_get, http_request, local::LocalNode,
+    ws_handshake,
 };
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -260,6 +261,34 @@ async fn handshakes_with_a_bad_room_or_name_are_refused_before_upgrading() {
         "demo page served"
     );
     assert_ne!(node.get("/ws").unwrap().0, 200);
+}
+
+/// The demo page imports the client library from the node: what the node serves must be the
+/// committed build in clients/js/dist byte for byte (a binary built from an older checkout
+/// would fail here), and the page's icon must exist so browsers log no 404.
+#[test]
+fn the_node_serves_the_client_library_build_and_an_icon() {
+    let node = LocalNode::start(&[]);
+    let library = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../clients/js/dist/chat-client.js"
+    );
+    let expected = std::fs::read_to_string(library).expect("clients/js/dist/chat-client.js");
+    let served = http_request(node.port, "GET", "/chat-client.js", &[], b"").expect("answer");
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert!(served.body == expected, "served library differs from dist");
+    let page = http_get(node.port, "/", &[]).expect("answer").1;
+    assert!(page.contains("\"/chat-client.js\""), "the page imports it");
+    for path in ["/favicon.svg", "/favicon.ico"] {
+        let icon = http_request(node.port, "GET", path, &[], b"").expect("answer");
+        assert_eq!(icon.status, 200, "{path}");
+        assert_eq!(icon.header("content-type"), Some("image/svg+xml"), "{path}");
+        assert!(icon.body.starts_with("<svg"), "{path}");
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The HTTP surface of a node: the WebSocket endpoint (`/`, `/ws`), the SSE fallback (`/sse`,
-//! `/sse/send`, see [`sse`]), the demo page, health, readiness and metrics. Owns routing, which
-//! routes are public and which internal, and handshake validation up to the upgrade (or the
+//! `/sse/send`, see [`sse`]), the demo page with the client library it runs on and its icon,
+//! health, readiness and metrics. Owns routing, which routes are public and which internal, and handshake validation up to the upgrade (or the
 //! event stream; a node that is not ready refuses before either); knows nothing of frame
 //! formats.
 //!
@@ -35,6 +35,15 @@ use crate::transport::websocket;
 
 /// The demo chat page, embedded in the binary.
 const DEMO_PAGE: &str = include_str!("../../static/index.html");
+
+/// The browser build of the client library (`clients/js`), which the demo page imports. Embedded
+/// from the committed build itself, so the page always runs the library as published: there is
+/// no second copy to drift.
+const CLIENT_LIBRARY: &str = include_str!("../../../clients/js/dist/chat-client.js");
+
+/// The demo page's icon. Served for `/favicon.ico` too, which browsers ask for on their own:
+/// they go by the content type, not the name.
+const FAVICON: &str = include_str!("../../static/favicon.svg");
 
 /// The subprotocol a client may ask for; echoed when offered.
 const SUBPROTOCOL: &str = "chat.v1";
@@ -73,6 +82,9 @@ pub fn router(state: Arc<AppState>, internal_apart: bool) -> Router {
     let public = Router::new()
         .route("/", any(index))
         .route("/ws", any(websocket_endpoint))
+        .route("/chat-client.js", get(client_library))
+        .route("/favicon.svg", get(favicon))
+        .route("/favicon.ico", get(favicon))
         .route("/sse", get(sse::open))
         .route(
             "/sse/send",
@@ -135,6 +147,29 @@ async fn index(
         }
         Err(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
+}
+
+async fn client_library() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            // Revalidated on every load: a page must never pair with the library of an older build.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CLIENT_LIBRARY,
+    )
+        .into_response()
+}
+
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        FAVICON,
+    )
+        .into_response()
 }
 
 async fn websocket_endpoint(
