@@ -35,8 +35,10 @@ export class Cluster {
   static async start({ nodes = 3, env = {} } = {}) {
     const c = new Cluster();
     c.dir = await mkdtemp(join(tmpdir(), "browser-cluster-"));
-    const [http, redis, noUpgrade, ...nodePorts] = await freePorts(3 + nodes);
+    const [http, https, internal, redis, noUpgrade, ...ports] = await freePorts(5 + 2 * nodes);
+    const nodePorts = ports.slice(0, nodes);
     c.httpPort = http;
+    c.httpsPort = https;
     c.noUpgradePort = noUpgrade;
     c.nodePorts = nodePorts;
     c.env = {
@@ -45,6 +47,10 @@ export class Cluster {
       GATEWAY_BIN: process.env.GATEWAY_BIN || join(root, "target/debug/chat-gateway"),
       CLUSTER_DIR: c.dir,
       CLUSTER_HTTP_PORT: String(http),
+      CLUSTER_HTTPS_PORT: String(https),
+      CLUSTER_INTERNAL_PORT: String(internal),
+      CLUSTER_NODE_INTERNAL_PORTS: ports.slice(nodes).join(" "),
+      CLUSTER_REDIS_EXPORTER: "0",
       CLUSTER_REDIS_PORT: String(redis),
       CLUSTER_NODE_PORTS: nodePorts.join(" "),
       CLUSTER_PROMETHEUS: "0",
@@ -61,7 +67,9 @@ export class Cluster {
     return c;
   }
 
-  get url() { return `http://${HOST}:${this.httpPort}`; }
+  // The public entry is TLS with the cluster's self-signed certificate: browser contexts are
+  // told to accept it (ignoreHTTPSErrors).
+  get url() { return `https://${HOST}:${this.httpsPort}`; }
   get noUpgradeUrl() { return `http://${HOST}:${this.noUpgradePort}`; }
 
   /** The 1-based index of the node a page names ("node-2" -> 2). */
