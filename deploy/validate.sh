@@ -101,17 +101,6 @@ check_nginx() {
     else
         pass "nginx: upstream without stickiness, replicas re-resolved via 127.0.0.11"
     fi
-    # The server API never reaches the public chat origin by default.
-    local api
-    api=$(sed -n '/^[[:space:]]*location[[:space:]]\/api\/[[:space:]]*{/,/^[[:space:]]*}/p' "$NGINX_CONF")
-    if [ -z "$api" ]; then
-        fail nginx "$NGINX_CONF: no 'location /api/': the server API would be public"
-    elif grep -Eq '^[[:space:]]*allow[[:space:]]' <<<"$api" ||
-        ! grep -Eq '^[[:space:]]*deny[[:space:]]+all;' <<<"$api"; then
-        fail nginx "$NGINX_CONF: /api/ must be denied to all and allowed to no network by default"
-    else
-        pass "nginx: /api/ refused to every network until the operator names one"
-    fi
     local image image_version
     image=$(sed -n 's|^[[:space:]]*image:[[:space:]]*\(nginx:[^[:space:]]*\).*|\1|p' "$COMPOSE_FILE" | head -n1)
     image_version=$(sed -n 's|^nginx:\([0-9][0-9.]*\).*|\1|p' <<<"$image")
