@@ -396,6 +396,59 @@ async fn clients_through_nginx_are_spread_over_all_nodes_and_share_a_room_exactl
 }
 
 #[tokio::test]
+async fn an_sse_stream_and_its_posts_pass_nginx_unbuffered_whichever_node_they_reach() {
+    let cluster = Cluster::up_with(
+        false,
+        &[
+            ("GATEWAY_PING_INTERVAL", "500ms"),
+            ("GATEWAY_IDLE_TIMEOUT", "5s"),
+        ],
+    );
+    let port = cluster.http_port;
+    let mut sse = common::sse::SseClient::open(port, "/sse?room=fallback", &[])
+        .await
+        .unwrap_or_else(|(status, body)| panic!("GET /sse through nginx: {status} {body}"));
+    let mut ws = connect_with_retry(&cluster.ws_url("fallback"), FAILOVER_PATIENCE).await;
+    // nginx spreads the POSTs (least_conn): each reaches the stream's node whichever it lands
+    // on, and each answer reaches the stream at once (nothing waits in a proxy buffer).
+    for i in 0..6 {
+        let reply = sse
+            .post(serde_json::json!([{"type":"message","message":format!("p{i}"),"ref":i}]))
+            .await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let ack = tokio::time::timeout(Duration::from_secs(5), sse.recv_type("ack"))
+            .await
+            .expect("the ack came through nginx in time");
+        assert_eq!(ack["ref"], i);
+    }
+    let heard = common::messages(&mut ws, 6).await;
+    assert_eq!(common::texts(&heard), ["p0", "p1", "p2", "p3", "p4", "p5"]);
+    // Heartbeats come through as they are written.
+    let started = Instant::now();
+    loop {
+        match sse.next(Duration::from_secs(5)).await {
+            common::sse::Next::Event(common::sse::SseEvent::Comment(_)) => break,
+            common::sse::Next::Event(_) => continue,
+            other => panic!("no heartbeat through nginx: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The nodes share a secret: an anonymous reconnect keeps its userId on whichever node.
+    let token = sse.welcome["reconnectToken"].as_str().unwrap().to_owned();
+    let user = sse.welcome["userId"].as_str().unwrap().to_owned();
+    // Each kept open, so least_conn sends the next one elsewhere.
+    let mut again = Vec::new();
+    for _ in 0..6 {
+        let url = format!("ws://127.0.0.1:{port}/ws?reconnect={token}");
+        again.push(connect_with_retry(&url, FAILOVER_PATIENCE).await);
+    }
+    assert!(again.iter().all(|client| client.user_id == user));
+    let nodes: BTreeSet<&str> = again.iter().map(|client| client.node.as_str()).collect();
+    assert!(nodes.len() > 1, "reconnected on one node only: {nodes:?}");
+}
+
+#[tokio::test]
 async fn clients_of_a_killed_node_reconnect_through_nginx_to_the_survivors_and_chat_again() {
     let cluster = Cluster::up(false);
     let url = cluster.ws_url("failover");
