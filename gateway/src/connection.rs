@@ -68,6 +68,16 @@ pub struct NodeContext {
     pub shutdown_reason: Arc<OnceLock<Disconnect>>,
 }
 
+impl NodeContext {
+    /// The close every connection gets when the node shuts down.
+    pub fn shutdown_close(&self) -> Disconnect {
+        self.shutdown_reason
+            .get()
+            .copied()
+            .unwrap_or(Disconnect::GoingAway)
+    }
+}
+
 /// Who is connecting, settled during the handshake.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -335,9 +345,13 @@ impl Connection {
         }));
     }
 
-    /// Ready once the connection's token has expired (never in anonymous mode).
-    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.guard.poll_expired(cx)
+    /// Ready, with the close to send, once the connection's token has expired (never in
+    /// anonymous mode).
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        self.guard.poll_expired(cx).map(|()| {
+            metrics::policy_close("token_expired");
+            Disconnect::TokenExpired
+        })
     }
 
     /// Ends the connection: lets a broker call under way finish (a join half done would
