@@ -66,6 +66,16 @@ pub struct NodeContext {
     pub shutdown_reason: Arc<OnceLock<Disconnect>>,
 }
 
+impl NodeContext {
+    /// The close every connection gets when the node shuts down.
+    pub fn shutdown_close(&self) -> Disconnect {
+        self.shutdown_reason
+            .get()
+            .copied()
+            .unwrap_or(Disconnect::GoingAway)
+    }
+}
+
 /// Who is connecting, settled during the handshake.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -334,9 +344,13 @@ impl Connection {
         }));
     }
 
-    /// Ready once the connection's token has expired (never in anonymous mode).
-    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.guard.poll_expired(cx)
+    /// Ready, with the close to send, once the connection's token has expired (never in
+    /// anonymous mode).
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        self.guard.poll_expired(cx).map(|()| {
+            metrics::policy_close(metrics::PolicyClose::TokenExpired);
+            Disconnect::TokenExpired
+        })
     }
 
     /// Ends the connection: lets a broker call under way finish (a join half done would

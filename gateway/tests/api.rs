@@ -258,7 +258,8 @@ async fn disconnect_and_kick_through_one_node_act_on_a_user_held_by_another() {
     );
     assert_eq!(
         victim.recv_type("left").await,
-        json!({"type": "left", "room": "news", "kicked": true})
+        json!({"type": "left", "room": "news", "kicked": true,
+               "message": "removed from room `news` by the application"})
     );
     // Nothing more of the room reaches the user; the rest of their connection is untouched.
     watcher.say("news", "after the kick").await;
@@ -289,7 +290,10 @@ async fn disconnect_and_kick_through_one_node_act_on_a_user_held_by_another() {
     assert_eq!(ended, Ended::Closed(4004), "the documented terminal code");
     assert_eq!(
         frames.last(),
-        Some(&json!({"type": "disconnect", "code": 4004, "reason": "banned for spam"}))
+        Some(
+            &json!({"type": "disconnect", "code": 4004, "reason": "banned for spam",
+                     "message": "banned for spam"})
+        )
     );
     // Only that user.
     bystander.say("lobby", "carry on").await;
@@ -598,7 +602,8 @@ async fn disconnect_and_kick_work_with_the_in_process_broker() {
     assert_eq!((kicked.status, &kicked.json), (202, &json!({"nodes": 1})));
     assert_eq!(
         victim.recv_type("left").await,
-        json!({"type": "left", "room": "news", "kicked": true})
+        json!({"type": "left", "room": "news", "kicked": true,
+               "message": "removed from room `news` by the application"})
     );
     // Kicking a user who is not in the room (or not online) is not an error: nothing to do.
     assert_eq!(

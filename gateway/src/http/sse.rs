@@ -143,29 +143,26 @@ pub async fn send(
             "unknown_session",
             "no such session: its stream has ended or its node is gone; reconnect",
         ),
-        Outcome::Busy => {
-            let mut response = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited.as_str(),
-                "too many frames are waiting for this session; retry shortly",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
-        Outcome::Unavailable => {
-            let mut response = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable.as_str(),
-                "the session's node could not be reached; retry shortly",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
+        Outcome::Busy => retry_shortly(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many frames are waiting for this session; retry shortly",
+        ),
+        Outcome::Unavailable => retry_shortly(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the session's node could not be reached; retry shortly",
+        ),
     }
+}
+
+/// A refusal the client should retry in a second, with the same frames.
+fn retry_shortly(status: StatusCode, code: ErrorCode, reason: &'static str) -> Response {
+    let mut response = error_response(status, code.as_str(), reason);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// The session token and the frames (each as JSON text) of a POST body.

@@ -120,10 +120,8 @@ enum Wake {
     Tick,
     /// The node is shutting down.
     Shutdown,
-    /// The client's token expired.
-    Expired,
-    /// The socket failed.
-    Lost,
+    /// The connection must end: its token expired, or its client went away.
+    Ended(Disconnect),
 }
 
 /// One WebSocket connection: the connection core and the ways to its socket.
@@ -201,18 +199,8 @@ impl Session {
                         return Disconnect::ConnectionLost;
                     }
                 }
-                Wake::Shutdown => {
-                    return context
-                        .shutdown_reason
-                        .get()
-                        .copied()
-                        .unwrap_or(Disconnect::GoingAway);
-                }
-                Wake::Expired => {
-                    metrics::policy_close(metrics::PolicyClose::TokenExpired);
-                    return Disconnect::TokenExpired;
-                }
-                Wake::Lost => return Disconnect::ConnectionLost,
+                Wake::Shutdown => return context.shutdown_close(),
+                Wake::Ended(reason) => return reason,
                 Wake::Tick => {
                     // A client whose frames wait unread is not idle, whatever the clock says.
                     if last_heard.elapsed() > limits.idle_timeout && !self.core.is_full() {
@@ -237,8 +225,8 @@ impl Session {
                 if shutting_down.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Shutdown);
                 }
-                if self.core.poll_expired(cx).is_ready() {
-                    return Poll::Ready(Wake::Expired);
+                if let Poll::Ready(reason) = self.core.poll_expired(cx) {
+                    return Poll::Ready(Wake::Ended(reason));
                 }
                 if self.outbox.poll_woken(cx).is_ready() {
                     return Poll::Ready(Wake::Outbox);
@@ -247,12 +235,16 @@ impl Session {
                     return Poll::Ready(Wake::Answered);
                 }
                 if backlog && let Poll::Ready(ready) = socket.poll_write_ready(cx) {
-                    return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Writable));
+                    return Poll::Ready(
+                        ready.map_or(Wake::Ended(Disconnect::ConnectionLost), |()| Wake::Writable),
+                    );
                 }
                 if !self.core.is_full()
                     && let Poll::Ready(ready) = socket.poll_read_ready(cx)
                 {
-                    return Poll::Ready(ready.map_or(Wake::Lost, |()| Wake::Readable));
+                    return Poll::Ready(
+                        ready.map_or(Wake::Ended(Disconnect::ConnectionLost), |()| Wake::Readable),
+                    );
                 }
                 ping.poll_tick(cx).map(|_| Wake::Tick)
             })

@@ -109,10 +109,8 @@ enum Wake {
     Tick,
     /// The node is shutting down.
     Shutdown,
-    /// The client's token expired.
-    Expired,
-    /// The client went away.
-    Lost,
+    /// The connection must end: its token expired, or its client went away.
+    Ended(Disconnect),
 }
 
 /// Runs one session to the end: `registration` is its place in the relay (POSTs for it are
@@ -206,18 +204,8 @@ impl Session {
                         return Disconnect::ConnectionLost;
                     }
                 }
-                Wake::Shutdown => {
-                    return context
-                        .shutdown_reason
-                        .get()
-                        .copied()
-                        .unwrap_or(Disconnect::GoingAway);
-                }
-                Wake::Expired => {
-                    metrics::policy_close(metrics::PolicyClose::TokenExpired);
-                    return Disconnect::TokenExpired;
-                }
-                Wake::Lost => return Disconnect::ConnectionLost,
+                Wake::Shutdown => return context.shutdown_close(),
+                Wake::Ended(reason) => return reason,
                 // A heartbeat that cannot go out (a full backlog) has asked for a slow-consumer
                 // close, checked below. The client sends no heartbeats of its own: a client that
                 // is gone shows as its response's end, not as silence.
@@ -236,8 +224,8 @@ impl Session {
                 if shutting_down.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Wake::Shutdown);
                 }
-                if core.poll_expired(cx).is_ready() {
-                    return Poll::Ready(Wake::Expired);
+                if let Poll::Ready(reason) = core.poll_expired(cx) {
+                    return Poll::Ready(Wake::Ended(reason));
                 }
                 if outbox.poll_woken(cx).is_ready() {
                     return Poll::Ready(Wake::Outbox);
@@ -248,7 +236,7 @@ impl Session {
                 if let Poll::Ready(event) = stream.poll_event(cx, backlog) {
                     return Poll::Ready(match event {
                         StreamEvent::Writable => Wake::Writable,
-                        StreamEvent::Finished => Wake::Lost,
+                        StreamEvent::Finished => Wake::Ended(Disconnect::ConnectionLost),
                     });
                 }
                 // While the core is full, POSTed frames wait (and further POSTs get 429).
