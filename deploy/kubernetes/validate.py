@@ -42,7 +42,9 @@ GATEWAY_SOURCES = os.path.join(HERE, "..", "..", "gateway", "src")
 # target. The newest is the newest kubernetes-validate ships.
 OLDEST_KUBERNETES = "1.30.0"
 
-PUBLIC_PATHS = {"/", "/ws", "/sse", "/sse/send"}
+PUBLIC_PATHS = {
+    "/", "/ws", "/sse", "/sse/send", "/chat-client.js", "/favicon.svg", "/favicon.ico",
+}
 GATEWAY = "chat-gateway"
 
 

@@ -152,7 +152,7 @@ fn broken_manifests_fail_validation_and_each_break_is_reported() {
             "base/ingress.yaml",
             "          - path: /sse/send\n",
             "          - path: /metrics\n",
-            "Ingress/chat-gateway: routes ['/', '/metrics', '/sse', '/ws']",
+            "Ingress/chat-gateway: routes ['/', '/chat-client.js', '/favicon.ico', '/favicon.svg', '/metrics', '/sse', '/ws']",
         ),
     ];
     for (file, old, new, _) in &breaks {
