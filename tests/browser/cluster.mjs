@@ -2,6 +2,7 @@
 // loopback ports, plus a second nginx in front of the same nodes that refuses WebSocket
 // upgrades, as some corporate proxies do. Real processes, stopped however the tests end.
 
+import https from "node:https";
 import { execFile, spawn } from "node:child_process";
 import { mkdtemp, readFile, rm, writeFile, mkdir } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -70,7 +71,7 @@ export class Cluster {
   // The public entry is TLS with the cluster's self-signed certificate: browser contexts are
   // told to accept it (ignoreHTTPSErrors).
   get url() { return `https://${HOST}:${this.httpsPort}`; }
-  get noUpgradeUrl() { return `http://${HOST}:${this.noUpgradePort}`; }
+  get noUpgradeUrl() { return `https://${HOST}:${this.noUpgradePort}`; }
 
   /** The 1-based index of the node a page names ("node-2" -> 2). */
   nodeIndex(nodeId) {
@@ -119,7 +120,11 @@ http {
     ${this.nodePorts.map((p) => `server ${HOST}:${p} max_fails=1 fail_timeout=3s;`).join("\n    ")}
   }
   server {
-    listen ${HOST}:${this.noUpgradePort};
+    # TLS like the real entry (the cluster's own self-signed certificate), so the fallback is
+    # exercised over https as a browser behind such a proxy would use it.
+    listen ${HOST}:${this.noUpgradePort} ssl;
+    ssl_certificate ${join(this.dir, "tls", "tls.crt")};
+    ssl_certificate_key ${join(this.dir, "tls", "tls.key")};
     location / {
       # A proxy that does not let WebSockets through.
       if ($http_upgrade) { return 403; }
@@ -150,7 +155,7 @@ http {
     this.proxyExited = exited;
     await until("the no-upgrade nginx to answer", async () => {
       if (this.proxy.exitCode !== null) throw new Error(`nginx exited: ${output}`);
-      try { return (await fetch(`${this.noUpgradeUrl}/healthz`)).ok; } catch { return false; }
+      return (await httpsStatus(this.noUpgradePort, "/healthz", join(this.dir, "tls", "tls.crt"))) === 200;
     }, 15_000);
   }
 
@@ -175,4 +180,18 @@ http {
     try { await this.sh("down"); } catch (e) { console.error(String(e)); }
     await rm(this.dir, { recursive: true, force: true });
   }
+}
+
+/** The status of an https GET to HOST:port, trusting only the certificate in `caFile`; 0 if
+ * nothing answered. */
+async function httpsStatus(port, path, caFile) {
+  const ca = await readFile(caFile);
+  return new Promise((resolve) => {
+    const request = https.get({ host: HOST, port, path, ca, timeout: 2_000 }, (response) => {
+      response.resume();
+      resolve(response.statusCode);
+    });
+    request.on("timeout", () => request.destroy());
+    request.on("error", () => resolve(0));
+  });
 }
