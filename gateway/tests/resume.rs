@@ -51,13 +51,19 @@ async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovere
     // Redis restarts without persistence: the history and its epoch are gone.
     let last = messages(&mut sender, 300).await.pop().unwrap();
     redis.kill();
-    redis.restart();
-    wait_until("the node to be ready again", || {
-        node.get("/readyz").is_some_and(|(status, _)| status == 200)
+    // Until the node has seen Redis go, "ready" would only describe the old connection.
+    wait_until("the node to notice", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 503)
     });
+    redis.restart();
     // The node cannot know what its members of `r` missed: it sends them to resume.
     let (_, ended) = sender.recv_until_end().await;
     assert_eq!(ended, Ended::Closed(4002), "resync");
+    // The resync may come before every subscriber connection is back; a client retries its
+    // handshake until the node is ready, as the 503's Retry-After asks.
+    wait_until("the node to be ready again", || {
+        node.get("/readyz").is_some_and(|(status, _)| status == 200)
+    });
     let mut again = Client::connect(&node.ws_url("/ws?room=lobby")).await;
     again
         .send(json!({"type":"join","room":"r","since":last["offset"],"epoch":last["epoch"]}))
