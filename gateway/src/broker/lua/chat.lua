@@ -1,4 +1,4 @@
-#!lua name=chatgw_v1
+#!lua name=chatgw_v2
 -- The gateway's Redis functions, one library loaded on every primary (FUNCTION LOAD REPLACE):
 -- functions are kept with the data and replicated, so a restarted Redis or a promoted replica
 -- still has them, and fred can send FCALLs in a pipeline. The version in the names changes
@@ -17,36 +17,39 @@ local epochs, cached = {}, 0
 -- original is returned instead. A node sends what it has ready as one call (in a Redis Cluster,
 -- one call per hash slot), so the cost of a call is shared by its messages.
 --
--- Message i (from 1) has keys[3i-2 .. 3i]: history stream (`<base>history`), epoch, shard
--- channel; its recent cids are `<base>cids` and `<base>cids-old`. It has args[6+3i-2 .. 6+3i]:
--- frame JSON, message id, user \31 cid (or '').
+-- Message i (from 1) has one key, keys[i]: its room's history stream `<base>history`; the
+-- room's other keys are named from it (`<base>epoch`, shard channel `<base>messages`, recent
+-- cids `<base>cids` and `<base>cids-old`), which keeps the call small: every key and argument
+-- is a string Redis copies into Lua, and per message that copying cost as much as the XADD.
+-- It has args[6+2i-1]: frame JSON, and args[6+2i]: '' or user \31 cid \31 message id.
 -- args[1] max length   args[2] history lifetime (ms)   args[3] dedup window (ms)
 -- args[4] publish time (µs, the node's clock)   args[5] epoch for a history that is new
 -- args[6] one character per message: '1' to refresh that room's expiry and trim it by age (a
 -- node asks for that now and then, not every message)
--- Returns three values per message: offset, epoch, and '' (or, for a duplicate, the original's
--- message id).
+-- Returns one string per message: 'offset epoch', or for a duplicate 'offset epoch id' of the
+-- original.
 local function append(keys, args)
   local now_ms = math.floor(tonumber(args[4]) / 1000)
   local lifetime = tonumber(args[2])
   local refresh = args[6]
+  local header = args[4] .. '\nm\n'
   local out = {}
-  for i = 1, #keys / 3 do
-    local stream, epoch_key, channel = keys[3 * i - 2], keys[3 * i - 1], keys[3 * i]
-    local frame, id, cid = args[6 + 3 * i - 2], args[6 + 3 * i - 1], args[6 + 3 * i]
+  for i = 1, #keys do
+    local stream = keys[i]
+    local frame, dedup = args[5 + 2 * i], args[6 + 2 * i]
     local base = string.sub(stream, 1, -8)
-    local seen = false
-    if cid ~= '' then
+    local seen, cid, id = false, nil, nil
+    if dedup ~= '' then
+      cid, id = string.match(dedup, '^(.*)\31([^\31]*)$')
       seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
     end
     if seen then
-      -- "offset epoch id", as stored below.
-      local offset, epoch, original = string.match(seen, '^(%S+) (%S+) (%S+)$')
-      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, original
+      out[i] = seen
     else
-      local epoch = epochs[epoch_key]
+      local epoch = epochs[stream]
       local offset = epoch and redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', args[1], '*', 'f', frame)
       if not offset then
+        local epoch_key = base .. 'epoch'
         epoch = redis.call('GET', epoch_key)
         if not epoch then
           -- No history (first message, expired, or Redis lost its data): a new epoch tells
@@ -57,16 +60,17 @@ local function append(keys, args)
         end
         offset = redis.call('XADD', stream, 'MAXLEN', '~', args[1], '*', 'f', frame)
         if cached >= 100000 then epochs, cached = {}, 0 end
-        if not epochs[epoch_key] then cached = cached + 1 end
-        epochs[epoch_key] = epoch
+        if not epochs[stream] then cached = cached + 1 end
+        epochs[stream] = epoch
       end
-      redis.call('SPUBLISH', channel, args[4] .. '\nm\n' .. offset .. '\n' .. epoch .. '\n' .. frame)
+      redis.call('SPUBLISH', base .. 'messages', header .. offset .. '\n' .. epoch .. '\n' .. frame)
       if string.byte(refresh, i) == 49 then
         redis.call('PEXPIRE', stream, lifetime)
-        redis.call('PEXPIRE', epoch_key, lifetime)
+        redis.call('PEXPIRE', base .. 'epoch', lifetime)
         redis.call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
       end
-      if cid ~= '' then
+      out[i] = offset .. ' ' .. epoch
+      if cid then
         -- Two generations: a cid stays findable for at least one window and at most two. The
         -- empty field holds the current generation's birth time.
         local cids, old_cids = base .. 'cids', base .. 'cids-old'
@@ -77,9 +81,8 @@ local function append(keys, args)
           redis.call('HSET', cids, '', now_ms)
           redis.call('PEXPIRE', cids, window * 2)
         end
-        redis.call('HSET', cids, cid, offset .. ' ' .. epoch .. ' ' .. id)
+        redis.call('HSET', cids, cid, out[i] .. ' ' .. id)
       end
-      out[3 * i - 2], out[3 * i - 1], out[3 * i] = offset, epoch, ''
     end
   end
   return out
@@ -220,8 +223,8 @@ local function presence_remove(keys, args)
   return left
 end
 
-redis.register_function('chatgw_v1_append', append)
-redis.register_function('chatgw_v1_head', head)
-redis.register_function{function_name = 'chatgw_v1_history', callback = history, flags = {'no-writes'}}
-redis.register_function('chatgw_v1_presence_upsert', presence_upsert)
-redis.register_function('chatgw_v1_presence_remove', presence_remove)
+redis.register_function('chatgw_v2_append', append)
+redis.register_function('chatgw_v2_head', head)
+redis.register_function{function_name = 'chatgw_v2_history', callback = history, flags = {'no-writes'}}
+redis.register_function('chatgw_v2_presence_upsert', presence_upsert)
+redis.register_function('chatgw_v2_presence_remove', presence_remove)

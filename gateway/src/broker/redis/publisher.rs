@@ -165,7 +165,6 @@ impl Publisher {
     /// The keys and arguments of one call appending `group`.
     fn call_for(&self, group: &[Pending], now: Instant) -> (Vec<String>, Vec<String>) {
         let history = &self.history;
-        let mut keys = Vec::with_capacity(group.len() * 3);
         let refresh: String = group
             .iter()
             .map(|pending| {
@@ -176,7 +175,7 @@ impl Publisher {
                 }
             })
             .collect();
-        let mut args = Vec::with_capacity(6 + group.len() * 3);
+        let mut args = Vec::with_capacity(6 + group.len() * 2);
         args.extend([
             history.max_len.to_string(),
             history.max_age.as_millis().to_string(),
@@ -185,14 +184,15 @@ impl Publisher {
             Epoch::random().to_string(),
             refresh,
         ]);
-        for pending in group {
-            let room = self.keys.room(&pending.room);
-            keys.extend([room.history, room.epoch, room.channel]);
-            args.extend([
-                pending.message.frame.clone(),
-                pending.message.id.to_string(),
-                pending.message.dedup_field(),
-            ]);
+        let mut keys = Vec::with_capacity(group.len());
+        for Pending { room, message, .. } in group {
+            keys.push(self.keys.room(room).history);
+            args.push(message.frame.clone());
+            args.push(if message.dedup.is_some() {
+                format!("{}\x1f{}", message.dedup_field(), message.id)
+            } else {
+                String::new()
+            });
         }
         (keys, args)
     }
@@ -200,9 +200,9 @@ impl Publisher {
     /// Tells every sender in `group` how its message fared.
     fn answer(&self, group: Vec<Pending>, outcome: Result<Results, BrokerError>, started: Instant) {
         match outcome {
-            Ok(results) if results.len() == group.len() * 3 => {
+            Ok(results) if results.len() == group.len() => {
                 metrics::messages_published(group.len(), started.elapsed());
-                for (pending, result) in group.into_iter().zip(results.chunks_exact(3)) {
+                for (pending, result) in group.into_iter().zip(&results) {
                     let _ = pending.reply.send(parse(pending.message.id, result));
                 }
             }
@@ -296,13 +296,16 @@ impl Publisher {
     }
 }
 
-/// What one append call returns: per message its offset, its epoch, and '' (or, for a
-/// duplicate, the original message's id).
+/// What one append call returns: per message "offset epoch", or for a duplicate
+/// "offset epoch id" of the original message.
 type Results = Vec<String>;
 
 /// One message's result; `sent` is the id it was sent with.
-fn parse(sent: uuid::Uuid, result: &[String]) -> Result<Published, BrokerError> {
-    let [offset, epoch, original] = result else {
+fn parse(sent: uuid::Uuid, result: &str) -> Result<Published, BrokerError> {
+    let mut parts = result.split(' ');
+    let (Some(offset), Some(epoch), original, None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(BrokerError::Reply("append result"));
     };
     Ok(Published {
@@ -310,14 +313,13 @@ fn parse(sent: uuid::Uuid, result: &[String]) -> Result<Published, BrokerError> 
             offset: Offset::parse(offset).ok_or(BrokerError::Reply("stream id"))?,
             epoch: Epoch::parse(epoch).ok_or(BrokerError::Reply("epoch"))?,
         },
-        id: if original.is_empty() {
-            sent
-        } else {
-            original
+        id: match original {
+            None => sent,
+            Some(original) => original
                 .parse()
-                .map_err(|_| BrokerError::Reply("message id"))?
+                .map_err(|_| BrokerError::Reply("message id"))?,
         },
-        duplicate: !original.is_empty(),
+        duplicate: original.is_some(),
     })
 }
 
