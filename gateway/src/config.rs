@@ -62,10 +62,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub ack_replicas: u32,
 
-    /// While the node publishes more than one message per Redis call (it is busy), how long it
-    /// waits for more before the next call, up to a full batch of 64. Larger calls cost Redis
-    /// less per message (docs/benchmarks.md), this long in latency. 0: send at once.
-    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "0ms", value_parser = humantime::parse_duration)]
+    /// While the node publishes more than one message per Redis call (it is busy), how long a
+    /// message may wait for more to share its call (up to a full batch of 64). Larger calls cost
+    /// Redis less per message (docs/benchmarks.md), at most this long in latency; an idle node
+    /// sends each message at once. 0: never wait.
+    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "2ms", value_parser = humantime::parse_duration)]
     pub publish_linger: Duration,
 
     /// Redis subscriber connections the node's rooms are split over, each read by its own

@@ -6,9 +6,9 @@
 //! is what keeps Redis's cost per message down: the cost of a call (reading it, starting the
 //! script, answering, writing the shard messages out) is shared by its messages. fred never
 //! pipelines `EVALSHA`, so one call in flight per connection is what a connection does anyway.
-//! With `--publish-linger`, a busy publisher waits that long for more messages before its next
-//! call (up to a full batch): fewer, larger calls cost Redis less per message, at the price of
-//! that wait in latency.
+//! While the node is busy (its last call carried more than one message), a message waits up to
+//! `--publish-linger` from when it was queued for more to share its call (up to a full batch):
+//! fewer, larger calls cost Redis less per message, at the price of that wait in latency.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +35,7 @@ const MAX_BATCH: usize = 64;
 struct Pending {
     room: RoomName,
     message: Outgoing,
+    queued: tokio::time::Instant,
     reply: oneshot::Sender<Result<Published, BrokerError>>,
 }
 
@@ -101,6 +102,7 @@ impl Publisher {
         self.queue.lock().push_back(Pending {
             room: room.clone(),
             message,
+            queued: tokio::time::Instant::now(),
             reply,
         });
         self.wake.notify_one();
@@ -347,9 +349,16 @@ async fn run(publisher: Arc<Publisher>) {
 }
 
 impl Publisher {
-    /// Waits up to the linger for more messages, or until a batch is full.
+    /// Waits until the oldest queued message has waited the linger, or a batch is full.
     async fn linger_for_more(&self) {
-        let deadline = tokio::time::Instant::now() + self.linger;
+        let Some(deadline) = self
+            .queue
+            .lock()
+            .front()
+            .map(|oldest| oldest.queued + self.linger)
+        else {
+            return;
+        };
         while self.queue.lock().len() < MAX_BATCH {
             if tokio::time::timeout_at(deadline, self.wake.notified())
                 .await
