@@ -341,7 +341,7 @@ check_compose() {
     local out env_file="$WORK/compose.env" no_env="$WORK/compose-empty.env"
     printf 'GRAFANA_ADMIN_PASSWORD=validate-placeholder\nREDIS_PASSWORD=validate-placeholder\n' >"$env_file"
     : >"$no_env"
-    local compose=(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD docker-compose --env-file "$env_file" -f "$COMPOSE_FILE")
+    local compose=(env -u GRAFANA_ADMIN_PASSWORD -u REDIS_PASSWORD -u GATEWAY_SESSION_SECRET docker-compose --env-file "$env_file" -f "$COMPOSE_FILE")
     if out=$("${compose[@]}" config -q 2>&1); then
         pass "docker-compose config -q"
     else
@@ -420,6 +420,60 @@ PY
     else
         fail compose "TLS or the internal listener is not wired as expected:"$'\n'"$out"
     fi
+    check_session_secret "$WORK/compose-config.yml"
+}
+
+# check_session_secret CONFIG: every replica reads the file the session-secret service
+# writes, and that service's script (run here on a scratch directory) makes one secret,
+# keeps it across starts and takes GATEWAY_SESSION_SECRET when given.
+check_session_secret() {
+    local config=$1 script dir first
+    if ! script=$("$PYTHON" - "$config" <<'PY'
+import sys
+
+import yaml
+
+services = yaml.safe_load(open(sys.argv[1]))["services"]
+init, gateway = services["session-secret"], services["gateway"]
+mount = next(v for v in gateway["volumes"]
+             if (v.get("source") if isinstance(v, dict) else v.split(":")[0]) == "session-secret")
+target = mount["target"] if isinstance(mount, dict) else mount.split(":")[1]
+assert gateway["environment"]["GATEWAY_SESSION_SECRET_FILE"] == f"{target}/session-secret", \
+    "GATEWAY_SESSION_SECRET_FILE is not the mounted session-secret file"
+assert gateway["depends_on"]["session-secret"]["condition"] == "service_completed_successfully", \
+    "the gateways must wait for session-secret"
+assert "GATEWAY_SESSION_SECRET" not in gateway["environment"], "the gateways read the file only"
+# `config` prints the file's `$$` escapes as they are.
+print(init["command"][0].replace("$$", "$"))
+PY
+    ); then
+        fail compose "the session secret is not wired as expected:"$'\n'"$script"
+        return
+    fi
+    dir=$(mktemp -d "$WORK/secret.XXXXXX")
+    script=${script//\/secrets\//$dir\/}
+    # Ownership for the image's user needs root; a developer's run checks the rest.
+    [ "$(id -u)" -eq 0 ] || script=${script//chown /: }
+    if ! env -u GATEWAY_SESSION_SECRET sh -euc "$script" ||
+        ! first=$(cat "$dir/session-secret") || ! [[ $first =~ ^[0-9a-f]{64}$ ]]; then
+        fail compose "session-secret did not write a 32-byte hex secret"
+        return
+    fi
+    env -u GATEWAY_SESSION_SECRET sh -euc "$script"
+    if [ "$(cat "$dir/session-secret")" != "$first" ]; then
+        fail compose "session-secret replaced an existing secret"
+        return
+    fi
+    GATEWAY_SESSION_SECRET=operator-chosen-secret-of-at-least-32-bytes sh -euc "$script"
+    if [ "$(cat "$dir/session-secret")" != operator-chosen-secret-of-at-least-32-bytes ]; then
+        fail compose "session-secret ignored GATEWAY_SESSION_SECRET"
+        return
+    fi
+    if [ "$(id -u)" -eq 0 ] && [ "$(stat -c %u:%a "$dir/session-secret")" != 10001:400 ]; then
+        fail compose "the session secret is not readable by the image's user (10001) alone"
+        return
+    fi
+    pass "compose: one session secret for every replica (made once, or GATEWAY_SESSION_SECRET)"
 }
 
 # ---------------------------------------------------------------------------
