@@ -454,17 +454,18 @@ PY
     script=${script//\/secrets\//$dir\/}
     # Ownership for the image's user needs root; a developer's run checks the rest.
     [ "$(id -u)" -eq 0 ] || script=${script//chown /: }
-    if ! env -u GATEWAY_SESSION_SECRET sh -euc "$script" ||
+    # Run from the scratch directory, so a script gone wrong writes nothing elsewhere.
+    if ! (cd "$dir" && env -u GATEWAY_SESSION_SECRET sh -euc "$script") ||
         ! first=$(cat "$dir/session-secret") || ! [[ $first =~ ^[0-9a-f]{64}$ ]]; then
         fail compose "session-secret did not write a 32-byte hex secret"
         return
     fi
-    env -u GATEWAY_SESSION_SECRET sh -euc "$script"
+    (cd "$dir" && env -u GATEWAY_SESSION_SECRET sh -euc "$script")
     if [ "$(cat "$dir/session-secret")" != "$first" ]; then
         fail compose "session-secret replaced an existing secret"
         return
     fi
-    GATEWAY_SESSION_SECRET=operator-chosen-secret-of-at-least-32-bytes sh -euc "$script"
+    (cd "$dir" && GATEWAY_SESSION_SECRET=operator-chosen-secret-of-at-least-32-bytes sh -euc "$script")
     if [ "$(cat "$dir/session-secret")" != operator-chosen-secret-of-at-least-32-bytes ]; then
         fail compose "session-secret ignored GATEWAY_SESSION_SECRET"
         return
