@@ -1,8 +1,8 @@
 //! The SSE + POST fallback against real nodes: a stream chats with WebSocket members, a POST
 //! landing on any node reaches its session, `Last-Event-ID` resumes on another node, bad POSTs
-//! get clear answers, a stalled reader is closed without growing the node. Also the protocol
-//! additions every transport has: `message` on every refusal (seed clients), reconnect tokens,
-//! the `history` frame.
+//! get clear answers (429 while a session's frames wait on a stalled Redis), a stalled reader
+//! is closed without growing the node. Also the protocol additions every transport has:
+//! `message` on every refusal (seed clients), reconnect tokens, the `history` frame.
 
 mod common;
 
@@ -283,6 +283,47 @@ async fn posts_are_refused_with_a_status_and_a_json_reason() {
         common::http_request(b.port, "POST", "/sse/send", &json, body.as_bytes())
             .is_some_and(|reply| reply.status == 404)
     });
+}
+
+#[tokio::test]
+async fn posts_queue_behind_a_stalled_redis_until_the_session_is_full_then_get_429() {
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &["--redis-timeout", "20s"]);
+    let mut sse = open(&node, "/sse?room=slow").await;
+    // Writes stall: the session's first publish waits, the frames after it queue up.
+    redis
+        .command(&["CLIENT", "PAUSE", "4000", "WRITE"])
+        .expect("pause writes");
+    let batch = |first: usize| {
+        json!(
+            (first..first + 32)
+                .map(|i| json!({"type":"message","message":format!("m{i}"),"ref":i}))
+                .collect::<Vec<_>>()
+        )
+    };
+    let mut accepted = 0;
+    let refused = loop {
+        let reply = sse.post(batch(accepted)).await;
+        if reply.status != 202 {
+            break reply;
+        }
+        assert_eq!(json_of(&reply.body), json!({"accepted":32}));
+        accepted += 32;
+        assert!(accepted <= 32 * 8, "a stalled session keeps taking frames");
+    };
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(json_of(&refused.body)["error"]["code"], "rate_limited");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // Nothing taken is lost: once Redis takes writes again every frame is acked, in order, and
+    // the refused POST goes through when retried.
+    for i in 0..accepted {
+        assert_eq!(sse.recv_type("ack").await["ref"], i);
+    }
+    let retried = sse.post(batch(accepted)).await;
+    assert_eq!(retried.status, 202, "{}", retried.body);
+    for i in accepted..accepted + 32 {
+        assert_eq!(sse.recv_type("ack").await["ref"], i);
+    }
 }
 
 #[tokio::test]
