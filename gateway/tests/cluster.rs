@@ -40,6 +40,11 @@ mod one_redis {
     }
 
     #[tokio::test]
+    async fn posts_and_commands_reach_the_node_holding_their_target() {
+        scenarios::posts_and_commands_reach_the_node_holding_their_target(&Redis::start()).await;
+    }
+
+    #[tokio::test]
     async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl() {
         scenarios::presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(
             &Redis::start(),

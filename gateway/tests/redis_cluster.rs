@@ -28,6 +28,7 @@ async fn the_cluster_suite_passes_on_three_masters() {
     scenarios::subscribed_once_per_node_and_unsubscribed_after_the_last_member(&cluster).await;
     scenarios::a_client_resumes_on_another_node_with_exactly_what_it_missed(&cluster).await;
     scenarios::presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(&cluster).await;
+    scenarios::posts_and_commands_reach_the_node_holding_their_target(&cluster).await;
 }
 
 #[tokio::test]

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{Client, Gateway, Node, SharedRedis, messages, offset_of, texts, wait_until};
+use super::sse::SseClient;
+use super::{
+    Client, Gateway, Node, SharedRedis, http_request, messages, offset_of, texts, wait_until,
+};
 
 fn three_nodes(redis: &impl SharedRedis, extra: &[&str]) -> [Node; 3] {
     ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, redis, extra))
@@ -254,4 +257,58 @@ pub async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(
         "{listed}"
     );
     drop(doomed);
+}
+
+/// What crosses nodes besides room traffic reaches the node that holds its target: an SSE
+/// session's POSTs made through any node (that node's inbox channel), and a server API command
+/// given to one node (the control channel every node listens on).
+pub async fn posts_and_commands_reach_the_node_holding_their_target(redis: &impl SharedRedis) {
+    const KEY: &str = "scenario-api-key-0123456789";
+    let nodes = three_nodes(redis, &["--api-key", KEY]);
+    let mut sse = SseClient::open(nodes[0].port, "/sse?room=routed", &[])
+        .await
+        .unwrap_or_else(|(status, body)| panic!("GET /sse: {status} {body}"));
+    let mut member = Client::connect(&nodes[2].ws_url("/ws?room=routed")).await;
+    for (i, node) in nodes.iter().enumerate() {
+        let reply = sse
+            .post_to(
+                node.port,
+                json!([{"type":"message","message":format!("via-{}", node.id),"ref":i}]),
+            )
+            .await;
+        assert_eq!(
+            reply.status, 202,
+            "POST through {}: {}",
+            node.id, reply.body
+        );
+        assert_eq!(sse.recv_type("ack").await["ref"], i);
+    }
+    assert_eq!(
+        texts(&messages(&mut member, 3).await),
+        ["via-node-a", "via-node-b", "via-node-c"]
+    );
+
+    let auth = format!("Bearer {KEY}");
+    let body = json!({"userId": member.user_id.clone()}).to_string();
+    let kicked = http_request(
+        nodes[1].port,
+        "POST",
+        "/api/rooms/routed/kick",
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .expect("node b answered");
+    assert_eq!(
+        (kicked.status, kicked.body.as_str()),
+        (202, r#"{"nodes":3}"#),
+        "every node got the command"
+    );
+    let left = member.recv_type("left").await;
+    assert_eq!(
+        (&left["room"], &left["kicked"]),
+        (&json!("routed"), &json!(true))
+    );
 }
