@@ -17,7 +17,7 @@
 #               and that it refuses to start without GRAFANA_ADMIN_PASSWORD
 #   Dockerfile  build inputs exist, every workspace member's manifest is
 #               copied, the stubbed workspace loads with --locked
-#   scripts     shellcheck, when installed
+#   scripts     shellcheck on the deploy, load test and CI scripts, when installed
 # Missing Debian tools (nginx, promtool, docker-compose) are installed with
 # apt-get when running as root. Exits non-zero if anything fails.
 set -euo pipefail
@@ -537,8 +537,8 @@ check_scripts() {
     if command -v shellcheck >/dev/null 2>&1; then
         local out
         if out=$(shellcheck -x deploy/local/cluster.sh deploy/local/render.sh deploy/validate.sh \
-            deploy/docker/*.sh deploy/kubernetes/validate.sh 2>&1); then
-            pass "shellcheck: deploy scripts"
+            deploy/docker/*.sh deploy/kubernetes/validate.sh loadtest/*.sh scripts/*.sh 2>&1); then
+            pass "shellcheck: deploy, load test and CI scripts"
         else
             fail scripts "$out"
         fi

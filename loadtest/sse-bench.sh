@@ -11,55 +11,19 @@
 #
 # SSE_BENCH_IDLE (connections per transport, default 2000), SSE_BENCH_RATE (messages/s, 200)
 # and SSE_BENCH_DURATION (10s) change the runs.
-set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-gateway=${GATEWAY_BIN:-$root/target/release/chat-gateway}
-loadgen=${LOADGEN_BIN:-$root/target/release/chat-loadgen}
+# shellcheck source=loadtest/one-node.sh
+. "$(dirname "$0")/one-node.sh"
 idle=${SSE_BENCH_IDLE:-2000}
 rate=${SSE_BENCH_RATE:-200}
 duration=${SSE_BENCH_DURATION:-10s}
-redis=1
-[ "${1:-}" = "--no-redis" ] && redis=0
-export PATH="$PATH:/usr/sbin"
+limits_off=(GATEWAY_CONN_MESSAGE_RATE=0 GATEWAY_USER_MESSAGE_RATE=0 GATEWAY_IP_CONNECT_RATE=0)
 
-work=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-
-read -r redis_port node_port < <(python3 "$root/scripts/free-ports.py" 2)
-broker=()
-if [ "$redis" = 1 ]; then
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-    --dir "$work" >"$work/redis.log" 2>&1 &
-  pids+=($!)
-  broker=(--redis-url "redis://127.0.0.1:$redis_port")
-fi
-
-node=""
-start_node() {
-  GATEWAY_CONN_MESSAGE_RATE=0 GATEWAY_USER_MESSAGE_RATE=0 GATEWAY_IP_CONNECT_RATE=0 \
-    RUST_LOG=warn "$gateway" --listen "127.0.0.1:$node_port" --node-id bench \
-    "${broker[@]}" >"$work/node.log" 2>&1 &
-  node=$!
-  pids+=("$node")
-  for _ in $(seq 100); do
-    curl -fsS "http://127.0.0.1:$node_port/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "the node did not get ready" >&2
-  return 1
-}
-stop_node() {
-  kill "$node"
-  wait "$node" 2>/dev/null || true
-}
-
-echo "# one node, $([ "$redis" = 1 ] && echo "on its own redis-server" || echo "in-process broker")"
+describe
 for transport in websocket sse; do
-  start_node
+  start_node "${limits_off[@]}"
   "$loadgen" sse --url "http://127.0.0.1:$node_port" --pid "$node" --idle "$idle" \
     --transport "$transport"
   stop_node
 done
-start_node
+start_node "${limits_off[@]}"
 "$loadgen" sse --url "http://127.0.0.1:$node_port" --rate "$rate" --duration "$duration"
