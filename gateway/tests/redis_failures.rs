@@ -1,7 +1,8 @@
 //! Redis failing under traffic, against real processes: killed pub/sub connections, write
 //! pauses longer than the command timeout, a publisher slow to come back after a reconnect,
 //! SIGKILL and restart with and without persistence. No acknowledged message may be lost
-//! without the member being told, and none may arrive twice.
+//! without the member being told, and none may arrive twice; a retry with the same `cid` is
+//! recognised for the documented window.
 
 mod common;
 
@@ -243,6 +244,40 @@ async fn a_stall_past_the_timeout_is_reported_as_unknown_and_a_cid_retry_is_stor
         None,
         "the retry was not delivered again"
     );
+}
+
+#[tokio::test]
+async fn a_cid_is_known_for_at_least_its_window_and_new_again_after_two() {
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &["--dedup-window", "2s"]);
+    let mut client = Client::connect(&node.ws_url("/ws?room=window")).await;
+    let message = |cid: &str, reference: &str| json!({"type":"message","message":format!("text {cid}"),"cid":cid,"ref":reference});
+    client.send(message("a", "a1")).await;
+    let first = client.recv_type("ack").await;
+    let sent = tokio::time::Instant::now();
+
+    // Past one window, another cid starts a new generation; `a` stays known in the old one.
+    tokio::time::sleep_until(sent + Duration::from_millis(2400)).await;
+    client.send(message("b", "b1")).await;
+    assert_eq!(client.recv_type("ack").await["ref"], "b1");
+    client.send(message("a", "a2")).await;
+    let again = client.recv_type("ack").await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "the retry came within two windows"
+    );
+    assert_eq!(
+        (&again["duplicate"], &again["id"], &again["offset"]),
+        (&json!(true), &first["id"], &first["offset"]),
+        "a retry within the window is the original: {again}"
+    );
+
+    // Two windows after `a` was stored, it is forgotten: the same cid is a new message.
+    tokio::time::sleep_until(sent + Duration::from_millis(4600)).await;
+    client.send(message("a", "a3")).await;
+    let later = client.recv_type("ack").await;
+    assert_ne!(later["duplicate"], true, "{later}");
+    assert_ne!(later["id"], first["id"]);
 }
 
 /// Resident memory of a process, in bytes.
