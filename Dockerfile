@@ -50,8 +50,14 @@ COPY deploy/nginx/self-signed-cert.sh /usr/local/bin/self-signed-cert
 ENTRYPOINT ["sh", "/usr/local/bin/self-signed-cert"]
 
 # Runtime: glibc-based slim image (the binary links against glibc; Redis TLS
-# uses rustls, so it needs no OpenSSL).
+# uses rustls, so it needs no OpenSSL). rustls trusts the system's certificate
+# authorities (plus GATEWAY_REDIS_TLS_CA), so the image carries Debian's
+# bundle: a managed Redis behind a public CA works with a plain rediss:// URL.
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 chat \
     && useradd --system --uid 10001 --gid chat --no-create-home \
