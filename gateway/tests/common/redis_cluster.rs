@@ -299,7 +299,7 @@ fn parse_node(line: &str) -> Option<ClusterNode> {
     })
 }
 
-/// A primary, one replica and three sentinels watching them under the name `chat`.
+/// A primary, its replicas and three sentinels watching them under the name `chat`.
 pub struct Sentinels {
     /// The first primary, then its replicas.
     pub servers: Vec<Redis>,
@@ -439,6 +439,33 @@ impl Sentinels {
                     .is_ok_and(|role| role.starts_with("master"))
         });
         self.current().port
+    }
+
+    /// Starts the killed primary again (empty: no persistence) as a replica of the promoted
+    /// one, as an orchestrator's start script does (Sentinel would convert it itself, but only
+    /// after several of its 10 s checks), and waits until it is in sync.
+    pub fn restart_killed(&mut self) {
+        let primary = self.current().port.to_string();
+        let server = self
+            .servers
+            .iter_mut()
+            .find(|server| !server.is_running())
+            .expect("a killed server");
+        server.restart();
+        server
+            .command(&["REPLICAOF", "127.0.0.1", &primary])
+            .expect("make it a replica");
+        wait_until("the old primary to serve as a replica again", || {
+            self.current()
+                .command(&["INFO", "replication"])
+                .is_ok_and(|info| info.contains("connected_slaves:1"))
+                && self.servers.iter().any(|server| {
+                    server.port != self.current().port
+                        && server
+                            .command(&["INFO", "replication"])
+                            .is_ok_and(|info| info.contains("master_link_status:up"))
+                })
+        });
     }
 }
 

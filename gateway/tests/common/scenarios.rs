@@ -259,16 +259,24 @@ pub async fn presence_spans_nodes_and_a_killed_nodes_users_leave_within_the_ttl(
     drop(doomed);
 }
 
+/// The server API key of nodes that take part in [`posts_and_commands_reach_their_target_among`].
+pub const API_KEY: &str = "scenario-api-key-0123456789";
+
 /// What crosses nodes besides room traffic reaches the node that holds its target: an SSE
 /// session's POSTs made through any node (that node's inbox channel), and a server API command
 /// given to one node (the control channel every node listens on).
 pub async fn posts_and_commands_reach_the_node_holding_their_target(redis: &impl SharedRedis) {
-    const KEY: &str = "scenario-api-key-0123456789";
-    let nodes = three_nodes(redis, &["--api-key", KEY]);
-    let mut sse = SseClient::open(nodes[0].port, "/sse?room=routed", &[])
+    let nodes = three_nodes(redis, &["--api-key", API_KEY]);
+    posts_and_commands_reach_their_target_among(&nodes, "routed").await;
+}
+
+/// [`posts_and_commands_reach_the_node_holding_their_target`] on running nodes (started with
+/// `--api-key` [`API_KEY`]), in `room`.
+pub async fn posts_and_commands_reach_their_target_among(nodes: &[Node; 3], room: &str) {
+    let mut sse = SseClient::open(nodes[0].port, &format!("/sse?room={room}"), &[])
         .await
         .unwrap_or_else(|(status, body)| panic!("GET /sse: {status} {body}"));
-    let mut member = Client::connect(&nodes[2].ws_url("/ws?room=routed")).await;
+    let mut member = Client::connect(&nodes[2].ws_url(&format!("/ws?room={room}"))).await;
     for (i, node) in nodes.iter().enumerate() {
         let reply = sse
             .post_to(
@@ -283,17 +291,18 @@ pub async fn posts_and_commands_reach_the_node_holding_their_target(redis: &impl
         );
         assert_eq!(sse.recv_type("ack").await["ref"], i);
     }
-    assert_eq!(
-        texts(&messages(&mut member, 3).await),
-        ["via-node-a", "via-node-b", "via-node-c"]
-    );
+    let expected: Vec<String> = nodes
+        .iter()
+        .map(|node| format!("via-{}", node.id))
+        .collect();
+    assert_eq!(texts(&messages(&mut member, 3).await), expected);
 
-    let auth = format!("Bearer {KEY}");
+    let auth = format!("Bearer {API_KEY}");
     let body = json!({"userId": member.user_id.clone()}).to_string();
     let kicked = http_request(
         nodes[1].port,
         "POST",
-        "/api/rooms/routed/kick",
+        &format!("/api/rooms/{room}/kick"),
         &[
             ("Authorization", auth.as_str()),
             ("Content-Type", "application/json"),
@@ -309,6 +318,6 @@ pub async fn posts_and_commands_reach_the_node_holding_their_target(redis: &impl
     let left = member.recv_type("left").await;
     assert_eq!(
         (&left["room"], &left["kicked"]),
-        (&json!("routed"), &json!(true))
+        (&json!(room), &json!(true))
     );
 }
