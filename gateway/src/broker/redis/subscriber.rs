@@ -345,9 +345,17 @@ fn follow_slot_moves(
             );
             let names: Vec<String> = moved.iter().map(ToString::to_string).collect();
             inbox.hold(&|room: &str| names.iter().any(|name| name == room));
-            if subscriptions.restore_while_connected(&moved).await {
-                inbox.repair();
+            // Until the moved rooms are subscribed where they went: a connection that drops
+            // meanwhile may come back without a reconnect of the whole client, so nothing else
+            // would take them up (the hub resyncs rooms held too long, as a last resort).
+            while !subscriptions.restore_while_connected(&moved).await {
+                tracing::warn!(
+                    rooms = moved.len(),
+                    "could not subscribe moved rooms while disconnected; retrying"
+                );
+                tokio::time::sleep(RESUBSCRIBE_RETRY).await;
             }
+            inbox.repair();
         }
     })
 }
