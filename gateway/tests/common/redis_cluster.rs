@@ -445,6 +445,10 @@ impl Sentinels {
     /// one, as an orchestrator's start script does (Sentinel would convert it itself, but only
     /// after several of its 10 s checks), and waits until it is in sync.
     pub fn restart_killed(&mut self) {
+        // Redis waits 5 s by default before a diskless full sync, for more replicas to join.
+        self.current()
+            .command(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])
+            .expect("no sync delay");
         let primary = self.current().port.to_string();
         let server = self
             .servers
