@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::{HttpReply, PATIENCE, Process, TempDir, free_port, temp_dir, wait_until};
+use super::{HttpReply, PATIENCE, Process, TempDir, free_port, parse_reply, temp_dir, wait_until};
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -102,19 +102,7 @@ fn request(mut stream: impl Read + Write, port: u16, path: &str) -> Option<HttpR
             Err(_) => return None,
         }
     }
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    Some(HttpReply {
-        status,
-        headers,
-        body: body.to_owned(),
-    })
+    parse_reply(&raw)
 }
 
 /// Makes a self-signed certificate for 127.0.0.1 in `dir` with the shipped script; returns

@@ -583,6 +583,11 @@ pub fn http_exchange(
             Ok(read) => raw.extend_from_slice(&buffer[..read]),
         }
     }
+    parse_reply(&raw)
+}
+
+/// A whole HTTP/1.1 response as read off the wire: status, headers, body.
+pub fn parse_reply(raw: &[u8]) -> Option<HttpReply> {
     let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let (status, headers) = parse_head(&raw[..head_end])?;
     Some(HttpReply {
