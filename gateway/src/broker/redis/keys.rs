@@ -36,8 +36,7 @@ impl KeySpace {
 
     /// Every key of `room`.
     pub fn room(&self, room: &RoomName) -> RoomKeys {
-        let base = format!("{}{{{room}}}:", self.prefix);
-        let key = |name: &str| format!("{base}{name}");
+        let key = |name: &str| self.key(room, name);
         RoomKeys {
             channel: key("messages"),
             history: key("history"),
@@ -49,6 +48,20 @@ impl KeySpace {
                 key("presence-names"),
             ],
         }
+    }
+
+    /// `room`'s history stream alone: what a publish names, per message.
+    pub fn history(&self, room: &RoomName) -> String {
+        self.key(room, "history")
+    }
+
+    /// `room`'s shard channel alone.
+    pub fn channel(&self, room: &RoomName) -> String {
+        self.key(room, "messages")
+    }
+
+    fn key(&self, room: &RoomName, name: &str) -> String {
+        format!("{}{{{room}}}:{name}", self.prefix)
     }
 
     /// The room a message channel belongs to, if it is one of this key space's.

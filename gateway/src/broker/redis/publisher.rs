@@ -188,7 +188,7 @@ impl Publisher {
         ]);
         let mut keys = Vec::with_capacity(group.len());
         for Pending { room, message, .. } in group {
-            keys.push(self.keys.room(room).history);
+            keys.push(self.keys.history(room));
             args.push(message.frame.clone());
             args.push(if message.dedup.is_some() {
                 format!("{}\x1f{}", message.dedup_field(), message.id)

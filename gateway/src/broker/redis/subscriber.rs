@@ -134,7 +134,7 @@ impl Subscriptions {
     /// reconnect does not subscribe it again.
     async fn remove(&self, room: &RoomName) -> Result<(), BrokerError> {
         self.wanted.lock().remove(room);
-        let channel = self.keys.room(room).channel;
+        let channel = self.keys.channel(room);
         Ok(self.client.sunsubscribe(channel).await?)
     }
 
@@ -142,7 +142,7 @@ impl Subscriptions {
     /// otherwise be taken for the replies of the commands behind it); returns the primary it
     /// went to, in a cluster.
     async fn subscribe(&self, room: &RoomName) -> Result<Option<Server>, BrokerError> {
-        let channel = self.keys.room(room).channel;
+        let channel = self.keys.channel(room);
         self.client.ssubscribe(channel).await?;
         Ok(self.owner(room))
     }
