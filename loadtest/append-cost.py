@@ -10,6 +10,7 @@ INFO cpu) and the time inside FCALL per message. No gateway, no load generator: 
 Redis side alone, what a call of that size costs when nothing else competes for the cores.
 
 Usage: loadtest/append-cost.py [--batches 1,5,20,38,64] [--messages 20000] [--rate 10000]
+                              [--library a-candidate.lua]
 """
 
 import argparse
@@ -101,8 +102,8 @@ def measure(conn, batch, messages, rate):
         keys, args = [], ["1000", "86400000", "300000", str(time.time_ns() // 1000), "e" * 22, "0" * batch]
         for j in range(batch):
             keys.append(room_key(ROOMS[(n * batch + j) % len(ROOMS)], "history"))
-            args += [frame, ""]
-        conn.call("FCALL", "chatgw_v2_append", str(len(keys)), *keys, *args)
+            args.append(frame)
+        conn.call("FCALL", "chatgw_v3_append", str(len(keys)), *keys, *args)
         if interval:
             time.sleep(max(0.0, started + (n + 1) * interval - time.monotonic()))
     elapsed = time.monotonic() - started
@@ -119,6 +120,7 @@ def main():
     parser.add_argument("--batches", default="1,5,20,38,64")
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=0, help="messages/s (0: as fast as calls return)")
+    parser.add_argument("--library", default=LIBRARY, help="the function library to measure")
     options = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
@@ -135,7 +137,7 @@ def main():
                     break
                 except OSError:
                     time.sleep(0.05)
-            with open(LIBRARY) as library:
+            with open(options.library) as library:
                 conn.call("FUNCTION", "LOAD", "REPLACE", library.read())
             subscribe(port)
             time.sleep(0.3)

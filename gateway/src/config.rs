@@ -63,10 +63,10 @@ pub struct Config {
     pub ack_replicas: u32,
 
     /// While the node publishes more than one message per Redis call (it is busy), how long a
-    /// message may wait for more to share its call (up to a full batch of 64). Larger calls cost
+    /// message may wait for more to share its call (up to a full batch of 128). Larger calls cost
     /// Redis less per message (docs/benchmarks.md), at most this long in latency; an idle node
     /// sends each message at once. 0: never wait.
-    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "2ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub publish_linger: Duration,
 
     /// Redis subscriber connections the node's rooms are split over, each read by its own

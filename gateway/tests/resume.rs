@@ -28,6 +28,35 @@ async fn a_join_can_ask_for_the_last_messages() {
 }
 
 #[tokio::test]
+async fn a_busy_room_keeps_about_its_history_length_and_no_less() {
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &["--history-max-len", "200"]);
+    let mut sender = Client::connect(&node.ws_url("/ws?room=r")).await;
+    for i in 0..1000 {
+        sender.say("r", &format!("m{i}")).await;
+    }
+    let kept: u64 = redis
+        .command(&["XLEN", "chat:{r}:history"])
+        .expect("XLEN")
+        .trim()
+        .parse()
+        .expect("a length");
+    // Trimmed once every 20 messages (a tenth of the length), in whole stream nodes of up to
+    // 100 entries.
+    assert!(
+        (200..=200 + 20 + 100).contains(&kept),
+        "{kept} of 1000 messages kept"
+    );
+    let mut late = Client::connect(&node.ws_url("/ws?room=lobby")).await;
+    late.send(json!({"type":"join","room":"r","last":200}))
+        .await;
+    assert_eq!(late.recv_type("joined").await["type"], "joined");
+    let replayed = messages(&mut late, 200).await;
+    assert_eq!(texts(&replayed).first(), Some(&"m800"));
+    assert_eq!(texts(&replayed).last(), Some(&"m999"));
+}
+
+#[tokio::test]
 async fn a_resume_from_beyond_retained_history_or_a_lost_epoch_says_not_recovered() {
     let mut redis = Redis::start();
     let node = Node::clustered("node-a", &redis, &["--history-max-len", "5"]);

@@ -1,15 +1,23 @@
-#!lua name=chatgw_v2
+#!lua name=chatgw_v3
 -- The gateway's Redis functions, one library loaded on every primary (FUNCTION LOAD REPLACE):
 -- functions are kept with the data and replicated, so a restarted Redis or a promoted replica
 -- still has them, and fred can send FCALLs in a pipeline. The version in the names changes
 -- whenever a function's keys or arguments do, so nodes of two versions can run side by side.
 -- Every function touches the keys of one room only, which share one hash slot.
 
--- The epoch of each room's history, as last read or set by append, kept in the library's own
--- memory so most appends need no GET. It is empty whenever the library (re)loads, which is
--- whenever Redis restarts and may have lost data; a history that was recreated since (it
--- expired) is noticed because XADD NOMKSTREAM finds no stream, and the epoch is read again.
-local epochs, cached = {}, 0
+-- What appends remember of each room's history stream in the library's own memory, so that
+-- most appends make no call beyond XADD and SPUBLISH and build no string but the published
+-- one: its epoch (as last read or set), its shard channel's name, and how many messages were
+-- appended since it was last trimmed; about 300 bytes a room, for at most 50,000 rooms. All of
+-- it is lost whenever the library (re)loads, which is whenever Redis restarts and may have
+-- lost data; a history that was recreated since (it expired) is noticed because XADD
+-- NOMKSTREAM finds no stream, and the epoch is read again.
+local epochs, appended, channels, cached = {}, {}, {}, 0
+
+-- The prefix of every key of the room whose history stream is `stream`.
+local function base_of(stream)
+  return string.sub(stream, 1, -8)
+end
 
 -- Appends chat messages to their rooms' histories and publishes each on its room's shard
 -- channel, atomically: every delivered message has an offset, and no stored message goes
@@ -21,35 +29,55 @@ local epochs, cached = {}, 0
 -- room's other keys are named from it (`<base>epoch`, shard channel `<base>messages`, recent
 -- cids `<base>cids` and `<base>cids-old`), which keeps the call small: every key and argument
 -- is a string Redis copies into Lua, and per message that copying cost as much as the XADD.
--- It has args[6+2i-1]: frame JSON, and args[6+2i]: '' or user \31 cid \31 message id.
+-- args[6 + i] is its frame JSON; then, for each message with a cid in turn, user \31 cid \31
+-- message id.
 -- args[1] max length   args[2] history lifetime (ms)   args[3] dedup window (ms)
 -- args[4] publish time (µs, the node's clock)   args[5] epoch for a history that is new
--- args[6] one character per message: '1' to refresh that room's expiry and trim it by age (a
--- node asks for that now and then, not every message)
--- Returns one string per message: 'offset epoch', or for a duplicate 'offset epoch id' of the
--- original.
+-- args[6] one digit per message: 1 to refresh its room's expiry and trim it by age (a node asks
+-- for that now and then, not every message), plus 2 when it has a cid
+-- Returns one string: per message 'offset epoch', or for a duplicate 'offset epoch id' of the
+-- original, separated by commas (one string: Redis converts each element of a table reply at
+-- the cost of several hundred instructions).
 local function append(keys, args)
+  local max_len = args[1]
+  -- Trimming to the length limit is the XADD's MAXLEN, given every so many messages of a
+  -- room rather than every one: each argument costs, and a trim that finds a whole stream
+  -- node to drop is rare. A history holds at most that many more than the limit.
+  local trim_every = math.max(1, math.min(100, math.floor(tonumber(max_len) / 10)))
   local now_ms = math.floor(tonumber(args[4]) / 1000)
   local lifetime = tonumber(args[2])
-  local refresh = args[6]
+  local flags = args[6]
   local header = args[4] .. '\nm\n'
+  local count = #keys
+  local next_cid = 7 + count
   local out = {}
-  for i = 1, #keys do
+  for i = 1, count do
     local stream = keys[i]
-    local frame, dedup = args[5 + 2 * i], args[6 + 2 * i]
-    local base = string.sub(stream, 1, -8)
+    local frame = args[6 + i]
+    local flag = string.byte(flags, i) - 48
     local seen, cid, id = false, nil, nil
-    if dedup ~= '' then
-      cid, id = string.match(dedup, '^(.*)\31([^\31]*)$')
+    if flag >= 2 then
+      local base = base_of(stream)
+      cid, id = string.match(args[next_cid], '^(.*)\31([^\31]*)$')
+      next_cid = next_cid + 1
       seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
     end
     if seen then
       out[i] = seen
     else
-      local epoch = epochs[stream]
-      local offset = epoch and redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', args[1], '*', 'f', frame)
+      local epoch, offset = epochs[stream], nil
+      if epoch then
+        local since_trim = appended[stream] + 1
+        if since_trim >= trim_every then
+          since_trim = 0
+          offset = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', max_len, '*', 'f', frame)
+        else
+          offset = redis.call('XADD', stream, 'NOMKSTREAM', '*', 'f', frame)
+        end
+        appended[stream] = since_trim
+      end
       if not offset then
-        local epoch_key = base .. 'epoch'
+        local epoch_key = base_of(stream) .. 'epoch'
         epoch = redis.call('GET', epoch_key)
         if not epoch then
           -- No history (first message, expired, or Redis lost its data): a new epoch tells
@@ -58,21 +86,23 @@ local function append(keys, args)
           epoch = args[5]
           redis.call('SET', epoch_key, epoch, 'PX', lifetime)
         end
-        offset = redis.call('XADD', stream, 'MAXLEN', '~', args[1], '*', 'f', frame)
-        if cached >= 100000 then epochs, cached = {}, 0 end
+        offset = redis.call('XADD', stream, 'MAXLEN', '~', max_len, '*', 'f', frame)
+        if cached >= 50000 then epochs, appended, channels, cached = {}, {}, {}, 0 end
         if not epochs[stream] then cached = cached + 1 end
-        epochs[stream] = epoch
+        epochs[stream], appended[stream] = epoch, 0
+        channels[stream] = base_of(stream) .. 'messages'
       end
-      redis.call('SPUBLISH', base .. 'messages', header .. offset .. '\n' .. epoch .. '\n' .. frame)
-      if string.byte(refresh, i) == 49 then
+      redis.call('SPUBLISH', channels[stream], header .. offset .. '\n' .. epoch .. '\n' .. frame)
+      if flag % 2 == 1 then
         redis.call('PEXPIRE', stream, lifetime)
-        redis.call('PEXPIRE', base .. 'epoch', lifetime)
+        redis.call('PEXPIRE', base_of(stream) .. 'epoch', lifetime)
         redis.call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
       end
       out[i] = offset .. ' ' .. epoch
       if cid then
         -- Two generations: a cid stays findable for at least one window and at most two. The
         -- empty field holds the current generation's birth time.
+        local base = base_of(stream)
         local cids, old_cids = base .. 'cids', base .. 'cids-old'
         local window = tonumber(args[3])
         local born = tonumber(redis.call('HGET', cids, '') or '')
@@ -85,7 +115,7 @@ local function append(keys, args)
       end
     end
   end
-  return out
+  return table.concat(out, ',')
 end
 
 -- Where a room's history ends, read by a node before it subscribes to the room: its epoch and
@@ -223,8 +253,8 @@ local function presence_remove(keys, args)
   return left
 end
 
-redis.register_function('chatgw_v2_append', append)
-redis.register_function('chatgw_v2_head', head)
-redis.register_function{function_name = 'chatgw_v2_history', callback = history, flags = {'no-writes'}}
-redis.register_function('chatgw_v2_presence_upsert', presence_upsert)
-redis.register_function('chatgw_v2_presence_remove', presence_remove)
+redis.register_function('chatgw_v3_append', append)
+redis.register_function('chatgw_v3_head', head)
+redis.register_function{function_name = 'chatgw_v3_history', callback = history, flags = {'no-writes'}}
+redis.register_function('chatgw_v3_presence_upsert', presence_upsert)
+redis.register_function('chatgw_v3_presence_remove', presence_remove)

@@ -13,15 +13,15 @@ use crate::broker::BrokerError;
 const LIBRARY: &str = include_str!("../lua/chat.lua");
 
 /// Appends chat messages to their rooms' histories and publishes them.
-pub(super) const APPEND: &str = "chatgw_v2_append";
+pub(super) const APPEND: &str = "chatgw_v3_append";
 /// Where a room's history ends (giving it an epoch if it has none).
-pub(super) const HEAD: &str = "chatgw_v2_head";
+pub(super) const HEAD: &str = "chatgw_v3_head";
 /// Reads a room's history for a replay.
-pub(super) const HISTORY: &str = "chatgw_v2_history";
+pub(super) const HISTORY: &str = "chatgw_v3_history";
 /// Marks users online in a room (and drops expired entries).
-pub(super) const PRESENCE_UPSERT: &str = "chatgw_v2_presence_upsert";
+pub(super) const PRESENCE_UPSERT: &str = "chatgw_v3_presence_upsert";
 /// Takes users offline in a room.
-pub(super) const PRESENCE_REMOVE: &str = "chatgw_v2_presence_remove";
+pub(super) const PRESENCE_REMOVE: &str = "chatgw_v3_presence_remove";
 
 /// Loads the library on every primary (replacing an older copy of the same version).
 pub(super) async fn load(client: &Client) -> Result<(), BrokerError> {

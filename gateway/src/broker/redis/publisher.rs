@@ -28,8 +28,9 @@ use crate::clock::now_micros;
 use crate::metrics;
 use crate::protocol::{Epoch, Offset, Position, RoomName};
 
-/// Most messages in one script call.
-const MAX_BATCH: usize = 64;
+/// Most messages in one script call: calls of up to about a hundred kept lowering Redis's cost
+/// per message (docs/benchmarks.md (e)).
+const MAX_BATCH: usize = 128;
 
 /// A message waiting to be sent, and who waits for its outcome.
 struct Pending {
@@ -167,14 +168,17 @@ impl Publisher {
     /// The keys and arguments of one call appending `group`.
     fn call_for(&self, group: &[Pending], now: Instant) -> (Vec<String>, Vec<String>) {
         let history = &self.history;
-        let refresh: String = group
+        // Per message: 1 to refresh its room's expiry, plus 2 when it carries a cid.
+        let flags: String = group
             .iter()
             .map(|pending| {
-                if self.refresh_due(&pending.room, now) {
-                    '1'
+                let refresh = u8::from(self.refresh_due(&pending.room, now));
+                let cid = if pending.message.dedup.is_some() {
+                    2
                 } else {
-                    '0'
-                }
+                    0
+                };
+                char::from(b'0' + refresh + cid)
             })
             .collect();
         let mut args = Vec::with_capacity(6 + group.len() * 2);
@@ -184,27 +188,30 @@ impl Publisher {
             history.dedup_window.as_millis().to_string(),
             now_micros().to_string(),
             Epoch::random().to_string(),
-            refresh,
+            flags,
         ]);
         let mut keys = Vec::with_capacity(group.len());
         for Pending { room, message, .. } in group {
             keys.push(self.keys.history(room));
             args.push(message.frame.clone());
-            args.push(if message.dedup.is_some() {
-                format!("{}\x1f{}", message.dedup_field(), message.id)
-            } else {
-                String::new()
-            });
         }
+        args.extend(
+            group
+                .iter()
+                .filter(|pending| pending.message.dedup.is_some())
+                .map(|Pending { message, .. }| {
+                    format!("{}\x1f{}", message.dedup_field(), message.id)
+                }),
+        );
         (keys, args)
     }
 
     /// Tells every sender in `group` how its message fared.
     fn answer(&self, group: Vec<Pending>, outcome: Result<Results, BrokerError>, started: Instant) {
         match outcome {
-            Ok(results) if results.len() == group.len() => {
+            Ok(results) if results.split(',').count() == group.len() => {
                 metrics::messages_published(group.len(), started.elapsed());
-                for (pending, result) in group.into_iter().zip(&results) {
+                for (pending, result) in group.into_iter().zip(results.split(',')) {
                     let _ = pending.reply.send(parse(pending.message.id, result));
                 }
             }
@@ -299,8 +306,8 @@ impl Publisher {
 }
 
 /// What one append call returns: per message "offset epoch", or for a duplicate
-/// "offset epoch id" of the original message.
-type Results = Vec<String>;
+/// "offset epoch id" of the original, separated by commas.
+type Results = String;
 
 /// One message's result; `sent` is the id it was sent with.
 fn parse(sent: uuid::Uuid, result: &str) -> Result<Published, BrokerError> {
