@@ -191,3 +191,45 @@ async fn a_node_that_loses_redis_refuses_handshakes_until_it_is_back() {
     let mut client = Client::connect(&node.ws_url("/ws?room=back")).await;
     client.say("back", "in again").await;
 }
+
+#[tokio::test]
+async fn a_rooms_keys_live_while_its_node_does_and_expire_after_it_dies() {
+    let redis = Redis::start();
+    // Presence keys live twice the TTL (3 s) and history as long as its age limit (3 s);
+    // heartbeats come every half second but refresh the expiry only now and then, so a
+    // refresh that never came, or a key left without expiry, shows.
+    let node = Node::clustered(
+        "node-a",
+        &redis,
+        &["--presence-ttl", "1500ms", "--history-max-age", "3s"],
+    );
+    let mut member = Client::connect(&node.ws_url("/ws?room=fading&presence=true")).await;
+    member.say("fading", "kept while someone is here").await;
+    let count = |keys: &[&str]| {
+        keys.iter()
+            .filter(|key| {
+                redis
+                    .command(&["EXISTS", key])
+                    .is_ok_and(|n| n.trim() == "1")
+            })
+            .count()
+    };
+    let presence = ["chat:{fading}:presence", "chat:{fading}:presence-users"];
+    // Longer than the keys' lifetime: only the heartbeats' refreshes keep them.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        assert_eq!(count(&presence), 2, "a live room's presence stays");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut node = node;
+    node.process.signal("KILL");
+    let _ = node.process.wait_exit(Duration::from_secs(5));
+    let all = [
+        presence[0],
+        presence[1],
+        "chat:{fading}:history",
+        "chat:{fading}:epoch",
+    ];
+    wait_until("the dead node's room keys to expire", || count(&all) == 0);
+    drop(member);
+}

@@ -189,6 +189,11 @@ local function history(keys, args)
   return {epoch, first, last, trimmed, entries}
 end
 
+-- When each room's presence keys last had their expiry refreshed, by the caller's clock, so that
+-- heartbeats refresh them a few times per lifetime rather than on every beat (three calls of
+-- five). Lost when the library reloads: the next beat refreshes.
+local presence_refreshed, presence_cached = {}, 0
+
 -- Marks users online in a room on one node until an expiry time, announces users who were not
 -- online anywhere yet, and takes offline every entry whose expiry passed (a node that died),
 -- announcing who left. Used on join and, to keep entries alive, on every heartbeat.
@@ -212,14 +217,24 @@ local function presence_upsert(keys, args)
       announce('leave', user, name)
     end
   end
+  local added = false
   for i = 7, #args, 2 do
     local user, name = args[i], args[i + 1]
     if redis.call('ZADD', keys[1], args[1], args[5] .. '\31' .. user) == 1 then
+      added = true
       if name ~= '' then redis.call('HSET', keys[3], user, name) end
       if redis.call('HINCRBY', keys[2], user, 1) == 1 then announce('join', user, name) end
     end
   end
-  for i = 1, 3 do redis.call('PEXPIRE', keys[i], args[2]) end
+  -- A key made by this call has no expiry yet: only a call that added someone can make one.
+  local now, lifetime = tonumber(args[6]), tonumber(args[2])
+  local last = presence_refreshed[keys[1]]
+  if added or not last or math.abs(now - last) * 2 >= lifetime then
+    for i = 1, 3 do redis.call('PEXPIRE', keys[i], args[2]) end
+    if presence_cached >= 50000 then presence_refreshed, presence_cached = {}, 0 end
+    if not last then presence_cached = presence_cached + 1 end
+    presence_refreshed[keys[1]] = now
+  end
   return 0
 end
 
