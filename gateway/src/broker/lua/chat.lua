@@ -55,9 +55,9 @@ local function append(keys, args)
     local stream = keys[i]
     local frame = args[6 + i]
     local flag = string.byte(flags, i) - 48
-    local seen, cid, id = false, nil, nil
+    local seen, cid, id, base = false, nil, nil, nil
     if flag >= 2 then
-      local base = base_of(stream)
+      base = base_of(stream)
       cid, id = string.match(args[next_cid], '^(.*)\31([^\31]*)$')
       next_cid = next_cid + 1
       seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
@@ -102,7 +102,6 @@ local function append(keys, args)
       if cid then
         -- Two generations: a cid stays findable for at least one window and at most two. The
         -- empty field holds the current generation's birth time.
-        local base = base_of(stream)
         local cids, old_cids = base .. 'cids', base .. 'cids-old'
         local window = tonumber(args[3])
         local born = tonumber(redis.call('HGET', cids, '') or '')

@@ -208,10 +208,13 @@ impl Publisher {
 
     /// Tells every sender in `group` how its message fared.
     fn answer(&self, group: Vec<Pending>, outcome: Result<Results, BrokerError>, started: Instant) {
-        match outcome {
-            Ok(results) if results.split(',').count() == group.len() => {
+        let results = outcome
+            .as_deref()
+            .map(|results| results.split(',').collect::<Vec<&str>>());
+        match results {
+            Ok(results) if results.len() == group.len() => {
                 metrics::messages_published(group.len(), started.elapsed());
-                for (pending, result) in group.into_iter().zip(results.split(',')) {
+                for (pending, result) in group.into_iter().zip(results) {
                     let _ = pending.reply.send(parse(pending.message.id, result));
                 }
             }
