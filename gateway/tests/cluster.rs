@@ -193,43 +193,67 @@ async fn a_node_that_loses_redis_refuses_handshakes_until_it_is_back() {
 }
 
 #[tokio::test]
-async fn a_rooms_keys_live_while_its_node_does_and_expire_after_it_dies() {
+async fn a_nodes_rooms_stay_present_while_it_lives_and_their_keys_expire_after_it_dies() {
     let redis = Redis::start();
-    // Presence keys live twice the TTL (3 s) and history as long as its age limit (3 s);
-    // heartbeats come every half second but refresh the expiry only now and then, so a
-    // refresh that never came, or a key left without expiry, shows.
+    // Entries live 1.5 s, presence keys twice that, history as long as its age limit (3 s).
+    // Heartbeats come every half second, all of the node's rooms in one call, and refresh the
+    // keys' expiry only now and then: a room the heartbeat missed, a refresh that never came,
+    // or a key left without expiry shows.
     let node = Node::clustered(
         "node-a",
         &redis,
         &["--presence-ttl", "1500ms", "--history-max-age", "3s"],
     );
-    let mut member = Client::connect(&node.ws_url("/ws?room=fading&presence=true")).await;
-    member.say("fading", "kept while someone is here").await;
-    let count = |keys: &[&str]| {
-        keys.iter()
-            .filter(|key| {
-                redis
-                    .command(&["EXISTS", key])
-                    .is_ok_and(|n| n.trim() == "1")
-            })
-            .count()
+    let rooms = ["fading", "second", "third", "fourth"];
+    let mut members = Vec::new();
+    for room in rooms {
+        let url = node.ws_url(&format!("/ws?room={room}&presence=true"));
+        members.push(Client::connect(&url).await);
+    }
+    members[0].say("fading", "kept while someone is here").await;
+    let exists = |key: &str| {
+        redis
+            .command(&["EXISTS", key])
+            .is_ok_and(|n| n.trim() == "1")
     };
-    let presence = ["chat:{fading}:presence", "chat:{fading}:presence-users"];
-    // Longer than the keys' lifetime: only the heartbeats' refreshes keep them.
+    let redis_now_ms = || -> u64 {
+        let time = redis.command(&["TIME"]).expect("TIME");
+        let mut parts = time
+            .split_whitespace()
+            .map(|part| part.parse::<u64>().expect("a number"));
+        let (seconds, micros) = (parts.next().expect("s"), parts.next().expect("µs"));
+        seconds * 1000 + micros / 1000
+    };
+    // Longer than the keys' lifetime: only the heartbeats keep the rooms' presence.
     let until = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < until {
-        assert_eq!(count(&presence), 2, "a live room's presence stays");
+        for room in rooms {
+            let entries = format!("chat:{{{room}}}:presence");
+            assert!(exists(&entries), "{room}'s presence stays");
+            assert!(exists(&format!("chat:{{{room}}}:presence-users")));
+            let expiry: u64 = redis
+                .command(&["ZRANGE", &entries, "0", "0", "WITHSCORES"])
+                .expect("ZRANGE")
+                .lines()
+                .nth(1)
+                .and_then(|score| score.trim().parse().ok())
+                .expect("an entry with its expiry");
+            assert!(expiry > redis_now_ms(), "{room}'s entry is kept alive");
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let mut node = node;
     node.process.signal("KILL");
     let _ = node.process.wait_exit(Duration::from_secs(5));
-    let all = [
-        presence[0],
-        presence[1],
-        "chat:{fading}:history",
-        "chat:{fading}:epoch",
-    ];
-    wait_until("the dead node's room keys to expire", || count(&all) == 0);
-    drop(member);
+    let mut keys: Vec<String> = ["history", "epoch"]
+        .map(|name| format!("chat:{{fading}}:{name}"))
+        .into();
+    for room in rooms {
+        keys.push(format!("chat:{{{room}}}:presence"));
+        keys.push(format!("chat:{{{room}}}:presence-users"));
+    }
+    wait_until("the dead node's room keys to expire", || {
+        !keys.iter().any(|key| exists(key))
+    });
+    drop(members);
 }

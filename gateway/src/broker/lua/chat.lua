@@ -193,46 +193,69 @@ end
 -- five). Lost when the library reloads: the next beat refreshes.
 local presence_refreshed, presence_cached = {}, 0
 
--- Marks users online in a room on one node until an expiry time, announces users who were not
--- online anywhere yet, and takes offline every entry whose expiry passed (a node that died),
--- announcing who left. Used on join and, to keep entries alive, on every heartbeat.
--- keys[1] zset of node\31user -> expiry (ms)   keys[2] hash user -> entries
--- keys[3] hash user -> name   keys[4] the room's shard channel
--- args[1] expiry (ms)  args[2] key lifetime (ms)  args[3] publish time (µs)  args[4] room
--- args[5] node  args[6] now (ms)  then pairs: user, name ('' for none)
+-- Announces a presence change on a room's shard channel, as a frame the nodes deliver as is.
+local function announce(channel, published, room, event, user, name)
+  local frame = {type = 'presence_event', room = room, event = event, userId = user}
+  if name and name ~= '' then frame.name = name end
+  redis.call('SPUBLISH', channel, published .. '\np\n\n\n' .. cjson.encode(frame))
+end
+
+-- Takes presence entries (node \31 user) out of a room, announcing each user who is then
+-- online nowhere; returns how many users left.
+local function take_offline(entries, counts, names, channel, published, room, members)
+  local left = 0
+  for _, member in ipairs(members) do
+    if redis.call('ZREM', entries, member) == 1 then
+      local user = string.match(member, '\31(.*)$')
+      if redis.call('HINCRBY', counts, user, -1) <= 0 then
+        local name = redis.call('HGET', names, user)
+        redis.call('HDEL', counts, user)
+        redis.call('HDEL', names, user)
+        announce(channel, published, room, 'leave', user, name)
+        left = left + 1
+      end
+    end
+  end
+  return left
+end
+
+-- Marks users online on one node until an expiry time, in one room or many (a node's heartbeat
+-- sends all its rooms in a few calls rather than one call per room), announces users who were
+-- not online anywhere yet, and takes offline every entry whose expiry passed (a node that
+-- died), announcing who left. Used on join and, to keep entries alive, on every heartbeat.
+-- Per room, keys[4r-3 .. 4r]: zset of node\31user -> expiry (ms), hash user -> entries,
+-- hash user -> name, the room's shard channel.
+-- args[1] expiry (ms)  args[2] key lifetime (ms)  args[3] publish time (µs)  args[4] node
+-- args[5] now (ms)  then per room: its name, how many users, and that many pairs of user,
+-- name ('' for none)
 local function presence_upsert(keys, args)
-  local function announce(event, user, name)
-    local frame = {type = 'presence_event', room = args[4], event = event, userId = user}
-    if name and name ~= '' then frame.name = name end
-    redis.call('SPUBLISH', keys[4], args[3] .. '\np\n\n\n' .. cjson.encode(frame))
-  end
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', args[6])) do
-    redis.call('ZREM', keys[1], member)
-    local user = string.match(member, '\31(.*)$')
-    if redis.call('HINCRBY', keys[2], user, -1) <= 0 then
-      local name = redis.call('HGET', keys[3], user)
-      redis.call('HDEL', keys[2], user)
-      redis.call('HDEL', keys[3], user)
-      announce('leave', user, name)
+  local expiry, lifetime, published, node, now = args[1], args[2], args[3], args[4], args[5]
+  local at = 6
+  for r = 4, #keys, 4 do
+    local entries, counts, names, channel = keys[r - 3], keys[r - 2], keys[r - 1], keys[r]
+    local room, users = args[at], tonumber(args[at + 1])
+    take_offline(entries, counts, names, channel, published, room,
+      redis.call('ZRANGEBYSCORE', entries, '-inf', now))
+    local added = false
+    for i = at + 2, at + 2 * users, 2 do
+      local user, name = args[i], args[i + 1]
+      if redis.call('ZADD', entries, expiry, node .. '\31' .. user) == 1 then
+        added = true
+        if name ~= '' then redis.call('HSET', names, user, name) end
+        if redis.call('HINCRBY', counts, user, 1) == 1 then
+          announce(channel, published, room, 'join', user, name)
+        end
+      end
     end
-  end
-  local added = false
-  for i = 7, #args, 2 do
-    local user, name = args[i], args[i + 1]
-    if redis.call('ZADD', keys[1], args[1], args[5] .. '\31' .. user) == 1 then
-      added = true
-      if name ~= '' then redis.call('HSET', keys[3], user, name) end
-      if redis.call('HINCRBY', keys[2], user, 1) == 1 then announce('join', user, name) end
+    at = at + 2 + 2 * users
+    -- A key made by this call has no expiry yet: only a call that added someone can make one.
+    local last = presence_refreshed[entries]
+    if added or not last or math.abs(tonumber(now) - last) * 2 >= tonumber(lifetime) then
+      for _, key in ipairs({entries, counts, names}) do redis.call('PEXPIRE', key, lifetime) end
+      if presence_cached >= 50000 then presence_refreshed, presence_cached = {}, 0 end
+      if not last then presence_cached = presence_cached + 1 end
+      presence_refreshed[entries] = tonumber(now)
     end
-  end
-  -- A key made by this call has no expiry yet: only a call that added someone can make one.
-  local now, lifetime = tonumber(args[6]), tonumber(args[2])
-  local last = presence_refreshed[keys[1]]
-  if added or not last or math.abs(now - last) * 2 >= lifetime then
-    for i = 1, 3 do redis.call('PEXPIRE', keys[i], args[2]) end
-    if presence_cached >= 50000 then presence_refreshed, presence_cached = {}, 0 end
-    if not last then presence_cached = presence_cached + 1 end
-    presence_refreshed[keys[1]] = now
   end
   return 0
 end
@@ -240,7 +263,7 @@ end
 -- Takes users of one node offline in a room (their connections all closed), and, with node '',
 -- every entry whose expiry passed (a node that died). Announces each user who is then online
 -- nowhere.
--- keys as presence_upsert.lua.
+-- keys as one room of presence_upsert.
 -- args[1] now (ms)  args[2] publish time (µs)  args[3] room  args[4] node  then users
 local function presence_remove(keys, args)
   local gone = {}
@@ -249,22 +272,7 @@ local function presence_remove(keys, args)
   else
     for i = 5, #args do gone[#gone + 1] = args[4] .. '\31' .. args[i] end
   end
-  local left = 0
-  for _, member in ipairs(gone) do
-    if redis.call('ZREM', keys[1], member) == 1 then
-      local user = string.match(member, '\31(.*)$')
-      if redis.call('HINCRBY', keys[2], user, -1) <= 0 then
-        local name = redis.call('HGET', keys[3], user)
-        redis.call('HDEL', keys[2], user)
-        redis.call('HDEL', keys[3], user)
-        local event = {type = 'presence_event', room = args[3], event = 'leave', userId = user}
-        if name then event.name = name end
-        redis.call('SPUBLISH', keys[4], args[2] .. '\np\n\n\n' .. cjson.encode(event))
-        left = left + 1
-      end
-    end
-  end
-  return left
+  return take_offline(keys[1], keys[2], keys[3], keys[4], args[2], args[3], gone)
 end
 
 redis.register_function('chatgw_v3_append', append)

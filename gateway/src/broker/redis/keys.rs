@@ -77,6 +77,29 @@ impl KeySpace {
         fred::util::redis_keyslot(room.as_str().as_bytes())
     }
 
+    /// `items` grouped for script calls, in order: each group's rooms share one hash slot in a
+    /// cluster (`cluster`; outside one, every group is slot 0), and a group holds at most `most`.
+    pub fn group_by_slot<T>(
+        &self,
+        cluster: bool,
+        items: impl IntoIterator<Item = T>,
+        room: impl Fn(&T) -> &RoomName,
+        most: usize,
+    ) -> Vec<(u16, Vec<T>)> {
+        let mut groups: Vec<(u16, Vec<T>)> = Vec::new();
+        for item in items {
+            let slot = if cluster { self.slot(room(&item)) } else { 0 };
+            match groups
+                .iter_mut()
+                .find(|(group_slot, group)| *group_slot == slot && group.len() < most)
+            {
+                Some((_, group)) => group.push(item),
+                None => groups.push((slot, vec![item])),
+            }
+        }
+        groups
+    }
+
     /// The shard channel every node receives commands on. Its hash tag holds a character no
     /// room name has, so it never shares a room's slot by name nor reads as a room's channel;
     /// and it puts the channel in one slot, whose shard every node subscribes to.

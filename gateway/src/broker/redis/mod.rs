@@ -46,6 +46,10 @@ use crate::protocol::{
 /// fields it reads arrived in 7.0.
 const MINIMUM_VERSION: (u32, u32) = (7, 0);
 
+/// Most rooms in one presence heartbeat call: enough to share a call's cost, few enough that
+/// one call does not hold Redis up (about 20 µs of Redis time per room).
+const HEARTBEAT_BATCH: usize = 64;
+
 /// How many times a command for every node is sent before its call fails.
 const COMMAND_ATTEMPTS: u32 = 3;
 
@@ -84,6 +88,8 @@ pub struct RedisBroker {
     publisher: Arc<publisher::Publisher>,
     partitions: Vec<subscriber::Partition>,
     keys: KeySpace,
+    /// Whether Redis is a cluster: calls over several rooms are then grouped by hash slot.
+    cluster: bool,
     settings: RedisSettings,
     /// Set when the server turned out to be too old: the node is never ready on it.
     incompatible: Arc<OnceLock<BrokerError>>,
@@ -173,6 +179,7 @@ impl RedisBroker {
             publisher,
             partitions,
             keys,
+            cluster,
             settings: settings.clone(),
             incompatible,
             tasks,
@@ -340,25 +347,29 @@ impl RedisBroker {
         self.partition(room).unsubscribe(room).await
     }
 
-    /// The keys and arguments of a presence upsert for `users` of this node in `room`.
-    fn upsert_call(&self, room: &RoomName, users: &[PresentUser]) -> (Vec<String>, Vec<String>) {
-        let keys = self.keys.room(room);
+    /// The keys and arguments of one presence upsert for this node's users in each of `rooms`.
+    fn upsert_call(&self, rooms: &[(&RoomName, &[PresentUser])]) -> (Vec<String>, Vec<String>) {
         let ttl = self.settings.presence_ttl.as_millis() as u64;
         let now_ms = now_micros() / 1000;
         let mut args = vec![
             (now_ms + ttl).to_string(),
             (ttl * 2).to_string(),
             now_micros().to_string(),
-            room.to_string(),
             self.settings.node_id.clone(),
             now_ms.to_string(),
         ];
-        for user in users {
-            args.push(user.user_id.clone());
-            args.push(user.name.clone().unwrap_or_default());
+        let mut keys = Vec::with_capacity(rooms.len() * 4);
+        for (room, users) in rooms {
+            let room_keys = self.keys.room(room);
+            let [entries, counts, names] = room_keys.presence;
+            keys.extend([entries, counts, names, room_keys.channel]);
+            args.extend([room.to_string(), users.len().to_string()]);
+            for user in *users {
+                args.push(user.user_id.clone());
+                args.push(user.name.clone().unwrap_or_default());
+            }
         }
-        let [entries, counts, names] = keys.presence;
-        (vec![entries, counts, names, keys.channel], args)
+        (keys, args)
     }
 
     pub(super) async fn presence_upsert(
@@ -367,21 +378,28 @@ impl RedisBroker {
         users: &[PresentUser],
     ) -> Result<(), BrokerError> {
         self.ensure_connected()?;
-        let (keys, args) = self.upsert_call(room, users);
+        let (keys, args) = self.upsert_call(&[(room, users)]);
         let _: i64 = self.run(functions::PRESENCE_UPSERT, keys, args).await?;
         Ok(())
     }
 
-    /// Refreshes this node's presence entries in many rooms (and drops expired ones), the
-    /// calls sent together.
+    /// Refreshes this node's presence entries in many rooms (and drops expired ones): up to
+    /// [`HEARTBEAT_BATCH`] rooms per call (in a cluster, per hash slot), the calls sent together.
+    /// One call per room cost Redis more for the call than for the room's work.
     pub(super) async fn presence_heartbeat(
         &self,
         rooms: &[(RoomName, Vec<PresentUser>)],
     ) -> Result<(), BrokerError> {
         self.ensure_connected()?;
+        let groups = self.keys.group_by_slot(
+            self.cluster,
+            rooms.iter().map(|(room, users)| (room, users.as_slice())),
+            |(room, _)| room,
+            HEARTBEAT_BATCH,
+        );
         let pipeline = self.commands.pipeline();
-        for (room, users) in rooms {
-            let (keys, args) = self.upsert_call(room, users);
+        for (_, group) in &groups {
+            let (keys, args) = self.upsert_call(group);
             let _: () = pipeline
                 .fcall(functions::PRESENCE_UPSERT, keys, args)
                 .await?;
@@ -393,8 +411,9 @@ impl RedisBroker {
         {
             // A Redis without the library (a fresh one): load it and go again, one by one.
             functions::load(&self.commands).await?;
-            for (room, users) in rooms {
-                self.presence_upsert(room, users).await?;
+            for (_, group) in &groups {
+                let (keys, args) = self.upsert_call(group);
+                let _: i64 = self.run(functions::PRESENCE_UPSERT, keys, args).await?;
             }
             return Ok(());
         }

@@ -132,21 +132,9 @@ impl Publisher {
     /// Sends one batch: one function call per hash slot (one in all, outside a cluster), all
     /// in one pipeline.
     async fn send(&self, batch: Vec<Pending>) {
-        let mut groups: Vec<(u16, Vec<Pending>)> = Vec::new();
-        for pending in batch {
-            let slot = if self.cluster {
-                self.keys.slot(&pending.room)
-            } else {
-                0
-            };
-            match groups
-                .iter_mut()
-                .find(|(group_slot, _)| *group_slot == slot)
-            {
-                Some((_, group)) => group.push(pending),
-                None => groups.push((slot, vec![pending])),
-            }
-        }
+        let groups =
+            self.keys
+                .group_by_slot(self.cluster, batch, |pending| &pending.room, MAX_BATCH);
         let started = Instant::now();
         let calls: Vec<(Vec<String>, Vec<String>)> = groups
             .iter()
