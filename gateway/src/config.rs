@@ -69,8 +69,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PUBLISH_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub publish_linger: Duration,
 
-    /// Redis subscriber connections the node's rooms are split over, each read by its own
-    /// task, so fan-out uses that many cores [default: the cores available, at most 8].
+    /// Receive loops the node's rooms are split over (all reading one Redis subscriber
+    /// connection), so fan-out uses that many cores [default: the cores available, at most 8].
     #[arg(long, env = "GATEWAY_FANOUT_PARTITIONS",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub fanout_partitions: Option<u32>,

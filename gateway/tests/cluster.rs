@@ -257,3 +257,60 @@ async fn a_nodes_rooms_stay_present_while_it_lives_and_their_keys_expire_after_i
     });
     drop(members);
 }
+
+#[tokio::test]
+async fn a_node_reads_every_room_on_one_connection_and_each_partition_delivers_only_its_own() {
+    let redis = Redis::start();
+    let node = Node::clustered("node-a", &redis, &["--fanout-partitions", "4"]);
+    let rooms: Vec<String> = (0..12).map(|i| format!("part-{i}")).collect();
+    let mut watcher =
+        Client::connect(&node.ws_url(&format!("/ws?room={}&presence=true", rooms[0]))).await;
+    for room in &rooms[1..] {
+        watcher
+            .send(json!({"type":"join","room":room,"presence":true,"ref":room}))
+            .await;
+        watcher.recv_type("joined").await;
+    }
+    // Redis writes each connection with pending messages once per event-loop turn: one
+    // connection per partition would cost it up to four writes where one does.
+    let most_on_one_connection = redis
+        .command(&["CLIENT", "LIST"])
+        .expect("CLIENT LIST")
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("ssub="))
+        .filter_map(|count| count.parse::<usize>().ok())
+        .max();
+    assert_eq!(
+        most_on_one_connection,
+        Some(rooms.len()),
+        "the node's rooms share one subscriber connection"
+    );
+    // Every partition reads the connection and must hand on only its own rooms' traffic.
+    // Presence events carry no offset that would let a room drop a second copy.
+    let mut visitor = Client::connect(&node.ws_url("/ws?room=elsewhere")).await;
+    for room in &rooms {
+        visitor.join(room).await;
+        visitor.say(room, &format!("to {room}")).await;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(frame) = watcher.recv_within(Duration::from_millis(500)).await {
+        let kind = frame["type"].as_str().unwrap_or_default();
+        let about_visitor = frame["userId"].as_str() == Some(visitor.user_id.as_str());
+        if (kind == "message" || kind == "presence_event") && about_visitor {
+            seen.push(format!(
+                "{kind} {}",
+                frame["room"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    seen.sort();
+    let mut expected: Vec<String> = rooms
+        .iter()
+        .flat_map(|room| [format!("message {room}"), format!("presence_event {room}")])
+        .collect();
+    expected.sort();
+    assert_eq!(
+        seen, expected,
+        "each room's message and join arrived exactly once"
+    );
+}

@@ -4,7 +4,8 @@
 //!
 //! Four kinds of connection: commands (history, heads, presence), the publisher (messages,
 //! appended and published in batches by one Lua script per call, see [`publisher`]), one
-//! subscriber per fan-out partition (see [`subscriber`]) and one for the command channel through
+//! subscriber for the rooms, read by every fan-out partition (see [`subscriber`]), and one for
+//! the command channel through
 //! which the application's backend reaches every node (see [`control`]). Every key and the shard
 //! channel of a room share one hash slot ([`keys`]); messages are published with `SPUBLISH` and received with
 //! `SSUBSCRIBE` in every topology, so in a cluster a room's traffic stays within its shard.
@@ -86,6 +87,8 @@ pub struct RedisSettings {
 pub struct RedisBroker {
     commands: Client,
     publisher: Arc<publisher::Publisher>,
+    /// The rooms' subscriber connection, read by every partition.
+    subscriber: SubscriberClient,
     partitions: Vec<subscriber::Partition>,
     keys: KeySpace,
     /// Whether Redis is a cluster: calls over several rooms are then grouped by hash slot.
@@ -140,19 +143,23 @@ impl RedisBroker {
             topology
         });
         let count = inboxes.len();
-        let mut partitions = Vec::with_capacity(count);
-        for (index, inbox) in inboxes.into_iter().enumerate() {
-            let client: SubscriberClient = builder.build_subscriber_client()?;
-            tasks.push(watch_connection("subscriber", &client));
-            partitions.push(subscriber::Partition::start(
-                index,
-                count,
-                client,
-                keys.clone(),
-                topology.clone(),
-                inbox,
-            ));
-        }
+        let subscriber: SubscriberClient = builder.build_subscriber_client()?;
+        tasks.push(watch_connection("subscriber", &subscriber));
+        tasks.push(keep_connected("subscriber", &subscriber));
+        let partitions = inboxes
+            .into_iter()
+            .enumerate()
+            .map(|(index, inbox)| {
+                subscriber::Partition::start(
+                    index,
+                    count,
+                    subscriber.clone(),
+                    keys.clone(),
+                    topology.clone(),
+                    inbox,
+                )
+            })
+            .collect();
         let control = control::Listener::start(
             "command channel",
             builder.build_subscriber_client()?,
@@ -177,6 +184,7 @@ impl RedisBroker {
         Ok(RedisBroker {
             commands,
             publisher,
+            subscriber,
             partitions,
             keys,
             cluster,
@@ -486,10 +494,7 @@ impl RedisBroker {
         self.incompatible.get().is_none()
             && self.commands.is_connected()
             && self.publisher.client().is_connected()
-            && self
-                .partitions
-                .iter()
-                .all(|partition| partition.client().is_connected())
+            && self.subscriber.is_connected()
             && self.control.is_listening()
             && self.inbox.is_listening()
     }
@@ -504,11 +509,12 @@ impl RedisBroker {
             task.abort();
         }
         for partition in &self.partitions {
-            partition.close().await;
+            partition.close();
         }
         self.control.close().await;
         self.inbox.close().await;
         // Best effort: the process is exiting either way.
+        let _ = self.subscriber.quit().await;
         let _ = self.publisher.client().quit().await;
         let _ = self.commands.quit().await;
     }

@@ -1,6 +1,8 @@
-//! The receive side: a node's rooms are split over several subscriber connections
-//! (partitions, by room), each read by its own task, so fan-out uses more than one core while
-//! each room keeps one order.
+//! The receive side: one subscriber connection per node (in a Redis Cluster, one per primary)
+//! read by several receive loops (partitions, by room), so fan-out uses more than one core while
+//! each room keeps one order. One connection rather than one per partition: Redis writes a
+//! connection's pending messages with one system call each time it runs, so every connection
+//! a call's messages reach costs it a write (and a wake-up of the reader).
 //!
 //! Rooms are shard channels (`SSUBSCRIBE`): in a Redis Cluster each is subscribed on the primary
 //! that owns its slot, and a message travels only within that shard. A partition keeps the set
@@ -33,7 +35,7 @@ const MAX_BATCH: usize = 256;
 /// How long to wait before trying a failed resubscription again.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(500);
 
-/// One subscriber connection and the rooms routed to it.
+/// The rooms routed to one receive loop, and that loop.
 pub(super) struct Partition {
     subscriptions: Arc<Subscriptions>,
     tasks: Vec<JoinHandle<()>>,
@@ -54,7 +56,8 @@ struct Subscriptions {
 }
 
 impl Partition {
-    /// Starts partition `index` of `count` on `client`, delivering into `inbox`.
+    /// Starts partition `index` of `count` on `client`, which every partition reads and the
+    /// broker keeps connected, delivering this partition's rooms' messages into `inbox`.
     pub(super) fn start(
         index: usize,
         count: usize,
@@ -72,21 +75,16 @@ impl Partition {
         });
         let mine = move |room: &str| partition_of(room, count) == index;
         let mut tasks = vec![
-            receive_loop(client.message_rx(), keys, inbox.clone(), mine),
+            receive_loop(client.message_rx(), keys, inbox.clone(), mine.clone()),
             resubscribe_after_reconnects(subscriptions.clone(), inbox.clone(), mine),
         ];
         if let Some(topology) = topology {
             tasks.push(follow_slot_moves(subscriptions.clone(), topology, inbox));
         }
-        tasks.push(super::keep_connected("subscriber", &client));
         Partition {
             subscriptions,
             tasks,
         }
-    }
-
-    pub(super) fn client(&self) -> &SubscriberClient {
-        &self.subscriptions.client
     }
 
     pub(super) async fn subscribe(&self, room: &RoomName) -> Result<(), BrokerError> {
@@ -97,12 +95,10 @@ impl Partition {
         self.subscriptions.remove(room).await
     }
 
-    pub(super) async fn close(&self) {
+    pub(super) fn close(&self) {
         for task in &self.tasks {
             task.abort();
         }
-        // Best effort: the process is exiting either way.
-        let _ = self.subscriptions.client.quit().await;
     }
 }
 
@@ -223,7 +219,8 @@ impl Subscriptions {
     }
 }
 
-/// Reads every pub/sub message of a partition and hands it to the inbox, surviving lag.
+/// Reads every pub/sub message of the connection and hands the partition's to the inbox,
+/// surviving lag.
 /// Whatever has arrived by the time one message is read is delivered with it as one batch.
 fn receive_loop(
     mut messages: tokio::sync::broadcast::Receiver<Message>,
@@ -237,7 +234,7 @@ fn receive_loop(
             let mut taken = 0;
             while let Some(result) = received {
                 match result {
-                    Ok(message) => deliver(&message, &keys, &inbox),
+                    Ok(message) => deliver(&message, &keys, &inbox, &mine),
                     Err(RecvError::Lagged(skipped)) => {
                         metrics::broker_lagged(skipped);
                         tracing::warn!(skipped, "redis subscriber lagged; repairing from history");
@@ -275,11 +272,15 @@ fn already_waiting(
     }
 }
 
-/// Hands one pub/sub message on a room channel to the inbox.
-fn deliver(message: &Message, keys: &KeySpace, inbox: &SharedInbox) {
+/// Hands one pub/sub message on a room channel of this partition to the inbox (the connection
+/// carries every partition's rooms).
+fn deliver(message: &Message, keys: &KeySpace, inbox: &SharedInbox, mine: impl Fn(&str) -> bool) {
     let Some(room) = keys.room_of_channel(&message.channel) else {
         return;
     };
+    if !mine(room) {
+        return;
+    }
     match message.value.as_bytes().and_then(decode_envelope) {
         Some(delivery) => inbox.deliver(room, delivery),
         None => tracing::warn!(room, "ignored a malformed message on a room channel"),
