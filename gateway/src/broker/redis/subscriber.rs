@@ -75,7 +75,7 @@ impl Partition {
         });
         let mine = move |room: &str| partition_of(room, count) == index;
         let mut tasks = vec![
-            receive_loop(client.message_rx(), keys, inbox.clone(), mine.clone()),
+            receive_loop(client.message_rx(), keys, inbox.clone(), mine),
             resubscribe_after_reconnects(subscriptions.clone(), inbox.clone(), mine),
         ];
         if let Some(topology) = topology {
