@@ -5,10 +5,10 @@
 //! Four kinds of connection: commands (history, heads, presence), the publisher (messages,
 //! appended and published in batches by one Lua script per call, see [`publisher`]), one
 //! subscriber for the rooms, read by every fan-out partition (see [`subscriber`]), and one for
-//! the command channel through
-//! which the application's backend reaches every node (see [`control`]). Every key and the shard
-//! channel of a room share one hash slot ([`keys`]); messages are published with `SPUBLISH` and received with
-//! `SSUBSCRIBE` in every topology, so in a cluster a room's traffic stays within its shard.
+//! the command channel through which the application's backend reaches every node (see
+//! [`control`]). Every key and the shard channel of a room share one hash slot ([`keys`]);
+//! messages are published with `SPUBLISH` and received with `SSUBSCRIBE` in every topology, so
+//! in a cluster a room's traffic stays within its shard.
 //! Every message, also one for members on the publishing node, comes back through Redis, so all
 //! members of a room see its messages in the order Redis published them.
 
