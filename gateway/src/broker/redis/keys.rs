@@ -3,6 +3,8 @@
 //! all sit in one hash slot, each script touches one slot, and a room's messages travel only
 //! within the shard that owns it. The prefix lets several deployments share one Redis.
 
+use std::collections::HashMap;
+
 use crate::protocol::RoomName;
 
 /// The key space of one deployment.
@@ -87,14 +89,17 @@ impl KeySpace {
         most: usize,
     ) -> Vec<(u16, Vec<T>)> {
         let mut groups: Vec<(u16, Vec<T>)> = Vec::new();
+        // Each slot's group still taking items: a heartbeat groups every room of a node, so
+        // scanning all groups for each room would grow with the square of the rooms.
+        let mut open: HashMap<u16, usize> = HashMap::new();
         for item in items {
             let slot = if cluster { self.slot(room(&item)) } else { 0 };
-            match groups
-                .iter_mut()
-                .find(|(group_slot, group)| *group_slot == slot && group.len() < most)
-            {
-                Some((_, group)) => group.push(item),
-                None => groups.push((slot, vec![item])),
+            match open.get(&slot) {
+                Some(&index) if groups[index].1.len() < most => groups[index].1.push(item),
+                _ => {
+                    open.insert(slot, groups.len());
+                    groups.push((slot, vec![item]));
+                }
             }
         }
         groups
@@ -145,6 +150,47 @@ mod tests {
         assert_eq!(keys.room_of_channel(&room_keys.history), None);
         let other = KeySpace::new("staging:");
         assert_eq!(other.room_of_channel(&room_keys.channel), None);
+    }
+
+    #[test]
+    fn rooms_are_grouped_by_slot_in_order_and_no_group_exceeds_the_limit() {
+        let keys = KeySpace::new("chat:");
+        let rooms: Vec<RoomName> = (0..40)
+            .map(|i| RoomName::parse(&format!("room-{}", i % 4)).unwrap())
+            .collect();
+        let groups = keys.group_by_slot(true, &rooms, |room| room, 3);
+        let mut regrouped: Vec<&RoomName> = Vec::new();
+        for (slot, group) in &groups {
+            assert!(!group.is_empty() && group.len() <= 3);
+            assert!(group.iter().all(|room| keys.slot(room) == *slot));
+            regrouped.extend(group.iter().copied());
+        }
+        // Four rooms of ten items each, three a group: four groups of each room's slot.
+        assert_eq!(groups.len(), 16);
+        for room in rooms.iter().take(4) {
+            let of_room: Vec<&RoomName> =
+                regrouped.iter().copied().filter(|r| *r == room).collect();
+            assert_eq!(of_room.len(), 10, "nothing lost or repeated");
+        }
+        // Outside a cluster everything is slot 0, filled in order.
+        let flat = keys.group_by_slot(
+            false,
+            rooms.iter().enumerate().take(10),
+            |(_, room)| room,
+            4,
+        );
+        let order: Vec<(u16, Vec<usize>)> = flat
+            .into_iter()
+            .map(|(slot, group)| (slot, group.into_iter().map(|(i, _)| i).collect()))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (0, vec![0, 1, 2, 3]),
+                (0, vec![4, 5, 6, 7]),
+                (0, vec![8, 9])
+            ]
+        );
     }
 
     #[test]
