@@ -88,7 +88,7 @@ def drain(sock):
         pass
 
 
-def measure(conn, batch, messages, rate):
+def measure(conn, append, batch, messages, rate):
     frame = (
         '{"type":"message","room":"room-0","id":"%s","userId":"u-1","name":null,'
         '"message":"%s","ts":1700000000000}' % (uuid.uuid4(), "x" * 64)
@@ -103,7 +103,7 @@ def measure(conn, batch, messages, rate):
         for j in range(batch):
             keys.append(room_key(ROOMS[(n * batch + j) % len(ROOMS)], "history"))
             args.append(frame)
-        conn.call("FCALL", "chatgw_v3_append", str(len(keys)), *keys, *args)
+        conn.call("FCALL", append, str(len(keys)), *keys, *args)
         if interval:
             time.sleep(max(0.0, started + (n + 1) * interval - time.monotonic()))
     elapsed = time.monotonic() - started
@@ -138,15 +138,18 @@ def main():
                 except OSError:
                     time.sleep(0.05)
             with open(options.library) as library:
-                conn.call("FUNCTION", "LOAD", "REPLACE", library.read())
+                code = library.read()
+            conn.call("FUNCTION", "LOAD", "REPLACE", code)
+            # The library's name carries its version ("#!lua name=chatgw_v3"), as do its functions.
+            append = code.splitlines()[0].split("name=", 1)[1].strip() + "_append"
             subscribe(port)
             time.sleep(0.3)
             # Warm up: every room gets its stream and epoch, as in a running cluster.
-            measure(conn, 50, len(ROOMS), 0)
+            measure(conn, append, 50, len(ROOMS), 0)
             print("| messages per call | messages/s | Redis CPU µs / message | in FCALL µs / message |")
             print("| --- | --- | --- | --- |")
             for batch in map(int, options.batches.split(",")):
-                rate, cpu, in_fcall = measure(conn, batch, options.messages, options.rate)
+                rate, cpu, in_fcall = measure(conn, append, batch, options.messages, options.rate)
                 print(f"| {batch} | {rate:,.0f} | {cpu:.1f} | {in_fcall:.1f} |")
         finally:
             server.terminate()
