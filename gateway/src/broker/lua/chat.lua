@@ -7,12 +7,12 @@
 
 -- What appends remember of each room's history stream in the library's own memory, so that
 -- most appends make no call beyond XADD and SPUBLISH and build no string but the published
--- one: its epoch (as last read or set), its shard channel's name, and how many messages were
--- appended since it was last trimmed; about 300 bytes a room, for at most 50,000 rooms. All of
--- it is lost whenever the library (re)loads, which is whenever Redis restarts and may have
--- lost data; a history that was recreated since (it expired) is noticed because XADD
--- NOMKSTREAM finds no stream, and the epoch is read again.
-local epochs, appended, channels, cached = {}, {}, {}, 0
+-- one: one record per room (one table lookup a message), {epoch as last read or set, messages
+-- appended since it was last trimmed, its shard channel's name}; about 350 bytes a room, for at
+-- most 50,000 rooms. All of it is lost whenever the library (re)loads, which is whenever Redis
+-- restarts and may have lost data; a history that was recreated since (it expired) is noticed
+-- because XADD NOMKSTREAM finds no stream, and the epoch is read again.
+local rooms, cached = {}, 0
 
 -- The prefix of every key of the room whose history stream is `stream`.
 local function base_of(stream)
@@ -40,6 +40,8 @@ end
 -- the cost of several hundred instructions).
 local function append(keys, args)
   local max_len = args[1]
+  -- Globals are table lookups: per message they cost more than the lookups of the records.
+  local call, byte = redis.call, string.byte
   -- Trimming to the length limit is the XADD's MAXLEN, given every so many messages of a
   -- room rather than every one: each argument costs, and a trim that finds a whole stream
   -- node to drop is rare. A history holds at most that many more than the limit.
@@ -54,49 +56,52 @@ local function append(keys, args)
   for i = 1, count do
     local stream = keys[i]
     local frame = args[6 + i]
-    local flag = string.byte(flags, i) - 48
+    local flag = byte(flags, i) - 48
     local seen, cid, id, base = false, nil, nil, nil
     if flag >= 2 then
       base = base_of(stream)
       cid, id = string.match(args[next_cid], '^(.*)\31([^\31]*)$')
       next_cid = next_cid + 1
-      seen = redis.call('HGET', base .. 'cids', cid) or redis.call('HGET', base .. 'cids-old', cid)
+      seen = call('HGET', base .. 'cids', cid) or call('HGET', base .. 'cids-old', cid)
     end
     if seen then
       out[i] = seen
     else
-      local epoch, offset = epochs[stream], nil
-      if epoch then
-        local since_trim = appended[stream] + 1
+      local room, epoch, offset = rooms[stream], nil, nil
+      if room then
+        epoch = room[1]
+        local since_trim = room[2] + 1
         if since_trim >= trim_every then
           since_trim = 0
-          offset = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', max_len, '*', 'f', frame)
+          offset = call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', max_len, '*', 'f', frame)
         else
-          offset = redis.call('XADD', stream, 'NOMKSTREAM', '*', 'f', frame)
+          offset = call('XADD', stream, 'NOMKSTREAM', '*', 'f', frame)
         end
-        appended[stream] = since_trim
+        room[2] = since_trim
       end
       if not offset then
         local epoch_key = base_of(stream) .. 'epoch'
-        epoch = redis.call('GET', epoch_key)
+        epoch = call('GET', epoch_key)
         if not epoch then
           -- No history (first message, expired, or Redis lost its data): a new epoch tells
           -- resuming clients that offsets from before cannot be replayed. An epoch without a
           -- stream was given by a subscribing node (head) and is kept.
           epoch = args[5]
-          redis.call('SET', epoch_key, epoch, 'PX', lifetime)
+          call('SET', epoch_key, epoch, 'PX', lifetime)
         end
-        offset = redis.call('XADD', stream, 'MAXLEN', '~', max_len, '*', 'f', frame)
-        if cached >= 50000 then epochs, appended, channels, cached = {}, {}, {}, 0 end
-        if not epochs[stream] then cached = cached + 1 end
-        epochs[stream], appended[stream] = epoch, 0
-        channels[stream] = base_of(stream) .. 'messages'
+        offset = call('XADD', stream, 'MAXLEN', '~', max_len, '*', 'f', frame)
+        if not room then
+          if cached >= 50000 then rooms, cached = {}, 0 end
+          cached = cached + 1
+        end
+        room = {epoch, 0, base_of(stream) .. 'messages'}
+        rooms[stream] = room
       end
-      redis.call('SPUBLISH', channels[stream], header .. offset .. '\n' .. epoch .. '\n' .. frame)
+      call('SPUBLISH', room[3], header .. offset .. '\n' .. epoch .. '\n' .. frame)
       if flag % 2 == 1 then
-        redis.call('PEXPIRE', stream, lifetime)
-        redis.call('PEXPIRE', base_of(stream) .. 'epoch', lifetime)
-        redis.call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
+        call('PEXPIRE', stream, lifetime)
+        call('PEXPIRE', base_of(stream) .. 'epoch', lifetime)
+        call('XTRIM', stream, 'MINID', '~', tostring(now_ms - lifetime))
       end
       out[i] = offset .. ' ' .. epoch
       if cid then
@@ -104,13 +109,13 @@ local function append(keys, args)
         -- empty field holds the current generation's birth time.
         local cids, old_cids = base .. 'cids', base .. 'cids-old'
         local window = tonumber(args[3])
-        local born = tonumber(redis.call('HGET', cids, '') or '')
+        local born = tonumber(call('HGET', cids, '') or '')
         if (not born) or now_ms - born >= window then
-          if born then redis.call('RENAME', cids, old_cids) end
-          redis.call('HSET', cids, '', now_ms)
-          redis.call('PEXPIRE', cids, window * 2)
+          if born then call('RENAME', cids, old_cids) end
+          call('HSET', cids, '', now_ms)
+          call('PEXPIRE', cids, window * 2)
         end
-        redis.call('HSET', cids, cid, out[i] .. ' ' .. id)
+        call('HSET', cids, cid, out[i] .. ' ' .. id)
       end
     end
   end
