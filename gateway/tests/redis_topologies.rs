@@ -72,7 +72,7 @@ async fn measure_sentinel_failover_losses_with_and_without_replica_acks() {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let mut probe = Client::connect(&nodes[0].ws_url("/ws?room=probe")).await;
             let killed = Instant::now();
-            sentinels.kill_primary();
+            sentinels.kill_primary_now();
             let recovered = first_ack_after(&mut probe, killed).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let report = traffic.finish().await;

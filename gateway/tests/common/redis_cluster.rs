@@ -306,6 +306,25 @@ pub struct Sentinels {
     sentinels: Vec<(u16, Process, TempDir)>,
 }
 
+/// Lines of each sentinel's log shown when its test fails: what it saw and decided.
+const SENTINEL_LOG_LINES: usize = 40;
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (port, _, dir) in &self.sentinels {
+            let log = std::fs::read_to_string(dir.path().join("sentinel.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- sentinel (port {port}): last lines of its log ---");
+            for line in &lines[lines.len().saturating_sub(SENTINEL_LOG_LINES)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// The name the sentinels know the primary by.
 pub const SENTINEL_SERVICE: &str = "chat";
 
@@ -313,13 +332,16 @@ impl Sentinels {
     /// Starts the primary, `replicas` replicas (synced), and three sentinels that agree on
     /// them all.
     pub fn start(replicas: usize) -> Sentinels {
-        let primary = Redis::start();
+        // Redis waits 5 s by default before a diskless full sync, for more replicas to join:
+        // a server that rejoins as a replica would hold up every acknowledgement that long.
+        let no_delay = ["--repl-diskless-sync-delay", "0"];
+        let primary = Redis::start_with_args(Persistence::None, &no_delay);
         let primary_port = primary.port.to_string();
         let mut servers = vec![primary];
         for _ in 0..replicas {
             let replica = Redis::start_with_args(
                 Persistence::None,
-                &["--replicaof", "127.0.0.1", &primary_port],
+                &[&no_delay[..], &["--replicaof", "127.0.0.1", &primary_port]].concat(),
             );
             wait_until("the replica to sync", || {
                 replica
@@ -341,7 +363,8 @@ impl Sentinels {
                         "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                          sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary} 2\n\
                          sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n\
-                         sentinel failover-timeout {SENTINEL_SERVICE} 10000\n",
+                         sentinel failover-timeout {SENTINEL_SERVICE} 10000\n\
+                         logfile {dir}/sentinel.log\n",
                         dir = dir.path().display(),
                         primary = primary.port,
                     ),
@@ -363,16 +386,8 @@ impl Sentinels {
             sentinels.sentinels.iter().all(|(port, _, _)| {
                 sentinel_command(*port, &["SENTINEL", "MASTER", SENTINEL_SERVICE]).is_ok_and(
                     |reply| {
-                        let fields: Vec<&str> = reply.lines().collect();
-                        let field = |name: &str| {
-                            fields
-                                .iter()
-                                .position(|line| *line == name)
-                                .and_then(|at| fields.get(at + 1))
-                                .copied()
-                        };
-                        field("num-slaves") == Some(replicas.as_str())
-                            && field("num-other-sentinels") == Some("2")
+                        master_field(&reply, "num-slaves") == Some(replicas.as_str())
+                            && master_field(&reply, "num-other-sentinels") == Some("2")
                     },
                 )
             })
@@ -383,12 +398,7 @@ impl Sentinels {
     /// The port the sentinels say the primary is on now.
     pub fn primary_port(&self) -> Option<u16> {
         let (port, _, _) = self.sentinels.first()?;
-        let reply = sentinel_command(
-            *port,
-            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE],
-        )
-        .ok()?;
-        reply.lines().nth(1)?.parse().ok()
+        primary_named_by(*port)
     }
 }
 
@@ -422,34 +432,62 @@ impl Sentinels {
             .unwrap_or(&self.servers[0])
     }
 
-    /// Kills the primary (SIGKILL) and waits until the sentinels name a replica in its place
-    /// and it answers as a primary.
+    /// Kills the primary (SIGKILL) and waits until the failover is over: every sentinel names
+    /// the same replica in its place, has had an answer from it since (a sentinel that has not
+    /// yet heard from the new primary within its down-after time starts another failover, and
+    /// would promote whatever replica it then knows), and it answers as a primary.
     pub fn kill_primary(&mut self) -> u16 {
+        let killed = self.kill_primary_now();
+        wait_until(
+            "every sentinel to name and reach the promoted replica",
+            || {
+                self.agreed_primary().is_some_and(|port| port != killed)
+                    && self
+                        .sentinels
+                        .iter()
+                        .all(|(port, _, _)| reaches_primary(*port))
+                    && self
+                        .current()
+                        .command(&["ROLE"])
+                        .is_ok_and(|role| role.starts_with("master"))
+            },
+        );
+        self.current().port
+    }
+
+    /// Kills the primary (SIGKILL) and returns its port at once.
+    pub fn kill_primary_now(&mut self) -> u16 {
         let killed = self.current().port;
         self.servers
             .iter_mut()
             .find(|server| server.port == killed)
             .expect("the primary")
             .kill();
-        wait_until("the sentinels to promote a replica", || {
-            self.primary_port().is_some_and(|port| port != killed)
-                && self
-                    .current()
-                    .command(&["ROLE"])
-                    .is_ok_and(|role| role.starts_with("master"))
-        });
-        self.current().port
+        killed
+    }
+
+    /// The primary every sentinel names, if they all name the same.
+    fn agreed_primary(&self) -> Option<u16> {
+        let named: Vec<Option<u16>> = self
+            .sentinels
+            .iter()
+            .map(|(port, _, _)| primary_named_by(*port))
+            .collect();
+        let first = *named.first()?;
+        if named.iter().all(|port| *port == first) {
+            first
+        } else {
+            None
+        }
     }
 
     /// Starts the killed primary again (empty: no persistence) as a replica of the promoted
     /// one, as an orchestrator's start script does (Sentinel would convert it itself, but only
-    /// after several of its 10 s checks), and waits until it is in sync.
+    /// after several of its 10 s checks), and waits until it is in sync with it.
     pub fn restart_killed(&mut self) {
-        // Redis waits 5 s by default before a diskless full sync, for more replicas to join.
-        self.current()
-            .command(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])
-            .expect("no sync delay");
-        let primary = self.current().port.to_string();
+        let primary = self
+            .agreed_primary()
+            .expect("the sentinels agree on the primary");
         let server = self
             .servers
             .iter_mut()
@@ -457,20 +495,54 @@ impl Sentinels {
             .expect("a killed server");
         server.restart();
         server
-            .command(&["REPLICAOF", "127.0.0.1", &primary])
+            .command(&["REPLICAOF", "127.0.0.1", &primary.to_string()])
             .expect("make it a replica");
-        wait_until("the old primary to serve as a replica again", || {
-            self.current()
-                .command(&["INFO", "replication"])
-                .is_ok_and(|info| info.contains("connected_slaves:1"))
-                && self.servers.iter().any(|server| {
-                    server.port != self.current().port
-                        && server
-                            .command(&["INFO", "replication"])
-                            .is_ok_and(|info| info.contains("master_link_status:up"))
+        let restarted = server.port;
+        let replica = self
+            .servers
+            .iter()
+            .find(|server| server.port == restarted)
+            .expect("the restarted server");
+        wait_until(
+            "the old primary to be in sync as the new one's replica",
+            || {
+                replica.command(&["INFO", "replication"]).is_ok_and(|info| {
+                    info.contains(&format!("master_port:{primary}"))
+                        && info.contains("master_link_status:up")
                 })
-        });
+            },
+        );
+        assert_eq!(
+            self.agreed_primary(),
+            Some(primary),
+            "the sentinels still name the promoted replica"
+        );
     }
+}
+
+/// The primary's port as the sentinel on `port` names it.
+fn primary_named_by(port: u16) -> Option<u16> {
+    let reply = sentinel_command(
+        port,
+        &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE],
+    )
+    .ok()?;
+    reply.lines().nth(1)?.parse().ok()
+}
+
+/// Whether the sentinel on `port` sees its primary up and has no ping to it unanswered.
+fn reaches_primary(port: u16) -> bool {
+    sentinel_command(port, &["SENTINEL", "MASTER", SENTINEL_SERVICE]).is_ok_and(|reply| {
+        master_field(&reply, "flags") == Some("master")
+            && master_field(&reply, "last-ping-sent") == Some("0")
+    })
+}
+
+/// One field of a `SENTINEL MASTER` reply (a name line, then its value line).
+fn master_field<'a>(reply: &'a str, name: &str) -> Option<&'a str> {
+    let mut lines = reply.lines();
+    lines.position(|line| line == name)?;
+    lines.next()
 }
 
 /// Asks the sentinel on `port`, with `redis-cli`.

@@ -187,11 +187,20 @@ impl Report {
             let missing = self.missing(seen, |_| true);
             assert!(
                 missing.is_empty(),
-                "member {index} lost {} of {} acked messages (closes {:?}): {:?}",
+                "member {index} lost {} of {} acked messages (closes {:?}, {} reconnects, last \
+                 place seen {:?}): {:?}",
                 missing.len(),
                 self.sent.acked.len(),
                 seen.closes,
-                &missing[..missing.len().min(5)]
+                seen.reconnects,
+                seen.places.last(),
+                self.sent
+                    .acked
+                    .iter()
+                    .filter(|acked| missing.contains(&acked.id))
+                    .take(5)
+                    .map(|acked| (&acked.id, &acked.place))
+                    .collect::<Vec<_>>()
             );
         }
         self.summary();
