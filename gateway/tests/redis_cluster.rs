@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis_cluster::RedisCluster;
-use common::traffic::{Live, Traffic};
+use common::traffic::{Live, Traffic, measure_failover};
 use common::{Client, Gateway, Node, SharedRedis, scenarios};
 use serde_json::json;
 
@@ -150,4 +150,22 @@ async fn a_master_failing_over_to_its_replica_loses_no_acked_message_when_acks_w
         (frames[1]["type"].as_str(), frames[1]["message"].as_str()),
         (Some("message"), Some("after the failover"))
     );
+}
+
+/// Measures, for `--ack-replicas` 0 and 1 (of two replicas per primary), how long after its
+/// primary is killed a room's first message is acknowledged, and how many acknowledged messages
+/// the failover loses. Run by hand: `cargo test -p gateway --test redis_cluster -- --ignored
+/// --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, printed for docs/benchmarks.md"]
+async fn measure_master_failover_losses_and_recovery() {
+    for replicas in ["0", "1"] {
+        for run in 0..3 {
+            let mut cluster = RedisCluster::start(3, 2);
+            let nodes = three_nodes(&cluster, &["--ack-replicas", replicas]);
+            let failed = cluster.owner("measured");
+            let label = format!("ack-replicas {replicas} run {run}");
+            measure_failover(&nodes, &label, || cluster.kill_master_now(failed)).await;
+        }
+    }
 }

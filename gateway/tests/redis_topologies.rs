@@ -5,14 +5,13 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::redis_cluster::Sentinels;
-use common::traffic::{Live, Traffic};
+use common::traffic::{Live, Traffic, measure_failover};
 use common::{
     Client, Gateway, Node, Persistence, Redis, SharedRedis, scenarios, temp_dir, wait_until,
 };
-use serde_json::{Value, json};
 
 fn base(node: &Node) -> String {
     format!("ws://127.0.0.1:{}", node.port)
@@ -45,13 +44,11 @@ async fn a_sentinel_failover_loses_no_acked_message_when_acks_wait_for_a_replica
         &format!("the room subscribed on the promoted replica (port {promoted})"),
         || sentinels.subscribed_rooms().contains(&room.to_owned()),
     );
-    let mut seen = send_until_acked(&mut late, "after the failover").await;
-    while !seen.iter().any(|frame| frame["type"] == "message") {
-        seen.push(late.recv().await);
-    }
-    let delivered: Vec<&Value> = seen.iter().filter(|f| f["type"] == "message").collect();
-    assert_eq!(delivered.len(), 1, "delivered once: {seen:?}");
-    assert_eq!(delivered[0]["message"], "after the failover");
+    late.say_until_acked("after the failover", "late").await;
+    assert_eq!(
+        late.recv_type("message").await["message"],
+        "after the failover"
+    );
     // The nodes' inbox and control channels followed the promotion too.
     scenarios::posts_and_commands_reach_their_target_among(&nodes, "routed-after-failover").await;
 }
@@ -67,62 +64,13 @@ async fn measure_sentinel_failover_losses_with_and_without_replica_acks() {
             let mut sentinels = Sentinels::start(2);
             let nodes = ["node-a", "node-b", "node-c"]
                 .map(|id| Node::clustered(id, &sentinels, &["--ack-replicas", replicas]));
-            let live = Live::of(nodes.iter().map(base));
-            let traffic = Traffic::start(&live, "measured", 6, 4, Duration::from_millis(5)).await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let mut probe = Client::connect(&nodes[0].ws_url("/ws?room=probe")).await;
-            let killed = Instant::now();
-            sentinels.kill_primary_now();
-            let recovered = first_ack_after(&mut probe, killed).await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let report = traffic.finish().await;
-            eprintln!(
-                "ack-replicas {replicas} run {run}: {} acked, {} acked lost, first ack {:?} after \
-                 the kill, {} member reconnects",
-                report.sent.acked.len(),
-                report.acked_lost(),
-                recovered,
-                report.reconnects()
-            );
-        }
-    }
-}
-
-/// Sends `text` with a cid until it is acknowledged, retrying every 50 ms (for up to 30 s) while
-/// it is refused; returns the other frames that came meanwhile.
-async fn send_until_acked(client: &mut Client, text: &str) -> Vec<Value> {
-    let mut others = Vec::new();
-    for attempt in 0..600 {
-        client
-            .send(json!({"type":"message","message":text,"cid":"late","ref":attempt}))
+            let label = format!("ack-replicas {replicas} run {run}");
+            measure_failover(&nodes, &label, || {
+                sentinels.kill_primary_now();
+            })
             .await;
-        let answer = loop {
-            let frame = client.recv().await;
-            if frame["ref"] == attempt {
-                break frame;
-            }
-            others.push(frame);
-        };
-        if answer["type"] == "ack" {
-            return others;
         }
-        // Only a publish that failed (or may have) is worth retrying with the same cid.
-        assert!(
-            answer["type"] == "error"
-                && ["publish_failed", "publish_unknown"]
-                    .contains(&answer["code"].as_str().unwrap_or("")),
-            "an ack or a publish error: {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{text:?} was never acknowledged");
-}
-
-/// Sends a message with a cid until it is acknowledged; returns how long that took from
-/// `since`.
-async fn first_ack_after(probe: &mut Client, since: Instant) -> Duration {
-    send_until_acked(probe, "probe").await;
-    since.elapsed()
 }
 
 /// A certificate authority and a server certificate for 127.0.0.1, made with `openssl`.

@@ -839,6 +839,43 @@ impl Client {
         }
     }
 
+    /// Says `text` in the connection's room with `cid`, sent again every 50 ms (for up to 30 s)
+    /// while it is refused with a publish error, as a client retries; returns the acknowledged
+    /// message's id. Other frames stay for `recv`.
+    pub async fn say_until_acked(&mut self, text: &str, cid: &str) -> String {
+        for _ in 0..600 {
+            self.said += 1;
+            let reference = format!("say-{}", self.said);
+            self.send(serde_json::json!({"type": "message", "message": text, "cid": cid, "ref": reference}))
+                .await;
+            let answer = loop {
+                let frame = self
+                    .read_within(PATIENCE)
+                    .await
+                    .expect("an answer arrived in time");
+                if frame["ref"] == reference.as_str() {
+                    break frame;
+                }
+                self.pending.push_back(frame);
+            };
+            if answer["type"] == "ack" {
+                return answer["id"]
+                    .as_str()
+                    .expect("ack carries the id")
+                    .to_owned();
+            }
+            // Only a publish that failed (or may have) is worth sending again with its cid.
+            assert!(
+                answer["type"] == "error"
+                    && ["publish_failed", "publish_unknown"]
+                        .contains(&answer["code"].as_str().unwrap_or_default()),
+                "an ack or a publish error: {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{text:?} was never acknowledged");
+    }
+
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;

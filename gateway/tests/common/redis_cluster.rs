@@ -228,11 +228,7 @@ impl RedisCluster {
 
     /// Kills the primary on `port` (SIGKILL) and waits until its replica serves its slots.
     pub fn kill_master(&mut self, port: u16) {
-        self.members
-            .iter_mut()
-            .find(|member| member.port == port)
-            .expect("a member of this cluster")
-            .kill();
+        self.kill_master_now(port);
         wait_until("a replica to take over the killed primary's slots", || {
             let served: usize = self
                 .nodes()
@@ -248,6 +244,17 @@ impl RedisCluster {
                         .is_ok_and(|info| info.contains("cluster_state:ok"))
                 })
         });
+    }
+}
+
+impl RedisCluster {
+    /// Kills the primary on `port` (SIGKILL) and returns at once.
+    pub fn kill_master_now(&mut self, port: u16) {
+        self.members
+            .iter_mut()
+            .find(|member| member.port == port)
+            .expect("a member of this cluster")
+            .kill();
     }
 }
 

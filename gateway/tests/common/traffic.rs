@@ -7,13 +7,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use serde_json::{Value, json};
 
-use super::{Client, Event};
+use super::{Client, Event, Gateway, Node};
 
 /// The nodes clients may connect to, as `ws://host:port` bases; tests change it as nodes die
 /// and come back (a load balancer's view).
@@ -427,4 +427,33 @@ async fn sender(
         }
     }
     sent
+}
+
+/// Measures one failover for docs/benchmarks.md: traffic in a room of `nodes` (6 members, 4
+/// senders at 200 messages/s each), then `kill` while a probe member on the first node sends one
+/// message with a cid until it is acknowledged. Prints the acknowledged messages, how many of
+/// them a member lost, how long after the kill the probe's ack came, and member reconnects.
+pub async fn measure_failover(nodes: &[Node], label: &str, kill: impl FnOnce()) {
+    let live = Live::of(
+        nodes
+            .iter()
+            .map(|node| format!("ws://127.0.0.1:{}", node.port)),
+    );
+    let room = "measured";
+    let traffic = Traffic::start(&live, room, 6, 4, Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut probe = Client::connect(&nodes[0].ws_url(&format!("/ws?room={room}"))).await;
+    let killed = Instant::now();
+    kill();
+    probe.say_until_acked("probe", "probe").await;
+    let recovered = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = traffic.finish().await;
+    eprintln!(
+        "{label}: {} acked, {} acked lost, first ack {recovered:?} after the kill, {} member \
+         reconnects",
+        report.sent.acked.len(),
+        report.acked_lost(),
+        report.reconnects()
+    );
 }
