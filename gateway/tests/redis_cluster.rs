@@ -10,10 +10,6 @@ use common::redis_cluster::RedisCluster;
 use common::traffic::{Live, Traffic, measure_failover};
 use common::{Client, Gateway, Node, SharedRedis, scenarios, wait_until};
 
-fn base(node: &Node) -> String {
-    format!("ws://127.0.0.1:{}", node.port)
-}
-
 fn three_nodes(cluster: &RedisCluster, extra: &[&str]) -> [Node; 3] {
     ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, cluster, extra))
 }
@@ -82,7 +78,7 @@ async fn rooms_spread_over_every_master_on_sharded_pub_sub_only() {
 async fn a_busy_rooms_slot_moving_to_another_master_loses_no_acked_message() {
     let cluster = RedisCluster::start(3, 0);
     let nodes = three_nodes(&cluster, &[]);
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let room = "busy";
     let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -116,7 +112,7 @@ async fn a_busy_rooms_slot_moving_to_another_master_loses_no_acked_message() {
 async fn a_master_failing_over_to_its_replica_loses_no_acked_message_when_acks_wait_for_it() {
     let mut cluster = RedisCluster::start(3, 2);
     let nodes = three_nodes(&cluster, &["--ack-replicas", "1"]);
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let room = "failover";
     let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

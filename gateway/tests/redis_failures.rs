@@ -14,10 +14,6 @@ use common::{Client, Gateway, Node, Persistence, Redis, upgrade_request, wait_un
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-fn base(node: &Node) -> String {
-    format!("ws://127.0.0.1:{}", node.port)
-}
-
 fn three_nodes(redis: &Redis, extra: &[&str]) -> [Node; 3] {
     ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, redis, extra))
 }
@@ -44,7 +40,7 @@ fn wait_ready(nodes: &[&Node]) {
 async fn a_killed_pubsub_connection_and_a_write_pause_lose_no_acked_message() {
     let redis = Redis::start_with(Persistence::Aof);
     let nodes = three_nodes(&redis, &["--redis-timeout", "1s"]);
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let traffic = Traffic::start(&live, "pause", 9, 3, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Every node's subscriber loses its connection; while they resubscribe and repair, writes
@@ -95,7 +91,7 @@ async fn traffic_while_a_publisher_comes_back_late(
     let relay = Relay::start(redis.port, delay);
     let a = Node::start("node-a", Some(&relay.url()), extra);
     let b = Node::clustered("node-b", &redis, extra);
-    let live = Live::of([base(&a), base(&b)]);
+    let live = Live::of([a.ws_base(), b.ws_base()]);
     let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     relay.cut();
@@ -164,7 +160,7 @@ async fn restart_ten_times(redis: &mut Redis, nodes: &[Node]) {
 async fn redis_killed_and_restarted_ten_times_with_aof_loses_no_acked_message() {
     let mut redis = Redis::start_with(Persistence::Aof);
     let nodes = three_nodes(&redis, &["--redis-timeout", "1s"]);
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let traffic = Traffic::start(&live, "aof", 6, 2, Duration::from_millis(20)).await;
     restart_ten_times(&mut redis, &nodes).await;
     let report = traffic.finish().await;
@@ -175,7 +171,7 @@ async fn redis_killed_and_restarted_ten_times_with_aof_loses_no_acked_message() 
 async fn redis_killed_and_restarted_ten_times_without_persistence_never_loses_silently() {
     let mut redis = Redis::start();
     let nodes = three_nodes(&redis, &["--redis-timeout", "1s"]);
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let traffic = Traffic::start(&live, "volatile", 6, 2, Duration::from_millis(20)).await;
     restart_ten_times(&mut redis, &nodes).await;
     let report = traffic.finish().await;

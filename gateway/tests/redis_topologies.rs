@@ -13,10 +13,6 @@ use common::{
     Client, Gateway, Node, Persistence, Redis, SharedRedis, scenarios, temp_dir, wait_until,
 };
 
-fn base(node: &Node) -> String {
-    format!("ws://127.0.0.1:{}", node.port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sentinel_failover_loses_no_acked_message_when_acks_wait_for_a_replica() {
     // Every replica must hold a message before it is acknowledged (here the only one), so
@@ -25,7 +21,7 @@ async fn a_sentinel_failover_loses_no_acked_message_when_acks_wait_for_a_replica
     let mut sentinels = Sentinels::start(1);
     let flags = ["--ack-replicas", "1", "--api-key", scenarios::API_KEY];
     let nodes = ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, &sentinels, &flags));
-    let live = Live::of(nodes.iter().map(base));
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let room = "sentinel";
     let traffic = Traffic::start(&live, room, 6, 2, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

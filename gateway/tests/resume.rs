@@ -169,11 +169,7 @@ async fn after_a_redis_restart_delivery_and_presence_recover() {
 }
 
 fn bases(nodes: &[Node]) -> Live {
-    Live::of(
-        nodes
-            .iter()
-            .map(|node| format!("ws://127.0.0.1:{}", node.port)),
-    )
+    Live::of(nodes.iter().map(Gateway::ws_base))
 }
 
 /// Runs members and senders while `churn` disrupts the cluster, then checks that every member
@@ -194,7 +190,7 @@ async fn a_node_killed_mid_traffic_loses_no_message_for_clients_that_resume_else
     let nodes = ["node-a", "node-b", "node-c"].map(|id| Node::clustered(id, &redis, &[]));
     let live = bases(&nodes);
     let [a, b, mut c] = nodes;
-    let killed = format!("ws://127.0.0.1:{}", c.port);
+    let killed = c.ws_base();
     let churn = async {
         live.remove(&killed);
         c.process.signal("KILL");
@@ -215,12 +211,12 @@ async fn a_rolling_restart_of_every_node_under_load_loses_no_message() {
     let churn = async {
         for node in nodes.iter_mut() {
             // The load balancer stops sending new clients to a draining node.
-            live.remove(&format!("ws://127.0.0.1:{}", node.port));
+            live.remove(&node.ws_base());
             node.process.signal("TERM");
             assert_eq!(node.process.wait_exit(Duration::from_secs(10)), Some(0));
             let id = node.id.clone();
             *node = Node::clustered(&id, &redis, &[]);
-            live.add(format!("ws://127.0.0.1:{}", node.port));
+            live.add(node.ws_base());
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     };

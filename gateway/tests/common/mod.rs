@@ -413,9 +413,14 @@ pub trait Gateway {
     /// Its metrics in Prometheus text format.
     fn metrics_text(&self) -> String;
 
+    /// Its `ws://host:port` base, as a load balancer's list of nodes holds it.
+    fn ws_base(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port())
+    }
+
     /// The WebSocket URL for `path_and_query` (e.g. "/ws?room=a").
     fn ws_url(&self, path_and_query: &str) -> String {
-        format!("ws://127.0.0.1:{}{path_and_query}", self.port())
+        format!("{}{path_and_query}", self.ws_base())
     }
 
     /// A plain HTTP GET; returns status and body, or `None` if nothing answered.

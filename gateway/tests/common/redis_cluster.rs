@@ -226,6 +226,15 @@ impl RedisCluster {
         });
     }
 
+    /// Kills the primary on `port` (SIGKILL) and returns at once.
+    pub fn kill_master_now(&mut self, port: u16) {
+        self.members
+            .iter_mut()
+            .find(|member| member.port == port)
+            .expect("a member of this cluster")
+            .kill();
+    }
+
     /// Kills the primary on `port` (SIGKILL) and waits until its replica serves its slots.
     pub fn kill_master(&mut self, port: u16) {
         self.kill_master_now(port);
@@ -244,17 +253,6 @@ impl RedisCluster {
                         .is_ok_and(|info| info.contains("cluster_state:ok"))
                 })
         });
-    }
-}
-
-impl RedisCluster {
-    /// Kills the primary on `port` (SIGKILL) and returns at once.
-    pub fn kill_master_now(&mut self, port: u16) {
-        self.members
-            .iter_mut()
-            .find(|member| member.port == port)
-            .expect("a member of this cluster")
-            .kill();
     }
 }
 

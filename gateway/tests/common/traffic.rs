@@ -434,11 +434,7 @@ async fn sender(
 /// message with a cid until it is acknowledged. Prints the acknowledged messages, how many of
 /// them a member lost, how long after the kill the probe's ack came, and member reconnects.
 pub async fn measure_failover(nodes: &[Node], label: &str, kill: impl FnOnce()) {
-    let live = Live::of(
-        nodes
-            .iter()
-            .map(|node| format!("ws://127.0.0.1:{}", node.port)),
-    );
+    let live = Live::of(nodes.iter().map(Gateway::ws_base));
     let room = "measured";
     let traffic = Traffic::start(&live, room, 6, 4, Duration::from_millis(5)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
